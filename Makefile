@@ -1,0 +1,37 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel that lies on the development machines' disk; override for a GPU build,
+# e.g. `make install TORCH="torch==2.5.1 --index-url ..."`.
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow test-all demo lint clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[mpi,eval,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: install
+	$(PY) -m pytest -q -m ""
+
+lint: install
+	$(VENV)/bin/ruff check dkdm scripts evaluations tests benchmarks
+
+demo: install
+	@echo "The end-to-end demo is not built yet (issue: sampling, baselines and demo)."; exit 1
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,355 @@
+"""Configs are data: one dataclass per concern, YAML presets, command-line overrides.
+
+Resolution order, lowest first: dataclass defaults, a named preset (a zoo architecture,
+resolved by the caller), ``--config`` YAML files (in the order given), then flags.
+
+A script declares its *groups*, e.g. ``{"model": ModelConfig, "diffusion":
+DiffusionConfig, "train": TrainConfig}``. Every field of every group is a flag
+``--group.field``. Plain ``--field`` flags set the field in every group listed as
+*plain* that has it: ``--learn_sigma`` sets both ``model.learn_sigma`` and
+``diffusion.learn_sigma``, as guided-diffusion's single flag does. A YAML config has one
+mapping per group (``model:``, ``diffusion:``, ...); keys outside a group are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is wrong; the message says what and how to fix it."""
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass
+class ModelConfig:
+    """A network of the zoo. Field names follow guided-diffusion's flags.
+
+    ``arch`` picks the family (``unet`` or ``vit``); the UNet fields are guided-diffusion's
+    ``create_model`` arguments, the ViT fields DiT's. ``name`` records the zoo entry the
+    config came from (informational; the fields are what is built).
+    """
+
+    name: str = ""
+    arch: str = "unet"
+    image_size: int = 32
+    in_channels: int = 3
+    learn_sigma: bool = False
+    class_cond: bool = False
+    num_classes: int = 1000
+    dropout: float = 0.0
+    use_checkpoint: bool = False
+    use_fp16: bool = False
+    num_heads: int = 4
+    # UNet
+    num_channels: int = 128
+    num_res_blocks: int = 2
+    channel_mult: str = ""  # "" = guided-diffusion's default for image_size
+    attention_resolutions: str = "16,8"
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    conv_resample: bool = True
+    # ViT (DiT-style)
+    hidden_size: int = 384
+    depth: int = 12
+    patch_size: int = 2
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.0
+
+
+@dataclass
+class DiffusionConfig:
+    """A Gaussian diffusion, with guided-diffusion's ``create_gaussian_diffusion`` keywords."""
+
+    steps: int = 1000
+    noise_schedule: str = "linear"
+    learn_sigma: bool = False
+    sigma_small: bool = False
+    use_kl: bool = False
+    predict_xstart: bool = False
+    rescale_timesteps: bool = False
+    rescale_learned_sigmas: bool = False
+    timestep_respacing: str = ""
+
+
+@dataclass
+class TrainConfig:
+    """What every training loop shares (data-based training and distillation alike)."""
+
+    dataset: str = "digits"  # "digits", or "" when data_dir is given
+    data_dir: str = ""
+    batch_size: int = 64  # global batch, split over ranks
+    microbatch: int = -1  # -1: no microbatching
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_anneal_steps: int = 0  # guided-diffusion's meaning: anneal to 0 over this many steps, then stop
+    max_steps: int = 0  # 0: no limit other than lr_anneal_steps
+    ema_rate: str = "0.9999"
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    fp16_scale_growth: float = 1e-3
+    grad_clip: float = 0.0  # 0: off
+    schedule_sampler: str = "uniform"  # uniform | loss-second-moment
+    log_interval: int = 10
+    save_interval: int = 10000
+    log_dir: str = ""
+    resume_checkpoint: str = ""
+    seed: int = 0
+    num_workers: int = 2
+    deterministic: bool = False
+    random_flip: bool = True
+
+
+@dataclass
+class DistillConfig:
+    """The DKDM method: the teacher, the dynamic iterative batch pool, the objective."""
+
+    teacher_path: str = ""  # "" = the embedded digits teacher
+    rho: float = 0.4
+    pool: str = "dynamic"  # dynamic | shuffled | iterative
+    discard_prob: float = 0.0
+    teacher_batch: int = 1024
+    pool_device: str = "auto"  # auto (training device) | cpu
+    pool_cache_dir: str = ""  # "" = <log_dir>/pool_cache
+    warmup: str = "full"  # how each pool sample reaches its end step: full | respaced
+    simple_only: bool = False
+    teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
+
+
+@dataclass
+class SampleConfig:
+    """Drawing samples from a trained model into an ADM-format npz."""
+
+    model_path: str = ""  # "" = the embedded digits teacher
+    num_samples: int = 50000
+    batch_size: int = 256
+    use_ddim: bool = False
+    eta: float = 0.0
+    clip_denoised: bool = True
+    precision: str = "fp32"
+    seed: int = 0
+    output: str = ""
+
+
+GROUP_TYPES = {
+    "model": ModelConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "distill": DistillConfig,
+    "sample": SampleConfig,
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _closest(name: str, candidates: Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Turn a YAML or flag value into the field's type, with a useful error."""
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        s = str(value).strip().lower()
+        if s in ("1", "true", "yes", "y", "on"):
+            return True
+        if s in ("0", "false", "no", "n", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is str:
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return "" if value is None else str(value)
+    try:
+        if typ is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return typ(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+
+
+def from_dict(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys are an error naming the closest field."""
+    return update(cls(), values, where or cls.__name__)
+
+
+def update(obj: Any, values: Mapping[str, Any], where: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` applied (types checked)."""
+    where = where or type(obj).__name__
+    types = {f.name: f.type for f in fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        if key not in types:
+            raise ConfigError(
+                f"{where}: unknown field '{key}'{_closest(key, types)}; valid fields: {', '.join(types)}"
+            )
+        changes[key] = _coerce(value, types[key], f"{where}.{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def to_dict(obj: Any) -> dict:
+    """A plain dict of a dataclass (or a mapping of group name to dataclass)."""
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return {k: to_dict(v) for k, v in obj.items()}
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML file into a dict; a missing or malformed file is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def dump_yaml(groups: Mapping[str, Any], path: str) -> None:
+    """Write resolved configs (group name -> dataclass or dict) to ``path`` as YAML."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(groups), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class ParsedArgs:
+    """What a script's command line said: per-group overrides and the script's own options.
+
+    ``overrides[group]`` holds only what YAML files and flags set, so a caller can layer
+    them on a preset (a zoo architecture) before the dataclass defaults matter.
+    """
+
+    overrides: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+    def resolve(self, group: str, base: Any = None) -> Any:
+        """The group's dataclass: ``base`` (or the defaults) with the overrides applied."""
+        types = self._types[group]
+        base = types() if base is None else base
+        return update(base, self.overrides.get(group, {}), group)
+
+    _types: dict = field(default_factory=dict, repr=False)
+
+
+class ConfigParser:
+    """Flags for a script's config groups plus its own options.
+
+    ``groups`` maps group names to dataclass types (two groups may share a type, e.g.
+    ``teacher`` and ``student``). ``plain`` lists the groups that un-prefixed flags set;
+    by default all groups whose type no other group shares.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        groups: Mapping[str, type],
+        plain: Sequence[str] | None = None,
+    ) -> None:
+        self.groups = dict(groups)
+        if plain is None:
+            counts: dict = {}
+            for t in self.groups.values():
+                counts[t] = counts.get(t, 0) + 1
+            plain = [g for g, t in self.groups.items() if counts[t] == 1]
+        self.plain = list(plain)
+        self.parser = argparse.ArgumentParser(
+            description=description,
+            usage="%(prog)s [--config FILE.yaml] [--field VALUE | --group.field VALUE ...]",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            allow_abbrev=False,
+        )
+        self.parser.add_argument(
+            "--config",
+            action="append",
+            default=[],
+            help="experiment YAML with one mapping per group "
+            f"({', '.join(self.groups)}); may be given several times, later ones win",
+        )
+        self._extras: list = ["config"]
+        self._flag_targets: dict = {}  # dest -> list of (group, field, type)
+        for g, t in self.groups.items():
+            for f in fields(t):
+                self._add(f"{g}.{f.name}", [(g, f.name, f.type)], f"{g}: {f.name} (default {f.default!r})")
+        plain_fields: dict = {}
+        for g in self.plain:
+            for f in fields(self.groups[g]):
+                plain_fields.setdefault(f.name, []).append((g, f.name, f.type))
+        for name, targets in plain_fields.items():
+            self._add(name, targets, "sets " + ", ".join(f"{g}.{n}" for g, n, _ in targets))
+
+    def _add(self, flag: str, targets: list, help_text: str) -> None:
+        dest = flag.replace(".", "__")
+        self._flag_targets[dest] = targets
+        is_bool = all(t in (bool, "bool") for _, _, t in targets)
+        self.parser.add_argument(
+            f"--{flag}",
+            dest=dest,
+            default=None,
+            metavar="V",
+            help=help_text,
+            # `--learn_sigma` alone means true; `--learn_sigma False` is guided-diffusion's form.
+            **({"nargs": "?", "const": "true"} if is_bool else {}),
+        )
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        """A script's own option (not part of any config group)."""
+        action = self.parser.add_argument(*args, **kwargs)
+        self._extras.append(action.dest)
+
+    def _all_flags(self) -> list:
+        return [s for a in self.parser._actions for s in a.option_strings if s.startswith("--")]
+
+    def parse(self, argv: Sequence[str] | None = None) -> ParsedArgs:
+        """Parse ``argv``; unknown flags and YAML keys are errors naming the closest valid one."""
+        ns, unknown = self.parser.parse_known_args(argv)
+        if unknown:
+            bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+            name = bad.split("=")[0]
+            self.parser.error(f"unknown argument {bad}{_closest(name, self._all_flags())}")
+        overrides: dict = {g: {} for g in self.groups}
+        for path in ns.config:
+            data = load_yaml(path)
+            for g, values in data.items():
+                if g not in self.groups:
+                    raise ConfigError(
+                        f"{path}: unknown section '{g}'{_closest(g, self.groups)}; "
+                        f"this script reads {', '.join(self.groups)}"
+                    )
+                if not isinstance(values, dict):
+                    raise ConfigError(f"{path}: section '{g}' must be a mapping")
+                update(self.groups[g](), values, f"{path}: {g}")  # validate names and types now
+                overrides[g].update(values)
+        # Plain flags first, so an explicit --group.field wins over a plain one.
+        ordered = sorted(self._flag_targets.items(), key=lambda kv: "__" in kv[0])
+        for dest, targets in ordered:
+            value = getattr(ns, dest)
+            if value is None:
+                continue
+            for g, name, typ in targets:
+                overrides[g][name] = _coerce(value, typ, f"--{dest.replace('__', '.')}")
+        extras = {k: getattr(ns, k) for k in self._extras}
+        return ParsedArgs(overrides=overrides, extras=extras, _types=dict(self.groups))

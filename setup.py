@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dkdm",
+    version="0.1.0",
+    description="Data-free knowledge distillation for diffusion models with any architecture (DKDM)",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dkdm", "dkdm.*"]),
+    package_data={"dkdm": ["assets/*.pt", "assets/*.json"]},
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "scipy",
+        "blobfile",
+        "tqdm",
+        "pillow",
+        "pyyaml",
+        "scikit-learn",
+    ],
+    extras_require={
+        "mpi": ["mpi4py", "mpich"],
+        "eval": ["tensorflow-cpu", "requests"],
+        "dev": ["pytest", "ruff"],
+    },
+)
