@@ -1,0 +1,431 @@
+"""Gaussian diffusion maths: schedules, forward process, posterior, reverse process, losses."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dkdm.config import ConfigError, DiffusionConfig, from_dict, load_yaml
+from dkdm.diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    create_diffusion,
+    discretized_gaussian_log_likelihood,
+    get_named_beta_schedule,
+    mean_flat,
+    normal_kl,
+)
+
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+
+MEAN_TYPES = list(ModelMeanType)
+VAR_TYPES = list(ModelVarType)
+
+
+def make(steps=20, schedule="cosine", mean=ModelMeanType.EPSILON, var=ModelVarType.FIXED_LARGE, loss=LossType.MSE, **kw):
+    return GaussianDiffusion(
+        betas=get_named_beta_schedule(schedule, steps), model_mean_type=mean, model_var_type=var, loss_type=loss, **kw
+    )
+
+
+class SmoothModel(torch.nn.Module):
+    """A tiny deterministic, smooth function of (x, t) with 1 or 2 output groups."""
+
+    def __init__(self, channels=1, learned=False, dtype=torch.float64):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.w = torch.nn.Parameter(0.3 * torch.randn(channels, channels, generator=g, dtype=dtype))
+        self.learned = learned
+
+    def forward(self, x, t):
+        tt = t.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        h = torch.einsum("oc,bc...->bo...", self.w, torch.tanh(x)) * (1 + 0.001 * tt)
+        if self.learned:
+            return torch.cat([h, torch.tanh(0.5 * x + 0.01 * tt)], dim=1)
+        return h
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_linear_schedule_endpoints_and_scaling():
+    b = get_named_beta_schedule("linear", 1000)
+    assert b.dtype == np.float64 and b.shape == (1000,)
+    assert b[0] == pytest.approx(1e-4, abs=1e-15) and b[-1] == pytest.approx(0.02, abs=1e-15)
+    assert np.all(np.diff(b) > 0)
+    b100 = get_named_beta_schedule("linear", 100)  # scaled by 1000/100, as guided-diffusion does
+    assert b100[0] == pytest.approx(1e-3) and b100[-1] == pytest.approx(0.2)
+
+
+def test_cosine_schedule_matches_alpha_bar_and_is_capped():
+    T = 1000
+    b = get_named_beta_schedule("cosine", T)
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    assert b.max() <= 0.999 and b[-1] == 0.999  # the last step is singular without the cap
+    assert np.all(b > 0) and np.all(np.diff(b) >= 0)
+    ac = np.cumprod(1 - b)
+    expected = np.array([f((i + 1) / T) / f(0) for i in range(T)])
+    np.testing.assert_allclose(ac[:-1], expected[:-1], rtol=1e-9)
+    assert b[0] == pytest.approx(1 - f(1 / T) / f(0), rel=1e-12)
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown noise schedule 'cosin'.*linear, cosine"):
+        get_named_beta_schedule("cosin", 10)
+    with pytest.raises(ValueError, match="linear schedule needs more than 20 steps"):
+        get_named_beta_schedule("linear", 10)
+
+
+# ----------------------------------------------------------------------------- forward process
+
+
+def test_posterior_is_bayes_rule_float64():
+    d = make(steps=50, schedule="linear")
+    B = 64
+    x0 = torch.randn(B, 3, 4, 4, dtype=torch.float64)
+    xt = torch.randn(B, 3, 4, 4, dtype=torch.float64)
+    t = torch.randint(1, d.num_timesteps, (B,))
+    mean, var, logvar = d.q_posterior_mean_variance(x0, xt, t)
+    assert mean.dtype == var.dtype == torch.float64 and var.shape == x0.shape
+
+    # q(x_{t-1} | x_t, x_0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x_0), a product of Gaussians in x_{t-1}.
+    beta = torch.from_numpy(d.betas)[t].view(-1, 1, 1, 1)
+    abar_prev = torch.from_numpy(np.cumprod(1 - d.betas))[t - 1].view(-1, 1, 1, 1)
+    prec = (1 - beta) / beta + 1 / (1 - abar_prev)
+    want_var = 1 / prec
+    want_mean = want_var * (torch.sqrt(1 - beta) * xt / beta + torch.sqrt(abar_prev) * x0 / (1 - abar_prev))
+    torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, want_var.expand_as(var), rtol=1e-12, atol=0)
+    torch.testing.assert_close(logvar, torch.log(want_var).expand_as(var), rtol=1e-12, atol=1e-12)
+
+    # At t = 0 the posterior collapses onto x_0.
+    t0 = torch.zeros(B, dtype=torch.long)
+    mean0, var0, _ = d.q_posterior_mean_variance(x0, xt, t0)
+    torch.testing.assert_close(mean0, x0, rtol=1e-14, atol=1e-14)
+    assert torch.all(var0 == 0)
+
+
+def test_q_sample_moments():
+    d = make(steps=10, schedule="cosine")
+    N = 40000
+    x0 = torch.full((N, 1), 0.7, dtype=torch.float64)
+    for step in (0, 4, 9):
+        t = torch.full((N,), step, dtype=torch.long)
+        xt = d.q_sample(x0, t)
+        ab = np.cumprod(1 - d.betas)[step]
+        assert xt.mean().item() == pytest.approx(math.sqrt(ab) * 0.7, abs=4 / math.sqrt(N))
+        assert xt.var().item() == pytest.approx(1 - ab, rel=0.05)
+        m, v, lv = d.q_mean_variance(x0[:2], t[:2])
+        torch.testing.assert_close(m, math.sqrt(ab) * x0[:2])
+        torch.testing.assert_close(v, torch.full_like(v, 1 - ab))
+        torch.testing.assert_close(lv, torch.full_like(v, math.log(1 - ab)))
+    noise = torch.randn(5, 2, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 3, 9])
+    xt = d.q_sample(torch.zeros(5, 2, dtype=torch.float64), t, noise=noise)
+    torch.testing.assert_close(xt, noise * torch.from_numpy(d.sqrt_one_minus_alphas_cumprod)[t][:, None])
+
+
+def test_coefficients_follow_input_dtype_and_are_cached():
+    d = make()
+    t = torch.tensor([0, 5])
+    x32 = torch.randn(2, 1, 2, 2)
+    assert d.q_sample(x32, t).dtype == torch.float32
+    assert d.q_sample(x32.double(), t).dtype == torch.float64
+    assert d.q_sample(x32.half(), t).dtype == torch.float32  # as guided-diffusion: float32 coefficients
+    n = len(d._tables)
+    d.q_sample(x32, torch.tensor([3, 7]))
+    assert len(d._tables) == n  # a second call only gathers from the cached table
+
+
+# ----------------------------------------------------------------------------- likelihood pieces
+
+
+def test_normal_kl_zero_and_closed_form():
+    m = torch.randn(100, dtype=torch.float64)
+    lv = torch.randn(100, dtype=torch.float64)
+    assert torch.all(normal_kl(m, lv, m, lv).abs() < 1e-15)
+    m2, lv2 = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    s1, s2 = torch.exp(0.5 * lv), torch.exp(0.5 * lv2)
+    closed = torch.log(s2 / s1) + (s1**2 + (m - m2) ** 2) / (2 * s2**2) - 0.5
+    torch.testing.assert_close(normal_kl(m, lv, m2, lv2), closed, rtol=1e-12, atol=1e-12)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m, s1), torch.distributions.Normal(m2, s2))
+    torch.testing.assert_close(normal_kl(m, lv, m2, lv2), ref)
+    # Numbers broadcast against tensors (the prior term uses N(0, 1)).
+    torch.testing.assert_close(normal_kl(m, lv, 0.0, 0.0), normal_kl(m, lv, torch.zeros_like(m), torch.zeros_like(m)))
+
+
+def test_discretized_likelihood_is_a_distribution_over_256_bins():
+    bins = torch.linspace(-1, 1, 256, dtype=torch.float64)
+    for mean, log_scale in ((0.0, -1.0), (0.3, -3.0), (-0.9, 0.5)):
+        x = bins.view(-1, 1)
+        lp = discretized_gaussian_log_likelihood(
+            x, means=torch.full_like(x, mean), log_scales=torch.full_like(x, log_scale)
+        )
+        assert lp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
+        if log_scale < 0:  # narrow enough that the bin holding the mean is the likeliest
+            assert torch.argmax(lp).item() == int(torch.argmin((bins - mean).abs()))
+
+
+def test_mean_flat():
+    x = torch.arange(24.0).view(2, 3, 4)
+    torch.testing.assert_close(mean_flat(x), torch.tensor([5.5, 17.5]))
+
+
+# ----------------------------------------------------------------------------- reverse process
+
+
+@pytest.mark.parametrize("mean_type", MEAN_TYPES)
+@pytest.mark.parametrize("var_type", VAR_TYPES)
+def test_p_mean_variance_from_output_is_bit_identical(mean_type, var_type):
+    d = make(steps=30, mean=mean_type, var=var_type)
+    learned = var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+    model = SmoothModel(channels=2, learned=learned, dtype=torch.float32)
+    x = torch.randn(6, 2, 4, 4)
+    t = torch.tensor([0, 1, 7, 15, 28, 29])
+    denoised_fn = lambda z: 0.9 * z
+    for clip in (True, False):
+        a = d.p_mean_variance(model, x, t, clip_denoised=clip, denoised_fn=denoised_fn)
+        out = model(x, d.model_timesteps(t))
+        b = d.p_mean_variance_from_output(out, x, t, clip_denoised=clip, denoised_fn=denoised_fn)
+        assert set(a) == set(b) == {"mean", "variance", "log_variance", "pred_xstart"}
+        for k in a:
+            assert a[k].shape == x.shape
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_variance_types_interpolate_as_iddpm_eq12():
+    d = make(steps=30, var=ModelVarType.LEARNED_RANGE)
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([0, 10, 29])
+    eps = torch.zeros_like(x)
+    lo = torch.from_numpy(d.posterior_log_variance_clipped)[t].view(-1, 1, 1, 1).expand_as(x)
+    hi = torch.from_numpy(np.log(d.betas))[t].view(-1, 1, 1, 1).expand_as(x)
+    for v, want in ((-1.0, lo), (1.0, hi), (0.0, 0.5 * (lo + hi))):
+        out = d.p_mean_variance_from_output(torch.cat([eps, torch.full_like(x, v)], 1), x, t)
+        torch.testing.assert_close(out["log_variance"], want)
+        torch.testing.assert_close(out["variance"], want.exp())
+    d_learned = make(steps=30, var=ModelVarType.LEARNED)
+    lv = torch.randn_like(x)
+    torch.testing.assert_close(d_learned.p_mean_variance_from_output(torch.cat([eps, lv], 1), x, t)["log_variance"], lv)
+    small = make(steps=30, var=ModelVarType.FIXED_SMALL).p_mean_variance_from_output(eps, x, t)
+    large = make(steps=30, var=ModelVarType.FIXED_LARGE).p_mean_variance_from_output(eps, x, t)
+    torch.testing.assert_close(small["log_variance"], lo)
+    torch.testing.assert_close(large["log_variance"][1:], hi[1:])
+    torch.testing.assert_close(large["log_variance"][0], lo[0])  # t = 0 borrows the posterior's
+
+
+def test_mean_types_agree_on_the_same_prediction():
+    """An eps-, an x0- and an x_{t-1}-model that say the same thing give the same p(x_{t-1} | x_t)."""
+    kw = {"steps": 25, "var": ModelVarType.FIXED_SMALL}
+    d_eps, d_x0, d_prev = (make(mean=m, **kw) for m in (ModelMeanType.EPSILON, ModelMeanType.START_X, ModelMeanType.PREVIOUS_X))
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    t = torch.tensor([1, 5, 12, 24])
+    eps = torch.randn_like(x)
+    x0 = d_eps._predict_xstart_from_eps(x, t, eps)
+    torch.testing.assert_close(d_eps._predict_eps_from_xstart(x, t, x0), eps)
+    prev = d_eps.q_posterior_mean_variance(x0, x, t)[0]
+    a = d_eps.p_mean_variance_from_output(eps, x, t, clip_denoised=False)
+    b = d_x0.p_mean_variance_from_output(x0, x, t, clip_denoised=False)
+    c = d_prev.p_mean_variance_from_output(prev, x, t, clip_denoised=False)
+    for k in ("mean", "pred_xstart", "log_variance"):
+        torch.testing.assert_close(a[k], b[k])
+        torch.testing.assert_close(a[k], c[k])
+
+
+def test_model_output_with_wrong_channels_is_a_clear_error():
+    d = make(var=ModelVarType.LEARNED_RANGE)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"expected \(2, 6, 4, 4\).*learn_sigma"):
+        d.p_mean_variance_from_output(torch.randn(2, 3, 4, 4), x, torch.tensor([1, 2]))
+
+
+def test_p_sample_from_output_step_and_no_noise_at_t0():
+    d = make(steps=20, var=ModelVarType.LEARNED_RANGE)
+    x = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    t = torch.tensor([0, 3, 0, 19])
+    out = torch.randn(4, 2, 3, 3, dtype=torch.float64).clamp(-1, 1)
+    noise = torch.randn_like(x)
+    step = d.p_sample_from_output(out, x, t, noise=noise)
+    p = d.p_mean_variance_from_output(out, x, t)
+    torch.testing.assert_close(step["mean"], p["mean"])
+    torch.testing.assert_close(step["log_variance"], p["log_variance"])
+    want = p["mean"] + torch.tensor([0.0, 1, 0, 1], dtype=torch.float64).view(-1, 1, 1, 1) * (0.5 * p["log_variance"]).exp() * noise
+    torch.testing.assert_close(step["sample"], want, rtol=0, atol=0)
+    # p_sample draws its own noise but otherwise is the same step.
+    model = lambda x_, t_: out
+    torch.manual_seed(3)
+    a = d.p_sample(model, x, t)
+    torch.manual_seed(3)
+    b = d.p_sample_from_output(out, x, t)
+    assert torch.equal(a["sample"], b["sample"])
+
+
+# ----------------------------------------------------------------------------- DDIM
+
+
+def test_ddim_eta0_is_deterministic_and_reverse_inverts_it():
+    d = create_diffusion(steps=1000, noise_schedule="linear", timestep_respacing="100")
+    model = SmoothModel(channels=2)
+    x_T = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    torch.manual_seed(1)
+    a = d.ddim_sample_loop(model, x_T.shape, noise=x_T, clip_denoised=False)
+    torch.manual_seed(2)
+    b = d.ddim_sample_loop(model, x_T.shape, noise=x_T, clip_denoised=False)
+    assert torch.equal(a, b)
+    torch.manual_seed(1)
+    c = d.ddim_sample_loop(model, x_T.shape, noise=x_T, clip_denoised=False, eta=1.0)
+    assert not torch.allclose(a, c)  # eta = 1 does add noise
+
+    # One step there and back.
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    for step in (1, 30, 98):
+        t = torch.full((3,), step)
+        down = d.ddim_sample(model, x, t, clip_denoised=False)["sample"]
+        up = d.ddim_reverse_sample(model, down, t - 1, clip_denoised=False)["sample"]
+        err = (up - x).abs().max().item()
+        assert err < 3e-3
+        assert (down - x).abs().max().item() > 10 * err
+    # Half the ODE: encode with reverse steps (index i -> i+1), decode with ddim_sample (i -> i-1).
+    # The round trip is exact up to the discretisation, an error of first order in the step.
+    x0 = torch.rand(3, 2, 4, 4, dtype=torch.float64) * 1.6 - 0.8
+    errors = []
+    for spacing in ("100", "400"):
+        dd = create_diffusion(steps=1000, noise_schedule="linear", timestep_respacing=spacing)
+        n = dd.num_timesteps // 2
+        z = x0
+        with torch.no_grad():
+            for i in range(n):
+                z = dd.ddim_reverse_sample(model, z, torch.full((3,), i), clip_denoised=False)["sample"]
+            assert (z - x0).abs().max().item() > 0.3  # it did travel
+            for i in range(n, 0, -1):
+                z = dd.ddim_sample(model, z, torch.full((3,), i), clip_denoised=False)["sample"]
+        errors.append((z - x0).abs().max().item())
+    assert errors[0] < 1e-2 and errors[1] < errors[0] / 3
+    with pytest.raises(ValueError, match="eta must be 0"):
+        d.ddim_reverse_sample(model, x, torch.full((3,), 2), eta=0.5)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_vb_gradient_reaches_only_variance_channels():
+    for loss in (LossType.MSE, LossType.RESCALED_MSE):
+        d = make(steps=40, var=ModelVarType.LEARNED_RANGE, loss=loss)
+        B, C = 6, 2
+        x0 = torch.rand(B, C, 4, 4, dtype=torch.float64) * 2 - 1
+        t = torch.tensor([0, 1, 5, 20, 38, 39])
+        out = (0.5 * torch.randn(B, 2 * C, 4, 4, dtype=torch.float64)).requires_grad_()
+        terms = d.training_losses(lambda x_, t_, out=out: out, x0, t)
+        assert set(terms) == {"loss", "mse", "vb"} and all(v.shape == (B,) for v in terms.values())
+        g_vb, = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)
+        assert torch.all(g_vb[:, :C] == 0)
+        assert torch.all(g_vb[:, C:].abs().flatten(1).sum(1) > 0)
+        g_mse, = torch.autograd.grad(terms["mse"].sum(), out, retain_graph=True)
+        assert torch.all(g_mse[:, C:] == 0) and torch.all(g_mse[:, :C].abs().flatten(1).sum(1) > 0)
+        torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
+
+
+def test_rescaled_mse_scales_vb_by_steps_over_1000():
+    x0 = torch.rand(4, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0, 3, 17, 39])
+    noise = torch.randn_like(x0)
+    out = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    vb = {}
+    for loss in (LossType.MSE, LossType.RESCALED_MSE):
+        d = make(steps=40, var=ModelVarType.LEARNED_RANGE, loss=loss)
+        vb[loss] = d.training_losses(lambda x_, t_: out, x0, t, noise=noise)["vb"]
+    torch.testing.assert_close(vb[LossType.RESCALED_MSE], vb[LossType.MSE] * 40 / 1000)
+
+
+def test_mse_targets_per_mean_type():
+    x0 = torch.rand(3, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0, 5, 19])
+    noise = torch.randn_like(x0)
+    for mean_type in MEAN_TYPES:
+        d = make(steps=20, mean=mean_type, var=ModelVarType.FIXED_SMALL)
+        xt = d.q_sample(x0, t, noise=noise)
+        target = {
+            ModelMeanType.EPSILON: noise,
+            ModelMeanType.START_X: x0,
+            ModelMeanType.PREVIOUS_X: d.q_posterior_mean_variance(x0, xt, t)[0],
+        }[mean_type]
+        terms = d.training_losses(lambda x_, t_, y=target: y, x0, t, noise=noise)
+        assert set(terms) == {"loss", "mse"}
+        assert torch.all(terms["mse"] < 1e-20)
+        off = d.training_losses(lambda x_, t_, y=target: y + 0.1, x0, t, noise=noise)
+        torch.testing.assert_close(off["loss"], torch.full((3,), 0.01, dtype=torch.float64))
+
+
+def test_vb_terms_zero_for_the_true_posterior_and_decoder_nll_at_t0():
+    d = make(steps=30, mean=ModelMeanType.START_X, var=ModelVarType.FIXED_SMALL, loss=LossType.KL)
+    x0 = torch.rand(4, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0, 1, 15, 29])
+    xt = d.q_sample(x0, t)
+    vb = d._vb_terms_bpd(lambda x_, t_: x0, x0, xt, t, clip_denoised=False)["output"]
+    assert torch.all(vb[1:].abs() < 1e-12)  # p equals q: KL 0
+    p = d.p_mean_variance_from_output(x0, xt, t, clip_denoised=False)
+    nll = -discretized_gaussian_log_likelihood(x0, means=p["mean"], log_scales=0.5 * p["log_variance"])
+    assert vb[0].item() == pytest.approx((mean_flat(nll) / math.log(2))[0].item())
+    # KL loss types: the VB term, times T for rescaled_kl.
+    noise = torch.randn_like(x0)
+    model = lambda x_, t_: 0.5 * x_
+    kl = d.training_losses(model, x0, t, noise=noise)
+    d_r = make(steps=30, mean=ModelMeanType.START_X, var=ModelVarType.FIXED_SMALL, loss=LossType.RESCALED_KL)
+    torch.testing.assert_close(d_r.training_losses(model, x0, t, noise=noise)["loss"], kl["loss"] * 30)
+    assert set(kl) == {"loss"}
+
+
+def test_calc_bpd_loop():
+    d = make(steps=8, var=ModelVarType.LEARNED_RANGE)
+    x0 = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    res = d.calc_bpd_loop(SmoothModel(1, learned=True), x0)
+    assert res["vb"].shape == res["mse"].shape == res["xstart_mse"].shape == (2, 8)
+    torch.testing.assert_close(res["total_bpd"], res["vb"].sum(1) + res["prior_bpd"])
+    assert torch.all(res["vb"] >= 0) and torch.all(res["prior_bpd"] >= 0)
+    # The prior term is the KL of q(x_T | x_0) to N(0, I), in bits.
+    ab = d.alphas_cumprod[-1]
+    want = 0.5 * (-1 - math.log(1 - ab) + (1 - ab) + ab * x0**2).flatten(1).mean(1) / math.log(2)
+    torch.testing.assert_close(res["prior_bpd"], want)
+
+
+# ----------------------------------------------------------------------------- factory and presets
+
+
+def test_create_diffusion_maps_guided_diffusion_keywords():
+    d = create_diffusion()
+    assert d.num_timesteps == 1000 and d.model_var_type == ModelVarType.FIXED_LARGE and d.loss_type == LossType.MSE
+    assert d.model_mean_type == ModelMeanType.EPSILON and d.timestep_map == list(range(1000))
+    d = create_diffusion(steps=50, learn_sigma=True, use_kl=True, predict_xstart=True)
+    assert (d.model_var_type, d.loss_type, d.model_mean_type) == (
+        ModelVarType.LEARNED_RANGE,
+        LossType.RESCALED_KL,
+        ModelMeanType.START_X,
+    )
+    assert create_diffusion(steps=50, sigma_small=True).model_var_type == ModelVarType.FIXED_SMALL
+    assert create_diffusion(steps=50, learn_sigma=True, rescale_learned_sigmas=True).loss_type == LossType.RESCALED_MSE
+    cfg = DiffusionConfig(steps=100, noise_schedule="cosine", timestep_respacing="ddim10")
+    d = create_diffusion(cfg, learn_sigma=True)
+    assert d.num_timesteps == 10 and d.original_num_steps == 100 and d.model_var_type == ModelVarType.LEARNED_RANGE
+    np.testing.assert_array_equal(create_diffusion(cfg).alphas_cumprod, d.alphas_cumprod)
+    assert create_diffusion({"steps": 7, "noise_schedule": "cosine"}).num_timesteps == 7
+    with pytest.raises(ConfigError, match="unknown field 'stepz'.*did you mean 'steps'"):
+        create_diffusion(stepz=3)
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        create_diffusion(noise_schedule="sqrt")
+
+
+@pytest.mark.parametrize("name", ["digits", "cosine-1000-learned", "linear-1000-learned", "linear-1000"])
+def test_presets_load_and_build(name):
+    import os
+
+    data = load_yaml(os.path.join(ROOT, "configs", "diffusion", f"{name}.yaml"))
+    assert set(data) == {"diffusion"}
+    cfg = from_dict(DiffusionConfig, data["diffusion"])
+    d = create_diffusion(cfg)
+    assert d.num_timesteps == cfg.steps
+    if name == "digits":
+        assert (cfg.steps, cfg.noise_schedule, cfg.learn_sigma) == (100, "cosine", True)
+        assert d.model_var_type == ModelVarType.LEARNED_RANGE
