@@ -1,0 +1,283 @@
+"""Distributed start and the few collectives the loops need.
+
+Three ways to start, picked from the environment by :func:`setup_dist`:
+
+* ``mpiexec -n N python script.py`` -- ranks come from MPI (mpi4py); rank 0 picks a free
+  TCP port and broadcasts its address and port over MPI, then every rank joins a
+  torch.distributed group through ``env://``. mpi4py is imported only in this case, so
+  single-process use needs no MPI installation.
+* ``torchrun --nproc_per_node N script.py`` -- the ``RANK`` / ``WORLD_SIZE`` /
+  ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables torchrun sets.
+* a plain ``python script.py`` -- a world of one. A process group of size one is still
+  created, backed by an in-process ``HashStore`` (no port, no network, ~1 ms), so
+  ``DistributedDataParallel`` and every collective work unchanged; with one rank they
+  cost next to nothing.
+
+The backend is NCCL when CUDA is available and gloo otherwise; each process uses the
+GPU of its local rank (:func:`dev`). Every helper also works when :func:`setup_dist` was
+never called: it then behaves as a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Environment variables set by MPI launchers (MPICH/Hydra, Intel MPI, Open MPI, MVAPICH).
+_MPI_RANK_VARS = (
+    "PMI_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "MV2_COMM_WORLD_RANK",
+    "PMIX_RANK",
+)
+_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_MPI_LOCAL_VARS = (
+    "MPI_LOCALRANKID",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+)
+
+_LOCAL_RANK = 0
+_LAUNCHER = "none"
+
+
+def launched_by_mpi() -> bool:
+    """True when this process was started by an MPI launcher (``mpiexec``/``mpirun``)."""
+    return any(
+        v in os.environ for v in _MPI_RANK_VARS + _MPI_SIZE_VARS + _MPI_LOCAL_VARS
+    )
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or another ``env://`` launcher) set RANK and WORLD_SIZE."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not launched_by_mpi()
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher announced it, readable before :func:`setup_dist`.
+
+    The logger uses it to keep ranks other than 0 quiet from the very first line.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for var in _MPI_RANK_VARS + ("RANK",):
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return 0
+
+
+def _default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _setup_mpi(backend: str) -> None:
+    global _LOCAL_RANK
+    from mpi4py import MPI  # only under mpiexec: single-process use needs no MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    _LOCAL_RANK, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    if rank == 0:
+        # On one node the loopback address always works, even where the hostname does
+        # not resolve (containers, CI); across nodes the others must reach rank 0's host.
+        if local_size == size:
+            addr = "127.0.0.1"
+        else:
+            addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(
+                socket.getfqdn()
+            )
+        port = int(os.environ.get("MASTER_PORT", "0")) or _free_port()
+        info = (addr, port)
+    else:
+        info = None
+    addr, port = comm.bcast(info, root=0)
+    os.environ.update(
+        MASTER_ADDR=addr,
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(_LOCAL_RANK),
+    )
+    _set_device()
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=rank, world_size=size
+    )
+
+
+def _set_device() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_LOCAL_RANK % torch.cuda.device_count())
+
+
+def setup_dist(backend: str | None = None) -> None:
+    """Join (or create) the process group for however this process was launched.
+
+    Idempotent: later calls do nothing. ``backend`` overrides the choice of NCCL (CUDA)
+    or gloo (CPU). Under mpiexec the port is chosen by rank 0 unless ``MASTER_PORT`` is
+    set; under torchrun its variables are used as given; a lone process gets a group of
+    size one backed by an in-process store, so DDP works without a network.
+    """
+    global _LOCAL_RANK, _LAUNCHER
+    if dist.is_initialized():
+        return
+    backend = backend or _default_backend()
+    if launched_by_mpi():
+        _LAUNCHER = "mpi"
+        _setup_mpi(backend)
+    elif launched_by_torchrun():
+        _LAUNCHER = "torchrun"
+        _LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
+        _set_device()
+        dist.init_process_group(backend=backend, init_method="env://")
+    else:
+        _LAUNCHER = "single"
+        _LOCAL_RANK = 0
+        _set_device()
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1
+        )
+
+
+def launcher() -> str:
+    """How :func:`setup_dist` started this process: ``mpi``, ``torchrun``, ``single`` or ``none``."""
+    return _LAUNCHER
+
+
+def get_rank() -> int:
+    """Rank in the process group (0 when no group was set up)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes in the group (1 when no group was set up)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, the rank that writes logs and checkpoints."""
+    return get_rank() == 0
+
+
+def local_rank() -> int:
+    """Index of this process among the processes on its node; picks its GPU."""
+    return _LOCAL_RANK
+
+
+def dev() -> torch.device:
+    """The device this process trains on: its local rank's GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", _LOCAL_RANK % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device() -> torch.device:
+    """Where tensors must live for the group's backend (NCCL wants CUDA tensors)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return dev()
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait until every rank reaches this point."""
+    if _active():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[dev().index])
+        else:
+            dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return ``src``'s picklable ``obj`` on every rank (the argument is ignored elsewhere)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
+
+
+@torch.no_grad()
+def broadcast_params(params: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``params`` (tensors or parameters, in place) with rank ``src``'s values.
+
+    Used once at start and after resuming, so every rank begins from identical weights
+    without reading checkpoints through MPI.
+    """
+    if not _active():
+        return
+    for p in params:
+        t = p.data if isinstance(p, torch.nn.Parameter) else p
+        if t.device.type == _comm_device().type:
+            dist.broadcast(t, src)
+        else:
+            buf = t.to(_comm_device())
+            dist.broadcast(buf, src)
+            t.copy_(buf)
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's picklable ``obj``, as a list indexed by rank, on every rank."""
+    if not _active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather(obj: Any, dst: int = 0) -> list | None:
+    """Every rank's picklable ``obj`` as a list on rank ``dst``; ``None`` on the other ranks."""
+    if not _active():
+        return [obj]
+    rank = dist.get_rank()
+    if dist.get_backend() == "nccl":
+        # NCCL has no gather for objects; all_gather then drop is the portable way.
+        out = all_gather_object(obj)
+        return out if rank == dst else None
+    out = [None] * dist.get_world_size() if rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``tensor`` over ranks, as a new float tensor.
+
+    The input is left untouched. Integer inputs come back as float32.
+    """
+    out = tensor.detach().clone()
+    if not out.is_floating_point():
+        out = out.float()
+    if not _active():
+        return out
+    device = out.device
+    if device.type != _comm_device().type:
+        out = out.to(_comm_device())
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    out /= dist.get_world_size()
+    return out.to(device)
+
+
+def cleanup() -> None:
+    """Leave the process group (safe to call when none was set up)."""
+    global _LAUNCHER
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _LAUNCHER = "none"
