@@ -1,0 +1,256 @@
+"""Reading checkpoints (ours and foreign) and loading them strictly, with errors a user can act on.
+
+Formats understood by ``read_state_dict``:
+  * plain state dicts: ours (``modelNNNNNN.pt``, ``ema_<rate>_NNNNNN.pt``), guided-diffusion,
+    improved-diffusion, DDPM-IP, and DiT's released weights;
+  * wrapped dicts such as DiT's training checkpoints ``{"model", "ema", "opt", "args"}``.
+    The ``"ema"`` entry is taken when present, because the EMA weights are what DiT (and
+    every diffusion codebase) samples and distils from; otherwise ``"model"``, then
+    ``"state_dict"``. Pass ``key=`` to choose explicitly;
+  * DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes are stripped when
+    every key carries them.
+Files are opened with ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+_WRAPPER_KEYS = ("ema", "model", "state_dict")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit the model; the message says what to do."""
+
+
+def _abbreviate(items: list, limit: int = 8) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (
+        f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    )
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) for k in obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def unwrap_state_dict(
+    obj: object, source: str = "checkpoint", key: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The model state dict inside a loaded checkpoint object (see the module docstring)."""
+    if key is not None:
+        if not isinstance(obj, Mapping) or key not in obj:
+            have = (
+                ", ".join(map(str, obj))
+                if isinstance(obj, Mapping)
+                else type(obj).__name__
+            )
+            raise CheckpointError(f"{source}: has no entry '{key}' (it has: {have})")
+        obj = obj[key]
+    elif isinstance(obj, Mapping) and not _is_state_dict(obj):
+        for k in _WRAPPER_KEYS:
+            if k in obj and _is_state_dict(obj[k]):
+                obj = obj[k]
+                break
+    if not _is_state_dict(obj):
+        if isinstance(obj, Mapping):
+            what = f"a dict with entries {_abbreviate([str(k) for k in obj], 6)}"
+        else:
+            what = f"a {type(obj).__name__}"
+        raise CheckpointError(
+            f"{source}: holds {what}, not model weights (a mapping of names to tensors); "
+            "point to a model or EMA checkpoint (e.g. ema_0.9999_NNNNNN.pt), not an optimizer or pool file"
+        )
+    return _strip_prefixes(dict(obj))
+
+
+def read_state_dict(path: str, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Load the model weights of the checkpoint at ``path`` onto the CPU.
+
+    Accepts the formats listed in the module docstring; ``key`` picks an entry of a
+    wrapped checkpoint explicitly. A missing, empty, truncated, corrupted or
+    non-checkpoint file raises ``CheckpointError`` naming the file and what to do.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"checkpoint file not found: {path}; check the path (and the run directory)"
+        )
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(
+            f"checkpoint file {path} is empty (0 bytes); the save was interrupted, use another file"
+        )
+    try:
+        # DiT's training checkpoints carry their argparse Namespace; allow just that.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"checkpoint file {path} contains Python objects other than tensors ({first}); "
+                "re-save just its state dict (torch.save(model.state_dict(), path)) from a trusted source"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint file {path} ({os.path.getsize(path):,} bytes) cannot be read as a PyTorch "
+            f"checkpoint: it is truncated, corrupted or not a checkpoint ({type(e).__name__}: {first}); "
+            "re-download or re-copy it, or use an earlier checkpoint of the run"
+        ) from None
+    return unwrap_state_dict(obj, source=f"checkpoint file {path}", key=key)
+
+
+def _signature(sd: Mapping[str, torch.Tensor]) -> frozenset:
+    return frozenset((k, tuple(v.shape)) for k, v in sd.items())
+
+
+def _inferred_overrides(sd: Mapping[str, torch.Tensor]) -> dict:
+    """Options readable from tensor shapes alone: class conditioning and learned sigma."""
+    over: dict = {}
+    if "label_emb.weight" in sd:  # UNet
+        over.update(class_cond=True, num_classes=sd["label_emb.weight"].shape[0])
+    if "input_blocks.0.0.weight" in sd and "out.2.weight" in sd:
+        c_in, c_out = (
+            sd["input_blocks.0.0.weight"].shape[1],
+            sd["out.2.weight"].shape[0],
+        )
+        over.update(in_channels=c_in, learn_sigma=c_out == 2 * c_in)
+    if "x_embedder.proj.weight" in sd and "final_layer.linear.weight" in sd:  # ViT
+        c_in, p = (
+            sd["x_embedder.proj.weight"].shape[1],
+            sd["x_embedder.proj.weight"].shape[-1],
+        )
+        over.update(
+            in_channels=c_in,
+            learn_sigma=sd["final_layer.linear.weight"].shape[0] == 2 * c_in * p * p,
+        )
+    return over
+
+
+def suggest_architecture(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """A sentence naming the zoo architecture whose tensors match ``sd`` exactly, if any.
+
+    Each zoo entry is built on the meta device (no memory) with the options the shapes
+    reveal (class conditioning, learned sigma) and its (key, shape) set compared.
+    """
+    from .zoo import (  # zoo imports the networks; keep this module light
+        ZOO,
+        create_model,
+    )
+
+    target = _signature(sd)
+    inferred = _inferred_overrides(sd)
+    found: list = []  # (name, description, extra flags)
+    for name, cfg in ZOO.items():
+        variants = [inferred]
+        if "y_embedder.embedding_table.weight" in sd and cfg.arch == "vit":
+            rows = sd["y_embedder.embedding_table.weight"].shape[0]
+            variants = [
+                {
+                    **inferred,
+                    "class_cond": True,
+                    "num_classes": rows,
+                    "class_dropout_prob": 0.0,
+                },
+                {
+                    **inferred,
+                    "class_cond": True,
+                    "num_classes": rows - 1,
+                    "class_dropout_prob": 0.1,
+                },
+            ]
+        for v in variants:
+            try:
+                with torch.device("meta"):
+                    model = create_model(name, **v)
+            except ValueError:
+                continue
+            if _signature(model.state_dict()) == target:
+                c = model.config
+                if c.arch == "unet":
+                    desc = f"{c.num_channels} channels, {c.num_res_blocks} res blocks, channel_mult {c.channel_mult}"
+                else:
+                    desc = f"a ViT with hidden size {c.hidden_size}, depth {c.depth}, patch size {c.patch_size}"
+                extra = "".join(
+                    f" --{k} {val}" for k, val in v.items() if getattr(cfg, k) != val
+                )
+                found.append((name, desc, extra))
+                break
+    if not found:
+        return None
+    name, desc, extra = found[0]
+    also = (
+        f" (same tensors: {', '.join(n for n, _, _ in found[1:])})"
+        if len(found) > 1
+        else ""
+    )
+    return f"this looks like {desc}: try {name}{' with' + extra if extra else ''}{also}"
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path_or_state_dict: str | Mapping[str, torch.Tensor],
+    key: str | None = None,
+) -> nn.Module:
+    """Load weights into ``model`` strictly and return it.
+
+    ``path_or_state_dict`` is a file (read with ``read_state_dict``) or a state dict. Any
+    missing, unexpected or mis-shaped tensor raises one ``CheckpointError`` listing them
+    (abbreviated) and, when the tensors match a zoo architecture, naming it. Nothing is
+    ever dropped or partially loaded.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        source = f"checkpoint file {os.fspath(path_or_state_dict)}"
+        sd = read_state_dict(os.fspath(path_or_state_dict), key=key)
+    else:
+        source = "the given state dict"
+        sd = unwrap_state_dict(path_or_state_dict, source, key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [
+        f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        name = (
+            getattr(getattr(model, "config", None), "name", "") or type(model).__name__
+        )
+        lines = [
+            (
+                f"{source} does not fit the model '{name}': it has {len(sd)} tensors, the model expects "
+                f"{len(own)}; {len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} mis-shaped."
+            )
+        ]
+        if missing:
+            lines.append(f"  missing from the checkpoint: {_abbreviate(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected in the checkpoint: {_abbreviate(unexpected)}")
+        if shapes:
+            lines.append(f"  mis-shaped: {_abbreviate(shapes, 5)}")
+        hint = suggest_architecture(sd)
+        lines.append(
+            f"  {hint}"
+            if hint
+            else "  no zoo architecture matches these tensors; give the model flags it was trained with"
+        )
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(sd, strict=True)
+    return model

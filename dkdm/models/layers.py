@@ -1,0 +1,141 @@
+"""Pieces the UNet and the ViT share: timestep embedding, attention through SDPA, norms.
+
+Module and parameter layouts here are chosen so that state dicts match the public
+checkpoints (guided-diffusion for the UNet parts, DiT for the transformer parts); the
+names of submodules therefore matter and must not be changed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+
+def timestep_embedding(
+    timesteps: torch.Tensor, dim: int, max_period: int = 10000
+) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` of (possibly fractional) timesteps.
+
+    ``timesteps`` is a 1-D tensor of raw step indices (guided-diffusion and DiT both feed
+    the unscaled index); the result is a float32 ``[N, dim]`` tensor, zero-padded by one
+    column when ``dim`` is odd. Frequencies follow guided-diffusion exactly, so weights
+    trained there see the same features here.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that always computes in float32 and returns the input's dtype.
+
+    fp16 statistics overflow easily; computing them in float32 is what makes the
+    half-precision torso of ``convert_to_fp16`` trainable (and what guided-diffusion does).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Autocast keeps group_norm in float32 (it is on every backend's fp32 list), so
+        # float32 inputs stay float32 inside an autocast region too.
+        return F.group_norm(
+            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
+        ).to(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    """The standard normalisation layer: 32 groups, as guided-diffusion."""
+    return GroupNorm32(32, channels)
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1-D, 2-D or 3-D convolution."""
+    if dims not in (1, 2, 3):
+        raise ValueError(
+            f"unsupported number of spatial dimensions: {dims} (use 1, 2 or 3)"
+        )
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1-D, 2-D or 3-D average pooling."""
+    if dims not in (1, 2, 3):
+        raise ValueError(
+            f"unsupported number of spatial dimensions: {dims} (use 1, 2 or 3)"
+        )
+    return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters in place, so a residual branch starts as the identity."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def maybe_checkpoint(fn, *args, enabled: bool):
+    """Run ``fn(*args)``, recomputing its activations in backward when ``enabled``.
+
+    Only active while autograd records (training); in ``no_grad`` sampling it would
+    just cost time.
+    """
+    if enabled and torch.is_grad_enabled():
+        return _torch_checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
+    """Multi-head self-attention over the last axis of a fused ``[B, 3*C, T]`` qkv tensor.
+
+    The two channel layouts are guided-diffusion's: ``legacy`` splits heads first
+    (``[B, H*(q,k,v)*ch, T]``, QKVAttentionLegacy), otherwise q, k, v first
+    (``[B, (q,k,v)*H*ch, T]``, QKVAttention). The result is ``[B, H*ch, T]``. The maths is
+    softmax(q k^T / sqrt(ch)) v, computed by ``scaled_dot_product_attention`` so fused
+    kernels are used where available.
+    """
+    b, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    if legacy:
+        q, k, v = qkv.reshape(b, num_heads, 3 * ch, length).split(ch, dim=2)
+    else:
+        q, k, v = qkv.reshape(b, 3, num_heads, ch, length).unbind(1)
+    # SDPA wants [B, H, T, ch].
+    out = F.scaled_dot_product_attention(
+        q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+    )
+    return out.transpose(-1, -2).reshape(b, num_heads * ch, length)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sine-cosine positions ``[grid_size**2, embed_dim]`` (MAE / DiT layout).
+
+    The first half of the channels encodes each token's column coordinate and the second
+    half its row, in DiT's order (its meshgrid puts w first), so the ``pos_embed`` stored in
+    DiT checkpoints equals a freshly built one.
+    """
+    if embed_dim % 4:
+        raise ValueError(
+            f"hidden size {embed_dim} must be divisible by 4 for 2-D sin-cos positions"
+        )
+    coords = np.arange(grid_size, dtype=np.float64)
+    gw, gh = np.meshgrid(coords, coords)  # gw varies along columns
+
+    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate(
+        [one_d(embed_dim // 2, gw), one_d(embed_dim // 2, gh)], axis=1
+    )

@@ -1,0 +1,490 @@
+"""The ADM UNet (Dhariwal & Nichol), with guided-diffusion's options and state-dict layout.
+
+Every submodule name and index mirrors guided-diffusion's ``UNetModel`` so that its
+checkpoints (and improved-diffusion's and DDPM-IP's, which share the layout) load with
+``strict=True``, and so that our students load in their tools. Attention runs through
+``scaled_dot_product_attention``; both of guided-diffusion's qkv channel orders are kept
+because the order is baked into trained weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import (
+    avg_pool_nd,
+    conv_nd,
+    maybe_checkpoint,
+    normalization,
+    qkv_attention,
+    timestep_embedding,
+    zero_module,
+)
+
+
+class TimestepBlock(nn.Module):
+    """A module whose forward takes the timestep embedding as a second argument."""
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence that hands the timestep embedding to the children that take one.
+
+    Subclassing ``nn.Sequential`` keeps the children's state-dict names numeric
+    (``input_blocks.3.0``, ``input_blocks.3.1``), as in guided-diffusion.
+    """
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling (inner two axes for 3-D), optionally followed by a conv."""
+
+    def __init__(
+        self,
+        channels: int,
+        use_conv: bool,
+        dims: int = 2,
+        out_channels: int | None = None,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.conv = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dims == 3:
+            x = F.interpolate(
+                x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest"
+            )
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return x if self.conv is None else self.conv(x)
+
+
+class Downsample(nn.Module):
+    """2x downsampling by a strided conv (``use_conv``) or average pooling."""
+
+    def __init__(
+        self,
+        channels: int,
+        use_conv: bool,
+        dims: int = 2,
+        out_channels: int | None = None,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        stride = (1, 2, 2) if dims == 3 else 2
+        if use_conv:
+            self.op = conv_nd(
+                dims, channels, self.out_channels, 3, stride=stride, padding=1
+            )
+        else:
+            if self.out_channels != channels:
+                raise ValueError(
+                    f"pooling cannot change channels ({channels} -> {self.out_channels}); use conv_resample"
+                )
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding, optionally resampling.
+
+    With ``use_scale_shift_norm`` the embedding gives a FiLM scale and shift applied
+    after the second norm; otherwise it is added before it. ``up`` / ``down`` resample
+    both branches between the first norm and the first conv (BigGAN-style).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_conv: bool = False,
+        use_scale_shift_norm: bool = False,
+        dims: int = 2,
+        use_checkpoint: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels),
+            nn.SiLU(),
+            conv_nd(dims, channels, self.out_channels, 3, padding=1),
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = (
+                Upsample(channels, False, dims),
+                Upsample(channels, False, dims),
+            )
+        elif down:
+            self.h_upd, self.x_upd = (
+                Downsample(channels, False, dims),
+                Downsample(channels, False, dims),
+            )
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(
+                emb_channels, (2 if use_scale_shift_norm else 1) * self.out_channels
+            ),
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(
+                conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)
+            ),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        else:
+            k = 3 if use_conv else 1
+            self.skip_connection = conv_nd(
+                dims, channels, self.out_channels, k, padding=k // 2
+            )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).to(h.dtype)
+        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all spatial positions, with a zero-initialised output projection."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        use_checkpoint: bool = False,
+        use_new_attention_order: bool = False,
+    ):
+        super().__init__()
+        self.channels = channels
+        self.num_heads = (
+            channels // num_head_channels if num_head_channels != -1 else num_heads
+        )
+        self.use_checkpoint = use_checkpoint
+        self.legacy = not use_new_attention_order
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self._forward, x, enabled=self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+def _heads(channels: int, num_heads: int, num_head_channels: int) -> int:
+    """The head count an attention block on ``channels`` would use (guided-diffusion's rule)."""
+    return channels // num_head_channels if num_head_channels != -1 else num_heads
+
+
+def check_unet_args(
+    image_size: int,
+    model_channels: int,
+    channel_mult: Sequence[float],
+    attention_resolutions: Iterable[int],
+    num_heads: int,
+    num_head_channels: int,
+    num_heads_upsample: int,
+    dims: int = 2,
+) -> None:
+    """Refuse hyperparameters the UNet cannot be built from, with the numbers involved.
+
+    Checks that ``image_size`` survives ``len(channel_mult) - 1`` halvings, that every
+    level's width fits 32-group normalisation, and that every attended level's width
+    splits into the requested heads. Raises ``ValueError``.
+    """
+    levels = len(channel_mult)
+    if levels == 0:
+        raise ValueError("channel_mult is empty: give at least one level, e.g. 1,2,2,2")
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims must be 1, 2 or 3, not {dims}")
+    factor = 2 ** (levels - 1)
+    if image_size <= 0 or image_size % factor:
+        raise ValueError(
+            f"image size {image_size} cannot be halved {levels - 1} times "
+            f"(channel_mult has {levels} levels, so it must be a multiple of {factor}); "
+            f"use a shorter channel_mult or another image size"
+        )
+    if num_head_channels == -1 and num_heads <= 0:
+        raise ValueError(
+            f"num_heads must be positive when num_head_channels is -1, not {num_heads}"
+        )
+    if num_head_channels != -1 and num_head_channels <= 0:
+        raise ValueError(
+            f"num_head_channels must be positive or -1, not {num_head_channels}"
+        )
+    up_heads = num_heads if num_heads_upsample == -1 else num_heads_upsample
+    attention = set(attention_resolutions)
+    widths = [int(model_channels * m) for m in channel_mult]
+    for level, ch in enumerate(widths):
+        if ch % 32:
+            raise ValueError(
+                f"level {level} has {ch} channels ({model_channels} x {channel_mult[level]}); "
+                f"group normalisation needs a multiple of 32"
+            )
+        ds = 2**level
+        checks = []
+        if ds in attention or level == levels - 1:  # the middle block always attends
+            checks.append((num_heads, "num_heads"))
+        if ds in attention:
+            checks.append((up_heads, "num_heads_upsample"))
+        for heads, where in checks:
+            if num_head_channels != -1:
+                if ch % num_head_channels:
+                    raise ValueError(
+                        f"attention at {ds}x downsampling has {ch} channels, "
+                        f"not divisible by num_head_channels {num_head_channels}"
+                    )
+            elif ch % heads:
+                raise ValueError(
+                    f"attention at {ds}x downsampling has {ch} channels, not divisible by {where} {heads}"
+                )
+
+
+class UNetModel(nn.Module):
+    """The ADM UNet with attention and timestep (and optional class) embedding.
+
+    Arguments are guided-diffusion's: ``attention_resolutions`` holds downsampling
+    *rates* (4 means attention where the feature map is 1/4 of the input), and
+    ``num_head_channels`` (when not -1) overrides ``num_heads``. ``use_fp16`` is kept for
+    compatibility; the torso switches precision only through ``convert_to_fp16()``, so a
+    model built with it still runs in float32 until converted. ``forward(x, timesteps,
+    y=None)`` returns ``out_channels`` channels.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Iterable[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        dims: int = 2,
+        num_classes: int | None = None,
+        use_checkpoint: bool = False,
+        use_fp16: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+    ):
+        super().__init__()
+        attention_resolutions = tuple(attention_resolutions)
+        check_unet_args(
+            image_size,
+            model_channels,
+            channel_mult,
+            attention_resolutions,
+            num_heads,
+            num_head_channels,
+            num_heads_upsample,
+            dims,
+        )
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = tuple(channel_mult)
+        self.conv_resample = conv_resample
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.use_fp16 = use_fp16
+        self.dtype = torch.float32
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+
+        emb_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+
+        def res(ch_in: int, ch_out: int | None = None, **kw) -> ResBlock:
+            return ResBlock(
+                ch_in,
+                emb_dim,
+                dropout,
+                out_channels=ch_out,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+                **kw,
+            )
+
+        def attn(ch: int, heads: int) -> AttentionBlock:
+            return AttentionBlock(
+                ch,
+                num_heads=heads,
+                num_head_channels=num_head_channels,
+                use_checkpoint=use_checkpoint,
+                use_new_attention_order=use_new_attention_order,
+            )
+
+        ch = int(channel_mult[0] * model_channels)
+        first_ch = ch
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+        )
+        skip_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                width = int(mult * model_channels)
+                layers: list = [res(ch, width)]
+                ch = width
+                if ds in attention_resolutions:
+                    layers.append(attn(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = (
+                    res(ch, ch, down=True)
+                    if resblock_updown
+                    else Downsample(ch, conv_resample, dims, ch)
+                )
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res(ch), attn(ch, num_heads), res(ch)
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                width = int(mult * model_channels)
+                layers = [res(ch + skip_chans.pop(), width)]
+                ch = width
+                if ds in attention_resolutions:
+                    layers.append(attn(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(
+                        res(ch, ch, up=True)
+                        if resblock_updown
+                        else Upsample(ch, conv_resample, dims, ch)
+                    )
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(conv_nd(dims, first_ch, out_channels, 3, padding=1)),
+        )
+
+    def _torso(self) -> list:
+        return [self.input_blocks, self.middle_block, self.output_blocks]
+
+    def convert_to_fp16(self) -> None:
+        """Cast the torso's convolutions to float16 (norms, embeddings and ``out`` stay float32).
+
+        As guided-diffusion's: the mixed-precision recipe keeps float32 master weights
+        elsewhere; GroupNorm still computes in float32.
+        """
+        self._convert(torch.float16)
+
+    def convert_to_fp32(self) -> None:
+        """Undo ``convert_to_fp16``."""
+        self._convert(torch.float32)
+
+    def _convert(self, dtype: torch.dtype) -> None:
+        for part in self._torso():
+            for m in part.modules():
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    m.weight.data = m.weight.data.to(dtype)
+                    if m.bias is not None:
+                        m.bias.data = m.bias.data.to(dtype)
+        self.dtype = dtype
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict from noisy ``x`` [N, C, ...] at integer (or fractional) ``timesteps`` [N].
+
+        ``y`` [N] are class labels, required exactly when the model is class-conditional.
+        The output has ``x``'s dtype even inside an autocast region.
+        """
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError(
+                "class labels y must be given if and only if the model is class-conditional "
+                f"(num_classes={self.num_classes}, y {'given' if y is not None else 'missing'})"
+            )
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        skips = []
+        h = x.to(self.dtype)
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h.to(x.dtype)).to(x.dtype)

@@ -1,0 +1,425 @@
+"""Networks and zoo: counts, guided-diffusion / DiT layouts, precision, checkpointing, bad input."""
+
+import glob
+import hashlib
+import os
+
+import pytest
+import torch
+
+from dkdm.config import ConfigError, ModelConfig
+from dkdm.models import (
+    ZOO,
+    UNetModel,
+    ViT,
+    count_parameters,
+    create_model,
+    get_config,
+    list_models,
+)
+from dkdm.models.layers import GroupNorm32, qkv_attention
+from dkdm.models.unet import AttentionBlock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Counted as guided-diffusion / DiT build these architectures (learned sigma, unconditional).
+EXPECTED_COUNTS = {
+    "cifar10-57M": 57_094_662,
+    "cifar10-44M": 44_177_286,
+    "cifar10-32M": 32_136_582,
+    "cifar10-24M": 24_866_214,
+    "cifar10-14M": 14_301_446,
+    "celeba64-295M": 295_136_454,
+    "celeba64-57M": 57_213_606,
+    "imagenet32-57M": 57_094_662,
+    "imagenet32-14M": 14_301_446,
+    # 19,176,216 trainable + the frozen 256x384 sin-cos pos_embed DiT stores as a parameter.
+    "cifar10-vit-19M": 19_274_520,
+    "digits-teacher": 890_018,
+    "digits-student": 317_826,
+    "digits-vit": 1_273_480,
+}
+
+# sha256 of "\n".join(f"{key} {shape}") over the sorted state dict, computed from
+# openai/guided-diffusion's own UNetModel for the same hyperparameters.
+GUIDED_DIFFUSION_KEY_HASHES = {
+    "cifar10-57M": "7a6a0bb16bfc35b36a32513ca6d8d548e4737522ff264bcde69681df26795c9e",
+    "celeba64-295M": "b0272ccd2ce2a3b7a69d8d0fcaa46392156ba9d0f784ed26d1625ed622bcc9fe",
+}
+
+
+def _meta(name, **kw):
+    with torch.device("meta"):
+        return create_model(name, **kw)
+
+
+def _key_hash(sd):
+    text = "\n".join(f"{k} {tuple(v.shape)}" for k, v in sorted(sd.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _small_unet(**kw):
+    args = {
+        "image_size": 8,
+        "in_channels": 1,
+        "model_channels": 32,
+        "out_channels": 2,
+        "num_res_blocks": 1,
+        "attention_resolutions": (2,),
+        "channel_mult": (1, 2),
+        "num_head_channels": 16,
+        "use_scale_shift_norm": True,
+        "dropout": 0.0,
+    }
+    args.update(kw)
+    return UNetModel(**args)
+
+
+def _randomise(model, scale=0.1):
+    # Zero-initialised output layers would make many comparisons vacuous.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * scale)
+    return model
+
+
+# --------------------------------------------------------------------------- zoo
+
+
+def test_zoo_lists_every_paper_architecture():
+    assert set(EXPECTED_COUNTS) == set(list_models())
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_COUNTS))
+def test_parameter_count(name):
+    assert count_parameters(name) == EXPECTED_COUNTS[name]
+
+
+def test_vit_trainable_count_excludes_frozen_positions():
+    model = _meta("cifar10-vit-19M")
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 19_176_216
+    assert not model.pos_embed.requires_grad
+
+
+@pytest.mark.parametrize("name", list(GUIDED_DIFFUSION_KEY_HASHES))
+def test_state_dict_keys_match_guided_diffusion(name):
+    assert _key_hash(_meta(name).state_dict()) == GUIDED_DIFFUSION_KEY_HASHES[name]
+
+
+def test_key_hash_is_sensitive_to_architecture():
+    # The pin would be worthless if nearby configs hashed the same.
+    assert (
+        _key_hash(_meta("cifar10-57M", use_scale_shift_norm=False).state_dict())
+        != GUIDED_DIFFUSION_KEY_HASHES["cifar10-57M"]
+    )
+    assert (
+        _key_hash(_meta("cifar10-44M").state_dict())
+        != GUIDED_DIFFUSION_KEY_HASHES["cifar10-57M"]
+    )
+
+
+def test_arch_yaml_files_are_in_sync_with_zoo():
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "arch", "*.yaml")))
+    names = [os.path.basename(f)[: -len(".yaml")] for f in files]
+    assert sorted(names) == sorted(ZOO), (
+        "run: python -m dkdm.models.zoo --export configs/arch"
+    )
+    for name, path in zip(names, files):
+        assert get_config(path) == ZOO[name], f"{path} is stale; re-export it"
+
+
+def test_get_config_overrides_and_yaml_forms(tmp_path):
+    cfg = get_config("cifar10-57M", num_channels=64, class_cond=True)
+    assert cfg.num_channels == 64 and cfg.class_cond and cfg.name == "cifar10-57M"
+    assert ZOO["cifar10-57M"].num_channels == 128  # the zoo itself is untouched
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(
+        "image_size: 8\nin_channels: 1\nchannel_mult: 1,2\nnum_channels: 32\nattention_resolutions: '4'\n"
+    )
+    model = create_model(str(flat))
+    assert (
+        isinstance(model, UNetModel)
+        and model.config.image_size == 8
+        and model.channel_mult == (1, 2)
+    )
+    with pytest.raises(ConfigError, match="num_channel"):
+        get_config("cifar10-57M", num_channel=3)
+
+
+def test_create_model_sets_config_and_translates_like_guided_diffusion():
+    model = _meta("celeba64-295M")
+    assert model.config == ZOO["celeba64-295M"]
+    assert model.attention_resolutions == (
+        2,
+        4,
+        8,
+    )  # 32,16,8 at 64 px -> downsampling rates
+    assert model.out_channels == 6 and model.num_classes is None
+    default_mult = _meta("celeba64-295M", channel_mult="")
+    assert default_mult.channel_mult == (1, 2, 3, 4)
+    cond = _meta("digits-teacher", class_cond=True, num_classes=10, learn_sigma=False)
+    assert cond.label_emb.weight.shape == (10, 128) and cond.out_channels == 1
+    assert (
+        create_model(ModelConfig(**vars(ZOO["digits-student"]))).config.name
+        == "digits-student"
+    )
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_architecture_lists_valid_names_closest_first():
+    with pytest.raises(ConfigError) as e:
+        create_model("cifar10-75M")
+    msg = str(e.value)
+    assert "cifar10-75M" in msg and all(n in msg for n in ZOO)
+    listed = msg.split("closest first): ")[1]
+    assert listed.startswith("cifar10-57M")
+
+
+def test_indivisible_image_size_is_refused_with_numbers():
+    with pytest.raises(ConfigError, match=r"image size 20 .*3 times.*multiple of 8"):
+        create_model("cifar10-14M", image_size=20, attention_resolutions="10,5")
+
+
+def test_inconsistent_heads_are_refused_with_numbers():
+    with pytest.raises(
+        ConfigError, match=r"256 channels, not divisible by num_head_channels 48"
+    ):
+        _meta("cifar10-57M", num_head_channels=48)
+    with pytest.raises(
+        ConfigError, match=r"256 channels, not divisible by num_heads 3"
+    ):
+        _meta("cifar10-57M", num_head_channels=-1, num_heads=3)
+
+
+def test_attention_resolution_must_be_a_feature_map_size():
+    with pytest.raises(ConfigError, match=r"12 .*32,16,8,4"):
+        _meta("cifar10-57M", attention_resolutions="16,12")
+
+
+def test_group_norm_width_is_checked():
+    with pytest.raises(ConfigError, match=r"48 channels .*multiple of 32"):
+        _meta("cifar10-57M", num_channels=48)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("name", ["digits-teacher", "digits-student", "digits-vit"])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_digits_forward_shapes(name, learn_sigma):
+    model = create_model(name, learn_sigma=learn_sigma).eval()
+    x, t = torch.randn(5, 1, 8, 8), torch.randint(0, 100, (5,))
+    with torch.no_grad():
+        out = model(x, t)
+    assert (
+        out.shape == (5, 2 if learn_sigma else 1, 8, 8) and out.dtype == torch.float32
+    )
+
+
+def test_unet_class_conditioning_uses_labels():
+    model = _randomise(
+        create_model("digits-student", class_cond=True, num_classes=10)
+    ).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 3])
+    with torch.no_grad():
+        a, b = model(x, t, torch.tensor([1, 1])), model(x, t, torch.tensor([1, 2]))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match="class-conditional"):
+        model(x, t)
+
+
+@pytest.mark.parametrize("num_classes,dropout", [(None, 0.0), (10, 0.0), (10, 0.1)])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_vit_forward_shapes(num_classes, dropout, learn_sigma):
+    model = ViT(
+        image_size=8,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=num_classes,
+        class_dropout_prob=dropout,
+        learn_sigma=learn_sigma,
+    )
+    _randomise(model)
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 50, 99])
+    y = None if num_classes is None else torch.tensor([0, 4, 9])
+    out = model(x, t, y)
+    assert out.shape == (3, 6 if learn_sigma else 3, 8, 8)
+    if num_classes is not None:
+        # DiT keeps one extra "null class" row for classifier-free guidance when dropping labels.
+        assert model.y_embedder.embedding_table.num_embeddings == num_classes + (
+            dropout > 0
+        )
+    else:
+        assert not hasattr(model, "y_embedder")
+    out.square().mean().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_vit_unpatchify_inverts_patch_layout():
+    # With identity-like token maps, every output pixel must come from its own patch position.
+    model = ViT(
+        image_size=4,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=8,
+        depth=0,
+        num_heads=2,
+        learn_sigma=False,
+    )
+    tokens = torch.arange(4 * 4, dtype=torch.float32).reshape(1, 4, 4)  # [N, T, p*p*C]
+    img = model.unpatchify(tokens)
+    # token 1 is the top-right patch; its 4 values fill rows 0-1, cols 2-3 in row-major order.
+    assert img[0, 0, :2, 2:].flatten().tolist() == [4.0, 5.0, 6.0, 7.0]
+
+
+def test_vit_pos_embed_is_fixed_sincos():
+    model = ViT(
+        image_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2
+    )
+    pos = model.pos_embed[0]  # [16 tokens, 16]
+    assert pos.shape == (16, 16) and "pos_embed" in model.state_dict()
+    # first quarter: sin of the column index at frequency 1; token 5 is row 1, column 1.
+    assert torch.allclose(pos[:, 0], torch.sin(torch.arange(16.0) % 4), atol=1e-6)
+    assert torch.allclose(pos[:, 8], torch.sin(torch.arange(16.0) // 4), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _reference_attention(qkv, heads, legacy):
+    """softmax(q k^T / sqrt(ch)) v written out with einsum, per guided-diffusion's layouts."""
+    b, width, t = qkv.shape
+    ch = width // (3 * heads)
+    if legacy:
+        q, k, v = qkv.reshape(b * heads, 3 * ch, t).split(ch, dim=1)
+    else:
+        q, k, v = (z.reshape(b * heads, ch, t) for z in qkv.chunk(3, dim=1))
+    w = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / ch**0.5, dim=-1)
+    return torch.einsum("bts,bcs->bct", w, v).reshape(b, heads * ch, t)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sdpa_attention_matches_reference_layout(legacy):
+    qkv = torch.randn(2, 3 * 4 * 8, 10)
+    ours = qkv_attention(qkv, 4, legacy)
+    assert torch.allclose(ours, _reference_attention(qkv, 4, legacy), atol=1e-5)
+    other = _reference_attention(qkv, 4, not legacy)
+    assert not torch.allclose(ours, other, atol=1e-3)
+
+
+def test_legacy_and_new_attention_order_both_run_and_differ():
+    legacy = _randomise(_small_unet(use_new_attention_order=False)).eval()
+    new = _small_unet(use_new_attention_order=True).eval()
+    new.load_state_dict(
+        legacy.state_dict(), strict=True
+    )  # same keys, different qkv meaning
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 7])
+    with torch.no_grad():
+        a, b = legacy(x, t), new(x, t)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_attention_block_heads_follow_guided_diffusion_rule():
+    assert AttentionBlock(128, num_heads=4, num_head_channels=32).num_heads == 4
+    assert AttentionBlock(256, num_heads=4, num_head_channels=32).num_heads == 8
+    assert AttentionBlock(256, num_heads=2, num_head_channels=-1).num_heads == 2
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_convert_to_fp16_keeps_norms_in_fp32():
+    model = _randomise(_small_unet()).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([2, 40])
+    with torch.no_grad():
+        ref = model(x, t)
+    model.convert_to_fp16()
+    torso_convs = [
+        m
+        for p in (model.input_blocks, model.middle_block, model.output_blocks)
+        for m in p.modules()
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))
+    ]
+    assert torso_convs and all(m.weight.dtype == torch.float16 for m in torso_convs)
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm32)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    assert (
+        model.time_embed[0].weight.dtype == torch.float32
+        and model.out[2].weight.dtype == torch.float32
+    )
+    # GroupNorm computes in float32 but hands back the input's dtype.
+    h = torch.randn(2, 32, 4, 4, dtype=torch.float16) * 300
+    assert norms[0](h).dtype == torch.float16 and torch.isfinite(norms[0](h)).all()
+    try:
+        with torch.no_grad():
+            half = model(x, t)
+    except (
+        RuntimeError,
+        NotImplementedError,
+    ) as e:  # some CPU builds lack fp16 kernels
+        pytest.skip(f"fp16 forward not supported on this CPU build: {e}")
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, ref, atol=0.05 * ref.abs().max().item() + 1e-3)
+    model.convert_to_fp32()
+    assert all(m.weight.dtype == torch.float32 for m in torso_convs)
+    with torch.no_grad():
+        assert torch.allclose(
+            model(x, t), ref, atol=0.05 * ref.abs().max().item() + 1e-3
+        )
+
+
+@pytest.mark.parametrize("name", ["digits-teacher", "digits-vit"])
+def test_bf16_autocast_on_cpu(name):
+    model = _randomise(create_model(name, dropout=0.0), scale=0.05).eval()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 50, 99])
+    with torch.no_grad():
+        ref = model(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, t)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-2
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+@pytest.mark.parametrize("arch", ["unet", "vit"])
+def test_gradient_checkpointing_gives_same_grads(arch):
+    def build(flag):
+        if arch == "unet":
+            return _small_unet(use_checkpoint=flag, resblock_updown=True)
+        return ViT(
+            image_size=8,
+            patch_size=2,
+            in_channels=1,
+            hidden_size=32,
+            depth=2,
+            num_heads=2,
+            use_checkpoint=flag,
+        )
+
+    plain = _randomise(build(False))
+    ckpt = build(True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 20, 80])
+    grads = []
+    for model in (plain, ckpt):
+        model.zero_grad()
+        model(x, t).square().mean().backward()
+        grads.append(
+            {
+                n: p.grad.clone()
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
+        )
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
