@@ -6,7 +6,7 @@ setup(
     description="Data-free knowledge distillation for diffusion models with any architecture (DKDM)",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["dkdm", "dkdm.*"]),
+    packages=find_packages(include=["dkdm", "dkdm.*", "evaluations"]),
     package_data={"dkdm": ["assets/*.pt", "assets/*.json"]},
     install_requires=[
         "torch>=2.1",
