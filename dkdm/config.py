@@ -17,8 +17,9 @@ import argparse
 import dataclasses
 import difflib
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -123,6 +124,9 @@ class DistillConfig:
     pool_device: str = "auto"  # auto (training device) | cpu
     pool_cache_dir: str = ""  # "" = <log_dir>/pool_cache
     warmup: str = "full"  # how each pool sample reaches its end step: full | respaced
+    warmup_jumps: int = 20  # respaced warm-up: DDIM jumps on a grid of about T / warmup_jumps steps
+    warmup_exact: int = 10  # respaced warm-up: exact ancestral steps before each end step
+    prep_checkpoint_s: float = 300.0  # save pool-preparation progress this often (seconds)
     simple_only: bool = False
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
 
@@ -139,7 +143,8 @@ class SampleConfig:
     clip_denoised: bool = True
     precision: str = "fp32"
     seed: int = 0
-    output: str = ""
+    output: str = ""  # a .npz path, or a folder for guided-diffusion's samples_NxHxWxC.npz; "" = runs/samples
+    keep_shards: bool = False  # keep <output>.shards/ after the merge (it is the resume state)
 
 
 GROUP_TYPES = {
@@ -202,11 +207,13 @@ def update(obj: Any, values: Mapping[str, Any], where: str = "") -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-def to_dict(obj: Any) -> dict:
-    """A plain dict of a dataclass (or a mapping of group name to dataclass)."""
+def to_dict(obj: Any) -> Any:
+    """Plain data from a dataclass or a mapping of them; other values pass through."""
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
-    return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def load_yaml(path: str) -> dict:
@@ -228,8 +235,10 @@ def load_yaml(path: str) -> dict:
 def dump_yaml(groups: Mapping[str, Any], path: str) -> None:
     """Write resolved configs (group name -> dataclass or dict) to ``path`` as YAML."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(groups), f, sort_keys=False)
+    os.replace(tmp, path)  # a reader never sees half a file
 
 
 # --------------------------------------------------------------------------- parsing

@@ -1,0 +1,173 @@
+"""Checkpoint files: atomic writes, names, finding the newest complete one, RNG state.
+
+A checkpoint at step N (N optimizer steps done) is a set of files in the run directory:
+
+* ``modelN.pt`` -- plain state dict of the unwrapped model (guided-diffusion's tools read it);
+* ``ema_<rate>_N.pt`` -- plain state dict of each EMA, same keys;
+* ``<name>N.pt`` on rank 0 and ``<name>N_rank<r>.pt`` on rank r > 0 for every per-rank
+  extra state of the loop (the distillation pool: each rank has its own);
+* ``optN.pt`` -- optimizer, loss scaler, step, each rank's RNG and data-stream state, the
+  resolved config. It is written last, so its presence marks the checkpoint complete.
+
+N is zero-padded to six digits, as guided-diffusion writes it. Every file is written to a
+hidden temporary name in the same directory, flushed to disk and renamed over its final
+name, so a crash or a full disk never leaves a half-written file under a real name and
+never touches an older checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+_STEP_RE = re.compile(r"(\d{6,})\.pt$")
+_TMP_MARK = ".tmp-"
+
+
+def model_path(run_dir: str, step: int) -> str:
+    """``run_dir/modelNNNNNN.pt``."""
+    return os.path.join(run_dir, f"model{step:06d}.pt")
+
+
+def ema_path(run_dir: str, rate: str, step: int) -> str:
+    """``run_dir/ema_<rate>_NNNNNN.pt`` (``rate`` as the user wrote it, e.g. ``0.9999``)."""
+    return os.path.join(run_dir, f"ema_{rate}_{step:06d}.pt")
+
+
+def opt_path(run_dir: str, step: int) -> str:
+    """``run_dir/optNNNNNN.pt``, the file that completes a checkpoint."""
+    return os.path.join(run_dir, f"opt{step:06d}.pt")
+
+
+def extra_path(run_dir: str, name: str, step: int, rank: int) -> str:
+    """``run_dir/<name>NNNNNN.pt`` for rank 0, ``<name>NNNNNN_rank<r>.pt`` for rank r > 0."""
+    suffix = "" if rank == 0 else f"_rank{rank}"
+    return os.path.join(run_dir, f"{name}{step:06d}{suffix}.pt")
+
+
+def parse_step(path: str) -> int | None:
+    """The step in a checkpoint file name (``model000300.pt`` -> 300), or None if it has none."""
+    m = _STEP_RE.search(os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` so that ``path`` is either the old file or the new one.
+
+    Writes a hidden temporary file in the same directory, fsyncs it, renames it over
+    ``path`` and fsyncs the directory. On any failure the temporary file is removed and
+    the exception propagates; ``path`` (if it existed) is untouched.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}{_TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def remove_stale_temporaries(run_dir: str) -> list[str]:
+    """Delete temporary files a killed save left in ``run_dir``; return their paths."""
+    stale = glob.glob(os.path.join(run_dir, f".*.pt{_TMP_MARK}*"))
+    for p in stale:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+    return stale
+
+
+def complete_steps(run_dir: str) -> list[int]:
+    """Steps of the complete checkpoints in ``run_dir`` (``optN.pt`` and ``modelN.pt`` present), ascending."""
+    steps = []
+    for p in glob.glob(os.path.join(run_dir, "opt*.pt")):
+        step = parse_step(p)
+        if step is not None and os.path.basename(p) == f"opt{step:06d}.pt" and os.path.isfile(model_path(run_dir, step)):
+            steps.append(step)
+    return sorted(steps)
+
+
+def find_resume_checkpoint(run_dir: str) -> str | None:
+    """Path of ``modelN.pt`` of the newest complete checkpoint in ``run_dir``, or None."""
+    if not run_dir or not os.path.isdir(run_dir):
+        return None
+    steps = complete_steps(run_dir)
+    return model_path(run_dir, steps[-1]) if steps else None
+
+
+def load_file(path: str, map_location: Any = "cpu") -> Any:
+    """Load a trainer-written file (optimizer / extra state), naming the file on failure.
+
+    These files hold RNG states and numpy arrays, so they are loaded with
+    ``weights_only=False``: only load checkpoints you (or your runs) wrote. Model and EMA
+    files are plain state dicts and are read weights-only by the model loader.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as e:
+        raise ValueError(
+            f"checkpoint file {path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
+            "or corrupted: delete this checkpoint's files to resume from an older one"
+        ) from None
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and every CUDA device's) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states: torch CPU, the current CUDA device, numpy, Python."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state` (a CUDA state is restored only where CUDA is available)."""
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())

@@ -1,0 +1,409 @@
+"""The trainer in one process: EMA, microbatches, precision, lr anneal, checkpoints, faults."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from dkdm import logger
+from dkdm.config import TrainConfig, load_yaml
+from dkdm.training import (
+    Precision,
+    Trainer,
+    atomic_save,
+    find_resume_checkpoint,
+    parse_ema_rates,
+)
+from dkdm.training import checkpoint as ckpt
+
+
+class Tiny(nn.Module):
+    """A two-layer net with a buffer, standing in for a diffusion model."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.b = nn.Linear(8, 4)
+        self.register_buffer("counter", torch.zeros(()))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class Pool:
+    """Per-rank extra state: a tensor that changes every step, as the distillation pool does."""
+
+    def __init__(self):
+        self.x = torch.zeros(3)
+
+    def state_dict(self):
+        return {"x": self.x.clone()}
+
+    def load_state_dict(self, state):
+        self.x = state["x"].clone()
+
+
+class Stream:
+    """An endless, resumable data stream: batch k is a pure function of k."""
+
+    def __init__(self, batch=8):
+        self.k, self.batch = 0, batch
+
+    def __call__(self):
+        g = torch.Generator().manual_seed(1000 + self.k)
+        self.k += 1
+        return {"x": torch.randn(self.batch, 4, generator=g)}
+
+    def state_dict(self):
+        return {"k": self.k}
+
+    def load_state_dict(self, state):
+        self.k = state["k"]
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def noisy_loss(model, batch):
+    # Global-RNG noise, like diffusion.training_losses: resume must restore the generator.
+    x = batch["x"]
+    noise = torch.randn_like(x)
+    per = ((model(x + 0.1 * noise) - x) ** 2).mean(dim=1)
+    return per.mean(), {"loss": per, "mse": per}
+
+
+def plain_loss(model, batch):
+    per = ((model(batch["x"]) - batch["x"]) ** 2).mean(dim=1)
+    return per.mean(), {"loss": per}
+
+
+def make(tmp_path, name="run", model=None, pool=None, stream=None, **kw):
+    defaults = {"lr": 1e-2, "batch_size": 8, "ema_rate": "0.9,0.5", "log_interval": 2, "save_interval": 2, "max_steps": 6}
+    cfg = TrainConfig(**{**defaults, **kw})
+    torch.manual_seed(0)
+    model = model or Tiny()
+    extra = {"pool": pool} if pool is not None else {}
+    loop = {"data": stream} if stream is not None else {}
+    run_dir = str(tmp_path / name)
+    logger.configure(run_dir, format_strs=["log", "csv"])
+    return Trainer(model, cfg=cfg, run_dir=run_dir, config_to_save={"train": cfg}, extra_state=extra, loop_state=loop)
+
+
+@pytest.fixture(autouse=True)
+def _reset_logger():
+    yield
+    logger.reset()
+
+
+def run_pool_training(tmp_path, name, **kw):
+    pool, stream = Pool(), Stream()
+    tr = make(tmp_path, name, pool=pool, stream=stream, **kw)
+
+    def next_batch():
+        pool.x += torch.randn(3)  # extra state that evolves with the RNG
+        return stream()
+
+    tr.run(next_batch, noisy_loss)
+    return tr, pool
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_parse_ema_rates():
+    assert parse_ema_rates("0.9999,0.999") == ["0.9999", "0.999"]
+    assert parse_ema_rates("") == []
+    for bad in ("1.5", "abc", "0.9,0.9"):
+        with pytest.raises(ValueError):
+            parse_ema_rates(bad)
+
+
+def test_ema_follows_the_recurrence(tmp_path):
+    tr = make(tmp_path, max_steps=3, save_interval=0)
+    expected = {r: [p.detach().clone() for p in tr.params] for r in tr.ema_rates}
+    stream = Stream()
+    for _ in range(3):
+        tr.run_step(stream, plain_loss)
+        for r in tr.ema_rates:
+            d = float(r)
+            expected[r] = [d * e + (1 - d) * p.detach() for e, p in zip(expected[r], tr.params)]
+    for r in tr.ema_rates:
+        for e, got in zip(expected[r], tr.ema[r]):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, e, rtol=1e-6, atol=1e-7)
+    # The two rates really differ and are not the live weights.
+    assert not torch.allclose(tr.ema["0.9"][0], tr.ema["0.5"][0])
+    assert not torch.allclose(tr.ema["0.5"][0], tr.params[0])
+
+
+def test_microbatches_give_the_full_batch_gradient(tmp_path):
+    batch = Stream()()
+    full = make(tmp_path, "full", max_steps=1)
+    micro = make(tmp_path, "micro", microbatch=3)  # 3 + 3 + 2: uneven on purpose
+    calls = []
+
+    def counting_loss(model, b):
+        calls.append(b["x"].shape[0])
+        return plain_loss(model, b)
+
+    full.run_step(lambda: batch, plain_loss)
+    micro.run_step(lambda: batch, counting_loss)
+    assert calls == [3, 3, 2]
+    for p, q in zip(full.params, micro.params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(full.params[0], make(tmp_path, "fresh").params[0])
+
+
+def test_lr_anneal_and_stop(tmp_path):
+    tr = make(tmp_path, lr=0.1, lr_anneal_steps=4, max_steps=0, save_interval=0)
+    seen = []
+    stream = Stream()
+
+    def loss_fn(model, b):
+        seen.append(tr.current_lr())
+        return plain_loss(model, b)
+
+    assert tr.run(stream, loss_fn) == 4
+    assert seen == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert os.path.isfile(ckpt.opt_path(tr.run_dir, 4))  # saved at the end
+    tr2 = make(tmp_path, "b", lr_anneal_steps=10, max_steps=3, save_interval=0)
+    assert tr2.run(Stream(), plain_loss) == 3
+
+
+def test_grad_clip_scales_to_max_norm():
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    prec = Precision("fp32", torch.device("cpu"))
+    (model(torch.randn(8, 4)) * 100).sum().backward()
+    before = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    norm = prec.unscale_and_clip(opt, list(model.parameters()), 0.5)
+    after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert norm == pytest.approx(before.item())
+    assert before > 1.0 and after == pytest.approx(0.5, rel=1e-4)
+
+
+def test_fp16_skips_overflowing_steps_and_shrinks_the_scale(tmp_path):
+    tr = make(tmp_path, precision="fp16", ema_rate="")
+    scale = tr.precision.loss_scale()
+    before = [p.detach().clone() for p in tr.params]
+
+    def overflow(model, b):
+        out = model(b["x"])
+        assert out.dtype == torch.float16  # autocast is on
+        per = (out.float() * 1e30).pow(2).mean(dim=1)  # gradients overflow once scaled
+        return per.mean(), {"loss": torch.zeros_like(per)}
+
+    tr.run_step(Stream(), overflow)
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.params)), "overflowing step must be skipped"
+    assert tr.precision.loss_scale() == scale / 2
+    # The scale keeps halving until the gradients fit fp16, then steps are taken.
+    for _ in range(30):
+        tr.run_step(Stream(), plain_loss)
+        if not torch.equal(before[0], tr.params[0]):
+            break
+    assert not torch.equal(before[0], tr.params[0])
+    assert torch.isfinite(tr.params[0]).all()
+    assert all(p.dtype == torch.float32 for p in tr.params)  # fp32 master weights
+
+
+def test_bf16_autocast_trains(tmp_path):
+    tr = make(tmp_path, precision="bf16")
+    before = tr.params[0].detach().clone()
+    dtypes = []
+
+    def loss_fn(model, b):
+        out = model(b["x"])
+        dtypes.append(out.dtype)
+        per = ((out.float() - b["x"]) ** 2).mean(dim=1)
+        return per.mean(), {"loss": per}
+
+    tr.run_step(Stream(), loss_fn)
+    assert dtypes == [torch.bfloat16]
+    assert not torch.equal(before, tr.params[0])
+    with pytest.raises(ValueError, match="precision"):
+        make(tmp_path, precision="fp8")
+
+
+def test_checkpoint_layout_and_logs(tmp_path):
+    tr, _ = run_pool_training(tmp_path, "run", max_steps=4)
+    d = tr.run_dir
+    names = set(os.listdir(d))
+    for step in (2, 4):
+        for f in (f"model{step:06d}.pt", f"ema_0.9_{step:06d}.pt", f"ema_0.5_{step:06d}.pt",
+                  f"opt{step:06d}.pt", f"pool{step:06d}.pt"):
+            assert f in names, f
+    assert {"config.yaml", "log.txt", "progress.csv"} <= names
+    assert not [n for n in names if n.startswith(".")], "no temporary files left"
+    assert load_yaml(os.path.join(d, "config.yaml"))["train"]["ema_rate"] == "0.9,0.5"
+    # Model and EMA files are plain state dicts that load strictly into the bare network.
+    sd = torch.load(os.path.join(d, "model000004.pt"), weights_only=True)
+    assert_same_state(sd, {k: v.cpu() for k, v in tr.model.state_dict().items()})
+    fresh = Tiny()
+    fresh.load_state_dict(torch.load(os.path.join(d, "ema_0.9_000004.pt"), weights_only=True), strict=True)
+    torch.testing.assert_close(fresh.a.weight, tr.ema["0.9"][0])
+    state = ckpt.load_file(os.path.join(d, "opt000004.pt"))
+    assert state["step"] == 4 and state["samples"] == 32 and len(state["rank_states"]) == 1
+    assert state["rank_states"][0]["loop"]["data"] == {"k": 4}
+    assert state["config"]["train"]["max_steps"] == 4
+    import csv
+
+    with open(os.path.join(d, "progress.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    for key in ("loss", "mse", "grad_norm", "param_norm", "lr", "samples", "step_time"):
+        assert float(rows[-1][key]) == float(rows[-1][key]), key  # present and not NaN
+    assert find_resume_checkpoint(d) == os.path.join(d, "model000004.pt")
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    straight, straight_pool = run_pool_training(tmp_path, "straight", max_steps=6)
+    run_pool_training(tmp_path, "split", max_steps=4)  # stops right after its save at 4
+    resumed, resumed_pool = run_pool_training(tmp_path, "split", max_steps=6)  # auto-resume from 4
+    assert resumed.step == 6
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    for r in straight.ema_rates:
+        assert all(torch.equal(a, b) for a, b in zip(straight.ema[r], resumed.ema[r]))
+    assert torch.equal(straight_pool.x, resumed_pool.x)
+    a, b = straight.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    for i in a:
+        assert_same_state(a[i], b[i])
+
+
+def test_explicit_resume_checkpoint_into_another_dir(tmp_path):
+    first, _ = run_pool_training(tmp_path, "first", max_steps=4)
+    path = os.path.join(first.run_dir, "model000002.pt")
+    tr = make(tmp_path, "second", pool=Pool(), stream=Stream(), max_steps=4, resume_checkpoint=path)
+    assert tr.step == 2
+    # The weights of step 2, not of step 4.
+    sd = torch.load(path, weights_only=True)
+    assert torch.equal(tr.model.a.weight, sd["a.weight"])
+    tr.run(Stream(), noisy_loss)  # trains steps 3 and 4 in "second", saves at 4
+    # Relaunching the same command (after a crash, say) continues from "second"'s own newest save.
+    again = make(tmp_path, "second", pool=Pool(), stream=Stream(), max_steps=6, resume_checkpoint=path)
+    assert again.step == 4
+    # Naming a checkpoint inside the run directory rolls back to it.
+    back = make(tmp_path, "first", pool=Pool(), stream=Stream(), max_steps=6, resume_checkpoint=path)
+    assert back.step == 2
+    # A checkpoint without optimizer file resumes weights and step only.
+    os.remove(os.path.join(first.run_dir, "opt000002.pt"))
+    tr = make(tmp_path, "third", max_steps=4, resume_checkpoint=path)
+    assert tr.step == 2 and torch.equal(tr.model.a.weight, sd["a.weight"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make(tmp_path, "fourth", resume_checkpoint=str(tmp_path / "nope" / "model000001.pt"))
+
+
+def test_auto_resume_skips_incomplete_checkpoints(tmp_path):
+    tr, _ = run_pool_training(tmp_path, "run", max_steps=4)
+    os.remove(ckpt.opt_path(tr.run_dir, 4))  # as if killed before the marker was written
+    assert find_resume_checkpoint(tr.run_dir) == ckpt.model_path(tr.run_dir, 2)
+    again = make(tmp_path, "run", pool=Pool(), stream=Stream(), max_steps=4)
+    assert again.step == 2
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    tr = make(tmp_path, max_steps=10, log_interval=3, save_interval=4)
+    stream = Stream()
+
+    def loss_fn(model, b):
+        loss, terms = plain_loss(model, b)
+        if tr.step == 4:  # the fifth step
+            loss = loss * float("nan")
+        return loss, terms
+
+    saved = {}
+    orig_save = tr.save
+
+    def save_and_snapshot():
+        orig_save()
+        for f in os.listdir(tr.run_dir):
+            if f.endswith(".pt"):
+                saved[f] = read_bytes(os.path.join(tr.run_dir, f))
+
+    tr.save = save_and_snapshot
+    with pytest.raises(FloatingPointError, match="step 5") as err:
+        tr.run(stream, loss_fn)
+    assert "model000004.pt" in str(err.value)
+    assert tr.step == 6  # noticed at the log of step 6, before anything was written
+    files = {f for f in os.listdir(tr.run_dir) if f.endswith(".pt")}
+    assert files == {"model000004.pt", "ema_0.9_000004.pt", "ema_0.5_000004.pt", "opt000004.pt"}
+    for f in files:
+        assert read_bytes(os.path.join(tr.run_dir, f)) == saved[f]
+
+
+def test_failed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    tr = make(tmp_path, pool=Pool(), stream=Stream(), max_steps=4)
+    stream = Stream()
+    tr.run_step(stream, noisy_loss)
+    tr.run_step(stream, noisy_loss)
+    tr.save()
+    before = {f: read_bytes(os.path.join(tr.run_dir, f)) for f in os.listdir(tr.run_dir) if f.endswith(".pt")}
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # model and pool written, the first EMA fails half-way
+            f.write(b"partial bytes")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    tr.run_step(stream, noisy_loss)
+    tr.run_step(stream, noisy_loss)
+    with pytest.raises(OSError, match="No space"):
+        tr.save()
+    monkeypatch.setattr(torch, "save", real_save)
+    names = os.listdir(tr.run_dir)
+    assert not [n for n in names if n.startswith(".")], "temporary file removed"
+    assert "opt000004.pt" not in names
+    for f, data in before.items():
+        assert read_bytes(os.path.join(tr.run_dir, f)) == data
+    assert find_resume_checkpoint(tr.run_dir) == ckpt.model_path(tr.run_dir, 2)
+    again = make(tmp_path, pool=Pool(), stream=Stream(), max_steps=4)
+    assert again.step == 2
+    assert torch.equal(again.model.a.weight, torch.load(ckpt.model_path(tr.run_dir, 2))["a.weight"])
+
+
+def test_atomic_save_replaces_or_keeps(tmp_path, monkeypatch):
+    path = str(tmp_path / "x.pt")
+    atomic_save({"v": 1}, path)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"v": 1}
+    assert os.listdir(tmp_path) == ["x.pt"]
+
+
+def test_stale_temporaries_are_removed_and_bad_files_named(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / f".model000002.pt{ckpt._TMP_MARK}1234").write_bytes(b"junk")
+    (d / "opt000002.pt").write_bytes(b"junk")
+    make(tmp_path, "run", max_steps=2, resume_checkpoint="")  # opt without model: not complete
+    assert not [n for n in os.listdir(d) if n.startswith(".")]
+    with pytest.raises(ValueError, match="opt000002.pt"):
+        ckpt.load_file(str(d / "opt000002.pt"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_step_never_waits_for_the_host(tmp_path, precision):
+    tr = make(tmp_path, precision=precision, grad_clip=1.0)
+    batch = {"x": torch.randn(8, 4, device="cuda")}
+    tr.run_step(lambda: batch, noisy_loss)  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            tr.run_step(lambda: batch, noisy_loss)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tr.step == 4
