@@ -1,0 +1,644 @@
+"""The dynamic iterative batch pool (paper section 3.3, Algorithm 1).
+
+The pool is a tensor, not a list: ``x [N, C, H, W]`` noisy samples and ``t [N]`` their
+diffusion steps (optionally ``y [N]`` class labels, for class-conditional teachers). Each
+training step draws ``b`` distinct indices on the device, the caller runs the teacher once on
+``(x[idx], t[idx])``, and :meth:`DynamicPool.update` takes one ancestral step from that output
+and writes the results back in place; a sample that was at ``t = 0`` restarts as fresh noise
+at ``T - 1``. Draw and update are index operations with fixed shapes: no host
+synchronisation.
+
+Variants (the paper's ablation): ``dynamic`` (the method: ``N = round(rho * T) * b``, random
+draws), ``shuffled`` (``N = b``, shuffle-denoised once, the whole pool drawn every step) and
+``iterative`` (``N = b``, all samples start at ``T - 1`` and walk down together).
+
+Preparation ("shuffle denoise") gives every sample an end step drawn uniformly from
+``{0, ..., T-1}`` and denoises it from pure noise down to that step with the teacher. It costs
+about ``N * T / 2`` teacher evaluations, so it is packed into full teacher batches: a
+fixed set of ``teacher_batch`` slots each carries one sample at its own current step; when a
+sample reaches its end step it is written into the pool and the slot takes the next sample.
+Which slot finishes when is planned on the host in advance (every length is known from the
+drawn end steps), so the loop never reads the device. Preparation is cached on disk, saves its
+progress periodically and resumes after an interruption.
+
+``warmup="respaced"`` is a cheaper preparation: each sample reaches ``end + warmup_exact``
+through deterministic DDIM jumps on a grid of about ``warmup_jumps`` steps, then takes the
+last ``warmup_exact`` steps exactly (ancestral, with the teacher's variance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dkdm import logger
+
+__all__ = [
+    "VARIANTS",
+    "DynamicPool",
+    "PoolMemoryError",
+    "available_memory",
+    "estimate_pool_bytes",
+    "pool_size",
+    "teacher_fingerprint",
+]
+
+VARIANTS = ("dynamic", "shuffled", "iterative")
+TeacherFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+_GiB = float(1 << 30)
+
+
+class PoolMemoryError(MemoryError):
+    """The pool would not fit in the memory of its device; the message lists the options."""
+
+
+# --------------------------------------------------------------------------- sizes and memory
+
+
+def pool_size(variant: str, rho: float, num_timesteps: int, batch_size: int) -> int:
+    """Number of samples a rank's pool holds: ``round(rho * T) * b`` (dynamic) or ``b``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown pool variant '{variant}'; choose one of {', '.join(VARIANTS)}")
+    if variant != "dynamic":
+        return batch_size
+    k = round(rho * num_timesteps)
+    if k < 1:
+        raise ValueError(
+            f"rho={rho} with T={num_timesteps} steps gives round(rho*T)=0 batches in the pool; "
+            f"use rho >= {0.5 / num_timesteps:.4g}"
+        )
+    return k * batch_size
+
+
+def estimate_pool_bytes(
+    num_samples: int,
+    sample_shape: tuple[int, ...],
+    batch_size: int,
+    teacher_batch: int,
+    class_cond: bool = False,
+    prepare: bool = True,
+    bytes_per_value: int = 4,
+) -> dict[str, int]:
+    """Bytes the pool needs: ``pool`` (x, t, y, on the pool's device) and ``buffers`` (device).
+
+    ``buffers`` counts the per-step tensors of a drawn batch (gathered x, noise, teacher output
+    of up to 2C channels, new x) and the preparation slots (about eight sample-sized tensors per
+    slot); the teacher's own activations are not included.
+    """
+    per = int(np.prod(sample_shape)) * bytes_per_value
+    pool = num_samples * (per + 8 + (8 if class_cond else 0))
+    step = batch_size * per * 5
+    prep = min(teacher_batch, num_samples) * per * 8 if prepare else 0
+    return {"pool": pool, "buffers": max(step, prep), "per_sample": per + 8 + (8 if class_cond else 0)}
+
+
+def _meminfo_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse
+
+
+def available_memory(device: torch.device) -> tuple[int, int]:
+    """``(free_bytes, margin_bytes)`` on ``device``; the pool may use ``free - margin``.
+
+    CUDA: ``torch.cuda.mem_get_info`` with a margin of max(2 GiB, 15% of the card) left for the
+    teacher, the student and their activations. CPU: ``MemAvailable`` from /proc/meminfo with a
+    margin of 1 GiB.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(max(2 * (1 << 30), 0.15 * total))
+    return _meminfo_available(), 1 << 30
+
+
+def _check_fits(need: int, device: torch.device, what: str, options: str) -> None:
+    free, margin = available_memory(device)
+    logger.log(f"pool: {what} needs {need / _GiB:.3f} GiB on {device} ({free / _GiB:.2f} GiB free, "
+               f"{margin / _GiB:.2f} GiB kept for models)")
+    if need > free - margin:
+        raise PoolMemoryError(
+            f"the batch pool needs {need / _GiB:.2f} GiB for {what} on {device}, but only "
+            f"{free / _GiB:.2f} GiB are free and {margin / _GiB:.2f} GiB are kept for the models. "
+            f"Options: {options}"
+        )
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def teacher_fingerprint(source: str | torch.nn.Module | dict) -> str:
+    """sha256 of a teacher checkpoint file, or of a module's / state dict's tensors."""
+    h = hashlib.sha256()
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    sd = source.state_dict() if isinstance(source, torch.nn.Module) else source
+    for k in sorted(sd):
+        h.update(k.encode())
+        h.update(sd[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _diffusion_fingerprint(diffusion: Any) -> str:
+    h = hashlib.sha256(np.asarray(diffusion.betas, dtype=np.float64).tobytes())
+    h.update(f"{diffusion.model_mean_type}|{diffusion.model_var_type}|{diffusion.num_timesteps}".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- planning (host)
+
+
+def _next_step(t, end, grid: int, exact: int):
+    """Step after ``t`` on the way to ``end`` (numpy or torch, elementwise, integers >= 0).
+
+    Exact single steps within ``exact`` of the end; before that, jumps down to the grid
+    point below ``t`` (multiples of ``grid``), never past ``end + exact``.
+    """
+    jump = ((t - 1) // grid) * grid
+    if isinstance(t, np.ndarray):
+        jump = np.maximum(jump, end + exact)
+        return np.where(t - end <= exact, t - 1, jump)
+    jump = torch.maximum(jump, end + exact)
+    return torch.where(t - end <= exact, t - 1, jump)
+
+
+def _path_lengths(end: np.ndarray, T: int, warmup: str, grid: int, exact: int) -> np.ndarray:
+    if warmup == "full":
+        return (T - 1 - end).astype(np.int64)
+    t = np.full_like(end, T - 1)
+    length = np.zeros_like(end)
+    active = t > end
+    while active.any():
+        t = np.where(active, _next_step(t, end, grid, exact), t)
+        length += active
+        active = t > end
+    return length.astype(np.int64)
+
+
+def _plan(lengths: np.ndarray, slots: int) -> dict[str, np.ndarray]:
+    """Pack samples into ``slots`` lanes, longest first onto the least-loaded lane (LPT).
+
+    Returns the first sample of each lane, ``active[k]`` (lanes still busy at iteration
+    ``k``) and, sorted by time, the events "after iteration ``time - 1`` lane ``slot`` finishes
+    sample ``item`` and takes sample ``next`` (-1: none left)". Lanes are numbered by
+    decreasing total load, so the busy lanes are always a prefix: the teacher runs on
+    ``lanes[:active[k]]`` and no evaluation is wasted on an idle lane. LPT keeps the lanes'
+    loads within one sample length of each other, so the batch shrinks only at the very end.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    order = order[lengths[order] > 0]
+    heap = [(0, s) for s in range(slots)]
+    queues: list[list[int]] = [[] for _ in range(slots)]
+    for i in order.tolist():
+        load, s = heapq.heappop(heap)
+        queues[s].append(i)
+        heapq.heappush(heap, (load + int(lengths[i]), s))
+    loads = np.array([sum(int(lengths[i]) for i in q) for q in queues], dtype=np.int64)
+    queues = [queues[s] for s in np.argsort(-loads, kind="stable")]
+    loads = np.sort(loads)[::-1]
+    first = np.array([q[0] if q else -1 for q in queues], dtype=np.int64)
+    iters = int(loads[0]) if len(loads) else 0
+    active = (loads[None, :] > np.arange(iters)[:, None]).sum(1) if iters else np.zeros(0, np.int64)
+    ev_time, ev_slot, ev_item, ev_next = [], [], [], []
+    for s, q in enumerate(queues):
+        clock = 0
+        for j, i in enumerate(q):
+            clock += int(lengths[i])
+            ev_time.append(clock)
+            ev_slot.append(s)
+            ev_item.append(i)
+            ev_next.append(q[j + 1] if j + 1 < len(q) else -1)
+    ev_time_a = np.asarray(ev_time, dtype=np.int64)
+    srt = np.argsort(ev_time_a, kind="stable")
+    return {
+        "first": first,
+        "time": ev_time_a[srt],
+        "slot": np.asarray(ev_slot, dtype=np.int64)[srt],
+        "item": np.asarray(ev_item, dtype=np.int64)[srt],
+        "next": np.asarray(ev_next, dtype=np.int64)[srt],
+        "iters": iters,
+        "active": active,
+    }
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+class DynamicPool:
+    """A rank's pool of teacher-generated noisy samples; see the module docstring.
+
+    ``diffusion`` interprets the teacher's outputs (it is the teacher's diffusion);
+    ``sample_shape`` is ``(C, H, W)``; ``batch_size`` the per-rank batch ``b``. The pool lives
+    on ``pool_device`` (default ``device``); with ``pool_device="cpu"`` and a CUDA ``device``
+    it sits in pinned host memory and only drawn batches travel. ``num_classes`` gives every
+    sample a label, drawn afresh when it restarts from noise. ``seed`` and ``rank`` seed the
+    pool's own generators, so ranks hold different pools and a resumed run continues the same
+    stream (:meth:`state_dict`). ``discard_prob`` is the supplement's random discard (see
+    :meth:`should_discard`).
+    """
+
+    def __init__(
+        self,
+        diffusion: Any,
+        sample_shape: tuple[int, ...],
+        batch_size: int,
+        *,
+        rho: float = 0.4,
+        variant: str = "dynamic",
+        device: str | torch.device = "cpu",
+        pool_device: str | torch.device | None = None,
+        teacher_batch: int = 1024,
+        num_classes: int | None = None,
+        discard_prob: float = 0.0,
+        warmup: str = "full",
+        warmup_jumps: int = 20,
+        warmup_exact: int = 10,
+        clip_denoised: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if warmup not in ("full", "respaced"):
+            raise ValueError(f"unknown pool warm-up '{warmup}'; choose full or respaced")
+        if not 0.0 <= discard_prob < 1.0:
+            raise ValueError(f"discard_prob must be in [0, 1), got {discard_prob}")
+        if batch_size < 1 or teacher_batch < 1:
+            raise ValueError(f"batch_size and teacher_batch must be positive, got {batch_size}, {teacher_batch}")
+        self.diffusion = diffusion
+        self.T = int(diffusion.num_timesteps)
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.batch_size = int(batch_size)
+        self.rho = float(rho)
+        self.variant = variant
+        self.size = pool_size(variant, rho, self.T, batch_size)
+        self.device = torch.device(device)
+        self.pool_device = torch.device(pool_device) if pool_device not in (None, "auto", "") else self.device
+        self.teacher_batch = int(teacher_batch)
+        self.num_classes = num_classes
+        self.discard_prob = float(discard_prob)
+        self.warmup = warmup
+        self.warmup_grid = max(1, math.ceil(self.T / max(1, warmup_jumps)))
+        self.warmup_exact = max(1, int(warmup_exact))
+        self.clip_denoised = clip_denoised
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.prepared = False
+        self.prep_stats: dict[str, float] = {}
+
+        self.memory = estimate_pool_bytes(
+            self.size, self.sample_shape, batch_size, teacher_batch, num_classes is not None,
+            prepare=variant != "iterative",
+        )
+        self._check_memory()
+
+        ss = np.random.SeedSequence([self.seed, self.rank, 0xD4D3])
+        s_noise, s_idx, s_plan, s_discard = ss.spawn(4)
+        self._noise_gen = torch.Generator(self.device)
+        self._noise_gen.manual_seed(int(s_noise.generate_state(1, np.uint64)[0] >> 1))
+        self._idx_gen = torch.Generator(self.pool_device)
+        self._idx_gen.manual_seed(int(s_idx.generate_state(1, np.uint64)[0] >> 1))
+        self._plan_seed = s_plan
+        self._discard_rng = np.random.Generator(np.random.PCG64(s_discard))
+
+        pinned = self.pool_device.type == "cpu" and self.device.type == "cuda"
+        self.x = torch.empty((self.size, *self.sample_shape), device=self.pool_device, pin_memory=pinned)
+        self.t = torch.full((self.size,), self.T - 1, dtype=torch.long, device=self.pool_device)
+        self.y = (
+            torch.zeros((self.size,), dtype=torch.long, device=self.pool_device) if num_classes is not None else None
+        )
+        if pinned:
+            self.t = self.t.pin_memory()
+            self.y = self.y.pin_memory() if self.y is not None else None
+        self._all = torch.arange(self.size, device=self.pool_device)
+        self._last: tuple[Tensor, dict[str, Tensor]] | None = None
+        self._fresh_start()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_memory(self) -> None:
+        m = self.memory
+        gib = _GiB
+        options = (
+            f"a smaller --rho (the pool holds round(rho*T)*b = {self.size} samples of "
+            f"{m['per_sample']} bytes; rho={self.rho / 4:.3g} needs about {m['pool'] / gib / 4:.2f} GiB), "
+            "a smaller --teacher_batch (preparation buffers), or a smaller per-rank batch (more ranks)"
+        )
+        if self.pool_device.type == "cuda":
+            options += (", or --pool_device cpu (keeps the pool in pinned host memory and moves only the "
+                        "drawn batches)")
+        if self.pool_device == self.device:
+            _check_fits(m["pool"] + m["buffers"], self.device, f"{self.size} samples + step buffers", options + ".")
+        else:
+            _check_fits(m["pool"], self.pool_device, f"{self.size} samples", options + ", or more host memory.")
+            _check_fits(m["buffers"], self.device, "step buffers", options + ".")
+
+    def _randn(self, n: int) -> Tensor:
+        return torch.randn((n, *self.sample_shape), generator=self._noise_gen, device=self.device)
+
+    def _randy(self, n: int) -> Tensor:
+        return torch.randint(0, self.num_classes, (n,), generator=self._noise_gen, device=self.device)
+
+    def _fresh_start(self) -> None:
+        # In chunks, so a host-resident pool never needs its full size on the device.
+        for a in range(0, self.size, 65536):
+            n = min(65536, self.size - a)
+            self.x[a : a + n].copy_(self._randn(n))
+        self.t.fill_(self.T - 1)
+        if self.y is not None:
+            self.y.copy_(self._randy(self.size))
+
+    # ------------------------------------------------------------------ the hot path
+    def draw(self) -> Tensor:
+        """``b`` distinct pool indices (LongTensor on the pool's device); no host sync."""
+        if self.variant != "dynamic":
+            return self._all
+        return torch.randperm(self.size, generator=self._idx_gen, device=self.pool_device)[: self.batch_size]
+
+    def gather(self, idx: Tensor) -> dict[str, Tensor]:
+        """``{"x_t", "t"(, "y")}`` of the drawn samples, on the training device (copies)."""
+        batch = {"x_t": self.x.index_select(0, idx), "t": self.t.index_select(0, idx)}
+        if self.y is not None:
+            batch["y"] = self.y.index_select(0, idx)
+        if self.pool_device != self.device:
+            batch = {k: v.pin_memory().to(self.device, non_blocking=True) if v.device.type == "cpu"
+                     and self.device.type == "cuda" else v.to(self.device) for k, v in batch.items()}
+        self._last = (idx, batch)
+        return batch
+
+    def update(self, idx: Tensor, teacher_output: Tensor) -> None:
+        """Advance the drawn samples one ancestral step with the teacher's output, in place.
+
+        ``teacher_output`` is the teacher's output on :meth:`gather`'s batch for the same
+        ``idx``. Samples that were at ``t = 0`` (now finished images) restart as fresh noise at
+        ``T - 1``; the noise of the step doubles as their fresh noise because the step adds none
+        at ``t = 0``. Everything stays on the device with fixed shapes.
+        """
+        if self._last is not None and self._last[0] is idx:
+            batch = self._last[1]
+        else:
+            batch = self.gather(idx)
+        self._last = None
+        x, t = batch["x_t"], batch["t"]
+        noise = self._randn(x.shape[0])
+        step = self.diffusion.p_sample_from_output(
+            teacher_output.float(), x, t, clip_denoised=self.clip_denoised, noise=noise
+        )
+        restart = t == 0
+        new_x = torch.where(restart.view(-1, *([1] * (x.dim() - 1))), noise, step["sample"])
+        new_t = torch.where(restart, torch.full_like(t, self.T - 1), t - 1)
+        if self.pool_device != self.device:
+            new_x, new_t = new_x.to(self.pool_device), new_t.to(self.pool_device)
+        self.x.index_copy_(0, idx, new_x)
+        self.t.index_copy_(0, idx, new_t)
+        if self.y is not None:
+            new_y = torch.where(restart, self._randy(x.shape[0]), batch["y"]).to(self.pool_device)
+            self.y.index_copy_(0, idx, new_y)
+
+    def should_discard(self) -> bool:
+        """Whether the batch just advanced is discarded instead of learned from (prob. ``p``).
+
+        Supplement section 11: the teacher keeps denoising, but with probability ``p`` a batch
+        it produced is not used for the student's learning (its example: of B1..B5, B1, B3 and
+        B4 discarded, B2 and B5 learned), so the teacher prepares 1/(1-p) batches per student
+        step on average. A host-side generator (saved in :meth:`state_dict`) decides, so no
+        device value is read.
+        """
+        return self.discard_prob > 0.0 and bool(self._discard_rng.random() < self.discard_prob)
+
+    def t_histogram(self, bins: int = 4) -> Tensor:
+        """Fractions of the pool in ``bins`` equal ranges of ``t`` (ascending), on the pool device."""
+        counts = torch.bincount(torch.div(self.t * bins, self.T, rounding_mode="floor"), minlength=bins)
+        return counts[:bins].float() / self.size
+
+    # ------------------------------------------------------------------ preparation
+    def cache_key(self, teacher_id: str) -> str:
+        """Key of this pool's preparation: teacher, diffusion, sizes, rank, seed and variant."""
+        desc = {
+            "teacher": teacher_id,
+            "diffusion": _diffusion_fingerprint(self.diffusion),
+            "variant": self.variant,
+            "rho": self.rho,
+            "b": self.batch_size,
+            "N": self.size,
+            "shape": list(self.sample_shape),
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "seed": self.seed,
+            "num_classes": self.num_classes,
+            "warmup": [self.warmup, self.warmup_grid, self.warmup_exact] if self.warmup != "full" else "full",
+            "clip": self.clip_denoised,
+            "version": 1,
+        }
+        return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+    def prepare(
+        self,
+        teacher_fn: TeacherFn,
+        *,
+        teacher_id: str = "",
+        cache_dir: str = "",
+        checkpoint_every_s: float = 300.0,
+        checkpoint_every: int = 0,
+        progress: bool = True,
+    ) -> None:
+        """Shuffle-denoise the pool with ``teacher_fn(x, t, y) -> output`` (under no_grad).
+
+        ``iterative`` pools need no preparation. With ``cache_dir`` (and ``teacher_id``, e.g.
+        from :func:`teacher_fingerprint` plus the teacher's config), a finished preparation is
+        loaded from ``pool_<key>.pt`` instead of recomputed, and progress is saved to
+        ``pool_<key>.partial.pt`` every ``checkpoint_every_s`` seconds (or every
+        ``checkpoint_every`` teacher batches, if > 0) and whenever the teacher raises, so an
+        interrupted preparation resumes where it stopped.
+        """
+        if self.variant == "iterative":
+            self.prepared = True
+            return
+        done_path = part_path = ""
+        if cache_dir:
+            key = self.cache_key(teacher_id)[:24]
+            os.makedirs(cache_dir, exist_ok=True)
+            done_path = os.path.join(cache_dir, f"pool_{key}.pt")
+            part_path = os.path.join(cache_dir, f"pool_{key}.partial.pt")
+            if os.path.isfile(done_path):
+                self.load_state_dict(torch.load(done_path, map_location="cpu", weights_only=False))
+                logger.log(f"pool: reusing prepared pool {done_path}")
+                self.prep_stats = {"cached": 1.0}
+                return
+        self._shuffle_denoise(teacher_fn, part_path, checkpoint_every_s, checkpoint_every, progress)
+        self.prepared = True
+        if done_path:
+            _atomic_save(self.state_dict(), done_path)
+            if os.path.isfile(part_path):
+                os.remove(part_path)
+            logger.log(f"pool: saved prepared pool to {done_path}")
+
+    def _shuffle_denoise(
+        self, teacher_fn: TeacherFn, part_path: str, every_s: float, every_n: int, progress: bool
+    ) -> None:
+        T, dev = self.T, self.device
+        rng = np.random.Generator(np.random.PCG64(self._plan_seed))
+        end = rng.integers(0, T, size=self.size).astype(np.int64)
+        lengths = _path_lengths(end, T, self.warmup, self.warmup_grid, self.warmup_exact)
+        n_work = int((lengths > 0).sum())
+        slots = max(1, min(self.teacher_batch, n_work))
+        plan = _plan(lengths, slots)
+        iters = plan["iters"]
+        offsets = np.searchsorted(plan["time"], np.arange(iters + 2), side="left")
+
+        end_dev = torch.from_numpy(end).to(dev)
+        ev_slot = torch.from_numpy(plan["slot"]).to(dev)
+        ev_item = torch.from_numpy(plan["item"]).to(self.pool_device)
+        ev_next = torch.from_numpy(np.maximum(plan["next"], 0)).to(dev)
+        first = torch.from_numpy(np.maximum(plan["first"], 0)).to(dev)
+        abar = torch.as_tensor(np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64), device=dev)
+        y_dev = self.y.to(dev) if self.y is not None else None
+
+        start = 0
+        state = torch.load(part_path, map_location="cpu", weights_only=False) if part_path and os.path.isfile(
+            part_path) else None
+        if state is not None:
+            self.load_state_dict(state["pool"])
+            x_act, t_act, e_act = state["x_act"].to(dev), state["t_act"].to(dev), state["e_act"].to(dev)
+            y_act = state["y_act"].to(dev) if state["y_act"] is not None else None
+            start = int(state["iter"])
+            logger.log(f"pool: resuming preparation at teacher batch {start}/{iters} from {part_path}")
+        else:
+            self.t.copy_(torch.from_numpy(end).to(self.pool_device))
+            x_act = self._randn(slots)
+            t_act = torch.full((slots,), T - 1, dtype=torch.long, device=dev)
+            e_act = end_dev.index_select(0, first)
+            y_act = y_dev.index_select(0, first) if y_dev is not None else None
+
+        useful = int(lengths.sum())
+        logger.log(
+            f"pool: shuffle-denoising {self.size} samples ({self.variant}, warm-up {self.warmup}): "
+            f"{useful} teacher evaluations in {iters} batches of {slots}"
+        )
+        bar = None
+        if progress and self.rank == 0 and iters > start:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=iters, initial=start, desc="pool preparation", unit="batch", dynamic_ncols=True)
+        t0 = last_save = time.perf_counter()
+
+        def save_progress(k: int) -> None:
+            if not part_path:
+                return
+            _atomic_save(
+                {"iter": k, "pool": self.state_dict(), "x_act": x_act.cpu(), "t_act": t_act.cpu(),
+                 "e_act": e_act.cpu(), "y_act": y_act.cpu() if y_act is not None else None},
+                part_path,
+            )
+
+        active = plan["active"]
+        for k in range(start, iters):
+            n = int(active[k])  # host-planned: busy lanes are the prefix [:n]
+            xa, ta = x_act[:n], t_act[:n]
+            try:
+                out = teacher_fn(xa, ta, y_act[:n] if y_act is not None else None)
+            except BaseException:
+                save_progress(k)  # state is consistent at the top of an iteration
+                if bar is not None:
+                    bar.close()
+                raise
+            step = self.diffusion.p_sample_from_output(
+                out.float(), xa, ta, clip_denoised=self.clip_denoised, noise=self._randn(n)
+            )
+            if self.warmup == "full":
+                x_act[:n] = step["sample"]
+                t_act[:n] -= 1
+            else:
+                s_next = _next_step(ta, e_act[:n], self.warmup_grid, self.warmup_exact)
+                exact = (s_next == ta - 1).view(-1, *([1] * len(self.sample_shape)))
+                x0 = step["pred_xstart"]
+                eps = self.diffusion._predict_eps_from_xstart(xa, ta, x0)
+                ab = abar.index_select(0, s_next).float().view(-1, *([1] * len(self.sample_shape)))
+                ddim = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+                x_act[:n] = torch.where(exact, step["sample"], ddim)
+                t_act[:n] = s_next
+            a, b = int(offsets[k + 1]), int(offsets[k + 2])
+            if b > a:
+                sl, nx = ev_slot[a:b], ev_next[a:b]
+                self.x.index_copy_(0, ev_item[a:b], x_act.index_select(0, sl).to(self.pool_device))
+                x_act = x_act.index_copy(0, sl, self._randn(b - a))
+                t_act = t_act.index_fill(0, sl, T - 1)
+                e_act = e_act.index_copy(0, sl, end_dev.index_select(0, nx))
+                if y_act is not None:
+                    y_act = y_act.index_copy(0, sl, y_dev.index_select(0, nx))
+            if bar is not None:
+                bar.update(1)
+            now = time.perf_counter()
+            if (every_n > 0 and (k + 1) % every_n == 0) or (every_s > 0 and now - last_save > every_s):
+                save_progress(k + 1)
+                last_save = now
+        if bar is not None:
+            bar.close()
+        secs = time.perf_counter() - t0
+        total = int(active[start:].sum())
+        self.prep_stats = {
+            "useful_evals": float(useful),
+            "total_evals": float(total),
+            "seconds": secs,
+            "evals_per_s": useful / secs if secs > 0 and start == 0 else float("nan"),
+            "slots": float(slots),
+            "iterations": float(iters - start),
+        }
+        logger.log(f"pool: prepared in {secs:.1f}s ({total} teacher evaluations, {useful} useful)")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the same stream: samples, steps, labels, RNG states."""
+        return {
+            "variant": self.variant,
+            "num_timesteps": self.T,
+            "x": self.x.detach().cpu().clone(),
+            "t": self.t.detach().cpu().clone(),
+            "y": self.y.detach().cpu().clone() if self.y is not None else None,
+            "noise_gen": self._noise_gen.get_state(),
+            "idx_gen": self._idx_gen.get_state(),
+            "discard_rng": self._discard_rng.bit_generator.state,
+            "prepared": self.prepared,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; refuses a pool of another variant, size or schedule."""
+        x = state["x"]
+        if state.get("variant") != self.variant or state.get("num_timesteps") != self.T or tuple(x.shape) != tuple(
+            self.x.shape
+        ):
+            raise ValueError(
+                f"saved pool ({state.get('variant')}, T={state.get('num_timesteps')}, x {tuple(x.shape)}) does not "
+                f"match this run's ({self.variant}, T={self.T}, x {tuple(self.x.shape)}); resume with the same "
+                "--pool, --rho, --batch_size, number of ranks and diffusion steps, or start a new run directory."
+            )
+        self.x.copy_(x)
+        self.t.copy_(state["t"])
+        if self.y is not None and state.get("y") is not None:
+            self.y.copy_(state["y"])
+        self._noise_gen.set_state(state["noise_gen"].cpu())
+        self._idx_gen.set_state(state["idx_gen"].cpu())
+        self._discard_rng.bit_generator.state = state["discard_rng"]
+        self.prepared = bool(state.get("prepared", True))
+        self._last = None

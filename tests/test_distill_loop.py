@@ -1,0 +1,189 @@
+"""The distillation loop on the shared trainer: learning, one teacher call per step, exact resume."""
+
+import glob
+import os
+
+import pytest
+import torch
+
+from dkdm import logger
+from dkdm.config import DistillConfig, ModelConfig, TrainConfig
+from dkdm.diffusion import create_diffusion
+from dkdm.distill.loop import DistillLoop
+from dkdm.models import create_model
+
+T = 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two threads on a shared 2-core box oversubscribe badly; these models are tiny anyway.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class GaussTeacherNet(torch.nn.Module):
+    """The Bayes-optimal network for data ~ N(0, 0.25 I): epsilon linear in x_t, mid-range variance."""
+
+    def __init__(self, diffusion):
+        super().__init__()
+        self.register_buffer("abar", torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float32))
+        self.config = ModelConfig(arch="unet", image_size=8, in_channels=1, learn_sigma=True)
+
+    def forward(self, x, t, y=None):
+        ab = self.abar[t].view(-1, 1, 1, 1)
+        eps = (1 - ab).sqrt() * x / (ab * 0.25 + 1 - ab)
+        return torch.cat([eps, torch.zeros_like(x)], 1)
+
+
+def tiny_teacher(seed=0, arch="vit"):
+    torch.manual_seed(seed)
+    if arch == "vit":
+        m = create_model("digits-vit", hidden_size=64, depth=2, num_heads=4)
+    else:
+        m = create_model("digits-student", num_res_blocks=1, attention_resolutions="", dropout=0.0, channel_mult="1")
+    with torch.no_grad():  # output layers start at zero; a teacher must say something
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def tiny_student(seed=1):
+    torch.manual_seed(seed)
+    return create_model("digits-vit", hidden_size=32, depth=2, num_heads=2)
+
+
+def make_loop(run_dir, teacher=None, student=None, steps=T, **overrides):
+    train_kw = {"batch_size": 16, "lr": 1e-3, "max_steps": 10, "log_interval": 5, "save_interval": 0, "ema_rate": "0.99",
+                    "seed": 0, "log_dir": str(run_dir)}
+    distill_kw = {"rho": 0.5, "teacher_batch": 64, "pool_cache_dir": str(run_dir / "cache")}
+    for k, v in overrides.items():
+        (train_kw if k in TrainConfig.__dataclass_fields__ else distill_kw)[k] = v
+    d = create_diffusion(steps=steps, noise_schedule="cosine", learn_sigma=True)
+    logger.configure(str(run_dir), format_strs=["log", "csv"])
+    return DistillLoop(
+        teacher if teacher is not None else tiny_teacher(),
+        student if student is not None else tiny_student(),
+        d,
+        d,
+        train=TrainConfig(**train_kw),
+        distill=DistillConfig(**distill_kw),
+        run_dir=str(run_dir),
+    )
+
+
+def _eps_mse(loop, x, t):
+    with torch.no_grad():
+        s = loop.trainer.model(x, t)[:, :1]
+        te = loop.teacher_forward(x, t)[:, :1]
+    return ((s - te) ** 2).mean().item()
+
+
+def test_student_mse_to_teacher_falls_by_half(tmp_path):
+    d = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True)
+    loop = make_loop(tmp_path, teacher=GaussTeacherNet(d), max_steps=300, log_interval=100)
+    loop.prepare_pool(progress=False)
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randperm(loop.pool.size, generator=g)[:128]
+    x, t = loop.pool.x[idx].clone(), loop.pool.t[idx].clone()
+    before = _eps_mse(loop, x, t)
+    assert before > 1e-3
+    loop.run(progress=False)
+    after = _eps_mse(loop, x, t)
+    assert after < 0.5 * before, (before, after)
+    with open(tmp_path / "progress.csv") as f:
+        header = f.readline().strip().split(",")
+    for key in ("loss", "mse", "vb", "mse_q0", "vb_q3", "pool_t_q0", "pool_t_q3", "teacher_ms", "student_ms"):
+        assert key in header, key
+
+
+def test_one_teacher_call_per_step_feeds_target_and_pool(tmp_path):
+    loop = make_loop(tmp_path)
+    loop.prepare_pool(progress=False)
+    calls = []
+    real = loop.teacher.forward
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        calls.append(out)
+        return out
+
+    loop.teacher.forward = counting
+    x0, t0 = loop.pool.x.clone(), loop.pool.t.clone()
+    batch = loop.next_batch()
+    assert len(calls) == 1
+    assert torch.equal(batch["teacher_out"], calls[0])
+    changed = (loop.pool.t != t0).nonzero().flatten()
+    assert changed.numel() == 16  # exactly the drawn batch advanced
+    # The batch holds the samples before the step; the pool holds them after it.
+    assert torch.equal(torch.sort(batch["t"]).values, torch.sort(t0[changed]).values)
+    assert not torch.equal(loop.pool.x[changed], x0[changed])
+
+
+def test_discard_runs_the_teacher_more_often(tmp_path):
+    loop = make_loop(tmp_path, discard_prob=0.5)
+    loop.prepare_pool(progress=False)
+    n = 0
+    real = loop.teacher.forward
+
+    def counting(*a, **k):
+        nonlocal n
+        n += 1
+        return real(*a, **k)
+
+    loop.teacher.forward = counting
+    for _ in range(40):
+        loop.next_batch()
+    assert 60 < n < 110  # about 1 / (1 - p) = 2 teacher batches per student batch
+
+
+def _files(d):
+    return {os.path.basename(p): torch.load(p, weights_only=False) for p in glob.glob(str(d / "*000010*.pt"))}
+
+
+def test_exact_resume_including_the_pool(tmp_path):
+    teacher = tiny_teacher()
+    straight = make_loop(tmp_path / "a", teacher=teacher, student=tiny_student(), max_steps=10, save_interval=5)
+    straight.run(progress=False)
+
+    first = make_loop(tmp_path / "b", teacher=teacher, student=tiny_student(), max_steps=5, save_interval=5)
+    first.run(progress=False)
+    resumed = make_loop(tmp_path / "b", teacher=teacher, student=tiny_student(seed=7), max_steps=10, save_interval=5)
+    assert resumed.trainer.step == 5 and resumed.pool.prepared
+    resumed.run(progress=False)
+
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert set(a) == set(b) and {"model000010.pt", "pool000010.pt", "opt000010.pt"} <= set(a)
+    for k in a["model000010.pt"]:
+        assert torch.equal(a["model000010.pt"][k], b["model000010.pt"][k]), k
+    assert torch.equal(a["pool000010.pt"]["x"], b["pool000010.pt"]["x"])
+    assert torch.equal(a["pool000010.pt"]["t"], b["pool000010.pt"]["t"])
+
+
+def test_pool_cache_shared_by_runs(tmp_path):
+    teacher = tiny_teacher()
+    one = make_loop(tmp_path / "one", teacher=teacher, pool_cache_dir=str(tmp_path / "cache"))
+    one.prepare_pool(progress=False)
+    two = make_loop(tmp_path / "two", teacher=teacher, pool_cache_dir=str(tmp_path / "cache"))
+    two.prepare_pool(progress=False)
+    assert two.pool.prep_stats == {"cached": 1.0}
+    assert torch.equal(one.pool.x, two.pool.x)
+
+
+def test_mismatched_shapes_and_precision_refused(tmp_path):
+    student = create_model("digits-vit", hidden_size=32, depth=1, num_heads=2, image_size=16)
+    with pytest.raises(ValueError, match="image_size"):
+        make_loop(tmp_path, student=student)
+    with pytest.raises(ValueError, match="teacher_precision"):
+        make_loop(tmp_path, teacher_precision="fp8")
+
+
+def test_bf16_teacher(tmp_path):
+    loop = make_loop(tmp_path, teacher_precision="bf16")
+    loop.prepare_pool(progress=False)
+    batch = loop.next_batch()
+    assert batch["teacher_out"].dtype == torch.float32
+    loss, terms = loop.loss_fn(loop.trainer.ddp_model, batch)
+    assert torch.isfinite(loss) and set(terms) >= {"loss", "mse", "vb", "t"}

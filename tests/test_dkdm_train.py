@@ -1,0 +1,198 @@
+"""scripts/dkdm_train.py: the paper's configs resolve, whole runs in subprocesses (one process, mpiexec)."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from dkdm.models import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "dkdm_train.py")
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("dkdm_train_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _params_meta(cfg):
+    with torch.device("meta"):
+        return sum(p.numel() for p in create_model(cfg).parameters())
+
+
+PAPER = sorted(
+    glob.glob(os.path.join(ROOT, "configs", "cifar10_32", "[ac][br]*.yaml"))
+    + glob.glob(os.path.join(ROOT, "configs", "*", "dkdm*.yaml"))
+)
+PAPER = [p for p in PAPER if "baseline" not in p and "digits" not in p]
+
+
+def test_every_paper_experiment_has_a_config():
+    names = {os.path.relpath(p, os.path.join(ROOT, "configs")) for p in PAPER}
+    expect = {f"cifar10_32/dkdm_{s}.yaml" for s in ("57M", "44M", "32M", "24M", "14M")}
+    expect |= {f"cifar10_32/ablation_{v}.yaml" for v in ("iterative", "shuffled", "dynamic")}
+    expect |= {f"cifar10_32/ablation_rho{r}.yaml" for r in ("0.01", "0.05", "0.1", "0.2", "0.3")}
+    expect |= {"cifar10_32/cross_vit19M_from_cnn57M.yaml", "cifar10_32/cross_cnn57M_from_vit19M.yaml",
+               "celeba_64/dkdm_57M.yaml", "imagenet_32/dkdm_14M.yaml"}
+    assert expect <= names, expect - names
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: os.path.relpath(p, ROOT))
+def test_paper_config_resolves(path):
+    """Each config resolves to the supplement's hyperparameters (Tab. 6, 8, 10); models on meta only."""
+    cfgs, teacher_path = _script().resolve(["--config", path])
+    t, s, d, td = cfgs["teacher"], cfgs["student"], cfgs["diffusion"], cfgs["teacher_diffusion"]
+    train, distill = cfgs["train"], cfgs["distill"]
+    assert teacher_path == distill.teacher_path and teacher_path.startswith("teachers/")
+    assert d.steps == td.steps == 1000 and d.noise_schedule == td.noise_schedule == "cosine"
+    assert d.learn_sigma and s.learn_sigma and t.learn_sigma and td.learn_sigma
+    assert train.lr == 1e-4 and train.precision == "fp16" and train.ema_rate == "0.9999"
+    dataset = os.path.basename(os.path.dirname(path))
+    bs, steps = {"cifar10_32": (128, 200000), "celeba_64": (256, 100000), "imagenet_32": (512, 500000)}[dataset]
+    assert (train.batch_size, train.max_steps) == (bs, steps)
+    name = os.path.basename(path)
+    want_rho = float(name[len("ablation_rho"):-5]) if name.startswith("ablation_rho") else 0.4
+    assert distill.rho == want_rho
+    assert distill.pool == (name[len("ablation_"):-5] if name in ("ablation_iterative.yaml", "ablation_shuffled.yaml")
+                            else "dynamic")
+    sizes = {t.name: _params_meta(t), s.name: _params_meta(s)}
+    for arch, n in sizes.items():
+        want = float(arch.split("-")[-1][:-1]) * 1e6
+        assert abs(n - want) / want < 0.12, (arch, n)
+    assert (t.image_size, s.image_size) == ({"celeba_64": 64}.get(dataset, 32),) * 2
+
+
+def test_cross_architecture_configs_pair_cnn_and_vit():
+    arch = {}
+    for p in PAPER:
+        if "cross_" in p:
+            c, _ = _script().resolve(["--config", p])
+            arch[os.path.basename(p)] = (c["teacher"].arch, c["student"].arch)
+    assert arch["cross_vit19M_from_cnn57M.yaml"] == ("unet", "vit")
+    assert arch["cross_cnn57M_from_vit19M.yaml"] == ("vit", "unet")
+    c, _ = _script().resolve(["--config", os.path.join(ROOT, "configs", "cifar10_32", "cross_vit19M_from_cnn57M.yaml")])
+    assert (c["student"].depth, c["student"].patch_size, c["student"].hidden_size, c["student"].num_heads) == (7, 2, 384, 6)
+
+
+def test_flags_override_and_teacher_diffusion(tmp_path):
+    cfg = os.path.join(ROOT, "configs", "cifar10_32", "dkdm_14M.yaml")
+    c, path = _script().resolve(["--config", cfg, "--rho", "0.1", "--pool", "shuffled", "--teacher_path", "x.pt",
+                                 "--teacher_diffusion.predict_xstart", "--student_arch", "cifar10-24M",
+                                 "--simple_only", "--discard_prob", "0.2", "--pool_device", "cpu"])
+    assert path == "x.pt" and c["distill"].rho == 0.1 and c["distill"].pool == "shuffled"
+    assert c["distill"].simple_only and c["distill"].discard_prob == 0.2 and c["distill"].pool_device == "cpu"
+    assert c["teacher_diffusion"].predict_xstart and not c["diffusion"].predict_xstart
+    assert c["student"].name == "cifar10-24M"
+
+
+def test_non_digits_teacher_needs_a_checkpoint():
+    from dkdm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--teacher_path"):
+        _script().resolve(["--teacher_arch", "cifar10-57M"])
+
+
+# ------------------------------------------------------------------ whole runs
+
+
+TINY_T = {"arch": "vit", "image_size": 8, "in_channels": 1, "learn_sigma": True, "hidden_size": 48, "depth": 2, "num_heads": 2,
+              "patch_size": 2}
+TINY_S = dict(TINY_T, hidden_size=32)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    for name, cfg in (("teacher", TINY_T), ("student", TINY_S)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    torch.manual_seed(0)
+    teacher = create_model(str(tmp_path / "teacher.yaml"))
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    return tmp_path
+
+
+def _args(d, run="run", steps=4):
+    return ["--teacher_path", str(d / "teacher.pt"), "--teacher_arch", str(d / "teacher.yaml"),
+            "--student_arch", str(d / "student.yaml"), "--steps", "20", "--batch_size", "8", "--rho", "0.5",
+            "--teacher_batch", "32", "--max_steps", str(steps), "--save_interval", "2", "--log_interval", "2",
+            "--ema_rate", "0.99", "--lr", "1e-3", "--log_dir", str(d / run)]
+
+
+def _run(cmd, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_script_runs_and_resumes(tiny):
+    p = _run([sys.executable, SCRIPT, *_args(tiny, steps=2)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = tiny / "run"
+    for f in ("model000002.pt", "pool000002.pt", "opt000002.pt", "config.yaml", "progress.csv"):
+        assert (run / f).exists(), f
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert set(saved) >= {"teacher", "student", "diffusion", "teacher_diffusion", "train", "distill"}
+    p = _run([sys.executable, SCRIPT, *_args(tiny, steps=4)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from" in p.stdout and "shuffle-denoising" not in p.stdout
+    assert (run / "model000004.pt").exists()
+
+
+def test_wrong_teacher_architecture_fails_with_the_checkpoint_message(tiny):
+    args = _args(tiny)
+    args[args.index("--teacher_arch") + 1] = str(tiny / "student.yaml")
+    p = _run([sys.executable, SCRIPT, *args])
+    assert p.returncode == 1
+    assert "dkdm_train.py: error:" in p.stderr and "does not fit the model" in p.stderr
+    assert "mis-shaped" in p.stderr
+
+
+def test_unknown_flag_names_the_closest(tiny):
+    p = _run([sys.executable, SCRIPT, "--rhoo", "0.1"])
+    assert p.returncode != 0 and "--rho" in p.stderr
+
+
+DRIVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from dkdm import dist
+from dkdm.training import Trainer
+real_run = Trainer.run
+def run(self, *a, **k):
+    out = real_run(self, *a, **k)
+    pool = self.extra_state["pool"]
+    torch.save({{"model": self.model.state_dict(), "pool_x": pool.x, "pool_t": pool.t}},
+               f"{{self.run_dir}}/final_rank{{dist.get_rank()}}.pt")
+    return out
+Trainer.run = run
+import importlib.util
+spec = importlib.util.spec_from_file_location("s", {script!r})
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+m.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec (pip install mpich) not installed")
+def test_mpiexec_ranks_have_different_pools_and_identical_students(tiny):
+    driver = tiny / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT, script=SCRIPT))
+    p = _run([MPIEXEC, "-n", "2", sys.executable, str(driver), *_args(tiny, steps=3)], timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r0, r1 = (torch.load(tiny / "run" / f"final_rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["pool_x"].shape[0] == 40  # round(0.5 * 20) * (8 / 2 ranks)
+    assert not torch.equal(r0["pool_x"], r1["pool_x"]) and not torch.equal(r0["pool_t"], r1["pool_t"])
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    assert (tiny / "run" / "pool000003.pt").exists() and (tiny / "run" / "pool000003_rank1.pt").exists()
+    assert len(glob.glob(str(tiny / "run" / "pool_cache" / "pool_*.pt"))) == 2

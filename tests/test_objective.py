@@ -1,0 +1,206 @@
+"""The DKDM objective: values against a float64 hand computation, gradients, conversions, refusals."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dkdm.diffusion import create_diffusion
+from dkdm.distill.objective import DKDMObjective, ObjectiveError
+from dkdm.models import create_model
+
+T = 50
+C = 2
+
+
+def _diff(**kw):
+    base = {"steps": T, "noise_schedule": "cosine", "learn_sigma": True}
+    return create_diffusion(**{**base, **kw})
+
+
+def _schedule():
+    d = _diff()
+    betas = np.asarray(d.betas, dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    post_logvar_clipped = np.log(np.append(post_var[1], post_var[1:]))
+    coef1 = betas * np.sqrt(abar_prev) / (1 - abar)
+    coef2 = (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar)
+    return betas, abar, post_logvar_clipped, coef1, coef2
+
+
+def _hand_gaussian(eps, v, x, t):
+    """Mean and log-variance of p(x_{t-1}|x_t) for an eps / learned-range output, by formula (float64)."""
+    betas, abar, plv, c1, c2 = _schedule()
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    ab = abar[t].reshape(shape)
+    x0 = (x - np.sqrt(1 - ab) * eps) / np.sqrt(ab)
+    mean = c1[t].reshape(shape) * x0 + c2[t].reshape(shape) * x
+    frac = (v + 1) / 2
+    logvar = frac * np.log(betas[t]).reshape(shape) + (1 - frac) * plv[t].reshape(shape)
+    return mean, logvar, x0
+
+
+def _hand_kl_bits(m1, lv1, m2, lv2):
+    kl = 0.5 * (-1 + lv2 - lv1 + np.exp(lv1 - lv2) + (m1 - m2) ** 2 * np.exp(-lv2))
+    return kl.reshape(kl.shape[0], -1).mean(1) / math.log(2)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    B = 6
+    x = torch.randn(B, C, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 7, 25, T - 2, T - 1])
+    tout = torch.randn(B, 2 * C, 4, 4, generator=g, dtype=torch.float64)
+    tout[:, C:] = tout[:, C:].tanh()
+    sout = torch.randn(B, 2 * C, 4, 4, generator=g, dtype=torch.float64)
+    sout[:, C:] = sout[:, C:].tanh()
+    return x, t, tout, sout
+
+
+def test_matches_float64_hand_computation(batch):
+    x, t, tout, sout = batch
+    obj = DKDMObjective(_diff(), _diff())
+    terms = obj.terms(sout, tout, x, t)
+    xn, tn, to, so = x.numpy(), t.numpy(), tout.numpy(), sout.numpy()
+    mse = ((to[:, :C] - so[:, :C]) ** 2).reshape(len(xn), -1).mean(1)
+    mt, lvt, _ = _hand_gaussian(to[:, :C], to[:, C:], xn, tn)
+    ms, lvs, _ = _hand_gaussian(so[:, :C], so[:, C:], xn, tn)
+    vb = _hand_kl_bits(mt, lvt, ms, lvs)  # the same KL at t = 0 as elsewhere
+    assert terms["mse"].dtype == torch.float64
+    np.testing.assert_allclose(terms["mse"].numpy(), mse, rtol=1e-12)
+    np.testing.assert_allclose(terms["vb"].detach().numpy(), vb, rtol=1e-9)
+    np.testing.assert_allclose(terms["loss"].detach().numpy(), mse + vb, rtol=1e-9)
+    assert (vb > 0).all()
+
+
+def test_rescaled_learned_sigmas_weights_vb_by_T_over_1000(batch):
+    x, t, tout, sout = batch
+    plain = DKDMObjective(_diff(), _diff()).terms(sout, tout, x, t)
+    rescaled = DKDMObjective(_diff(), _diff(rescale_learned_sigmas=True)).terms(sout, tout, x, t)
+    torch.testing.assert_close(rescaled["vb"], plain["vb"] * (T / 1000.0))
+    torch.testing.assert_close(rescaled["mse"], plain["mse"])
+
+
+def test_teacher_predicting_x0_is_converted_to_student_eps(batch):
+    x, t, tout, sout = batch
+    obj = DKDMObjective(_diff(predict_xstart=True), _diff())
+    terms = obj.terms(sout, tout, x, t)
+    _, abar, _, _, _ = _schedule()
+    ab = abar[t.numpy()].reshape(-1, 1, 1, 1)
+    x0 = tout[:, :C].numpy()
+    eps_t = (x.numpy() - np.sqrt(ab) * x0) / np.sqrt(1 - ab)
+    mse = ((eps_t - sout[:, :C].numpy()) ** 2).reshape(len(x), -1).mean(1)
+    np.testing.assert_allclose(terms["mse"].numpy(), mse, rtol=1e-9)
+    # The KL compares distributions, so a teacher whose x0 output equals the student's implied
+    # x0 gives zero KL whatever the parameterisation.
+    _, _, x0_s = _hand_gaussian(sout[:, :C].numpy(), sout[:, C:].numpy(), x.numpy(), t.numpy())
+    tout2 = torch.cat([torch.from_numpy(x0_s), sout[:, C:]], 1)
+    assert obj.terms(sout, tout2, x, t)["vb"].abs().max() < 1e-9
+
+
+def test_student_predicting_x0_gets_teacher_x0(batch):
+    x, t, tout, sout = batch
+    obj = DKDMObjective(_diff(), _diff(predict_xstart=True))
+    _, _, x0_t = _hand_gaussian(tout[:, :C].numpy(), tout[:, C:].numpy(), x.numpy(), t.numpy())
+    mse = ((x0_t - sout[:, :C].numpy()) ** 2).reshape(len(x), -1).mean(1)
+    np.testing.assert_allclose(obj.terms(sout, tout, x, t)["mse"].numpy(), mse, rtol=1e-9)
+
+
+def test_vb_gradient_reaches_only_variance_channels(batch):
+    x, t, tout, sout = batch
+    sout = sout.clone().requires_grad_(True)
+    terms = DKDMObjective(_diff(), _diff()).terms(sout, tout, x, t)
+    terms["vb"].sum().backward()
+    assert sout.grad[:, :C].abs().max() == 0
+    assert sout.grad[:, C:].abs().min() > 0
+    sout.grad = None
+    terms = DKDMObjective(_diff(), _diff()).terms(sout, tout, x, t)
+    terms["mse"].sum().backward()
+    assert sout.grad[:, C:].abs().max() == 0 and sout.grad[:, :C].abs().min() > 0
+
+
+def test_zero_loss_when_student_is_teacher():
+    torch.manual_seed(0)
+    model = create_model("digits-student", num_res_blocks=1, attention_resolutions="", dropout=0.0)
+    with torch.no_grad():  # the output layer is zero-initialised; make the outputs non-trivial
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    d = create_diffusion(steps=100, noise_schedule="cosine", learn_sigma=True)
+    x, t = torch.randn(8, 1, 8, 8), torch.randint(0, 100, (8,))
+    t[0] = 0
+    with torch.no_grad():
+        tout = model(x, d.model_timesteps(t))
+    assert tout.abs().mean() > 1e-3
+    terms = DKDMObjective(d, d).losses(model, x, t, tout)
+    assert terms["mse"].abs().max() == 0
+    assert terms["vb"].abs().max() < 1e-5  # guided-diffusion's KL formula rounds in float32
+    other = DKDMObjective(d, d).terms(tout + 0.1, tout, x, t)
+    assert (other["loss"] > 1e-3).all()
+
+
+def test_fixed_variance_student_has_no_vb_and_teacher_variance_is_ignored(batch):
+    x, t, tout, sout = batch
+    obj = DKDMObjective(_diff(), _diff(learn_sigma=False))
+    terms = obj.terms(sout[:, :C], tout, x, t)
+    assert set(terms) == {"loss", "mse"}
+    torch.testing.assert_close(terms["loss"], ((tout[:, :C] - sout[:, :C]) ** 2).mean((1, 2, 3)))
+
+
+def test_learned_student_fixed_teacher_targets_teacher_variance(batch):
+    x, t, tout, _sout = batch
+    obj = DKDMObjective(_diff(learn_sigma=False), _diff())
+    assert obj.warnings and "fixed variance" in obj.warnings[0]
+    # v = +1 is log(beta_t): the FIXED_LARGE teacher's variance for t > 0, so the KL vanishes
+    # when the means agree; any other v costs.
+    s = torch.cat([tout[:, :C], torch.ones_like(tout[:, :C])], 1)
+    vb = obj.terms(s, tout[:, :C], x, t)["vb"]
+    assert vb[1:].abs().max() < 1e-9
+    s2 = torch.cat([tout[:, :C], torch.zeros_like(tout[:, :C])], 1)
+    # (beta_t and beta~_t nearly coincide at large t, so look where they differ.)
+    assert (obj.terms(s2, tout[:, :C], x, t)["vb"][1:4] > 1e-5).all()
+
+
+def test_use_kl_student_trains_mean_through_kl(batch):
+    x, t, tout, sout = batch
+    obj = DKDMObjective(_diff(), _diff(use_kl=True))
+    sout = sout.clone().requires_grad_(True)
+    terms = obj.terms(sout, tout, x, t)
+    assert "mse" not in terms
+    terms["loss"].sum().backward()
+    assert sout.grad[:, :C].abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "teacher_kw, student_kw, simple_only, match",
+    [
+        ({}, {"steps": 2 * T}, False, "diffusion steps"),
+        ({}, {"noise_schedule": "linear"}, False, "noise schedule"),
+        ({}, {}, True, "variance channels would stay untrained"),
+        ({}, {"timestep_respacing": "10"}, False, "respaced"),
+        ({}, {"use_kl": True, "learn_sigma": True}, True, "variance channels|use_kl"),
+    ],
+)
+def test_refusals(teacher_kw, student_kw, simple_only, match):
+    with pytest.raises(ObjectiveError, match=match):
+        DKDMObjective(_diff(**teacher_kw), _diff(**student_kw), simple_only=simple_only)
+
+
+def test_previous_x_refused():
+    d = _diff()
+    from dkdm.diffusion import ModelMeanType
+
+    d.model_mean_type = ModelMeanType.PREVIOUS_X
+    with pytest.raises(ObjectiveError, match="PREVIOUS_X"):
+        DKDMObjective(d, _diff())
+
+
+def test_simple_only_with_fixed_variance_student(batch):
+    x, t, tout, sout = batch
+    obj = DKDMObjective(_diff(learn_sigma=False), _diff(learn_sigma=False), simple_only=True)
+    terms = obj.terms(sout[:, :C], tout[:, :C], x, t)
+    torch.testing.assert_close(terms["loss"], ((tout[:, :C] - sout[:, :C]) ** 2).mean((1, 2, 3)))

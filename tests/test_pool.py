@@ -1,0 +1,339 @@
+"""The dynamic iterative batch pool: preparation, draw/update semantics, variants, state, cache, memory."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import dkdm.distill.pool as pool_mod
+from dkdm.diffusion import create_diffusion
+from dkdm.distill.pool import (
+    DynamicPool,
+    PoolMemoryError,
+    estimate_pool_bytes,
+    pool_size,
+)
+
+T = 20
+SHAPE = (1, 4, 4)
+SIGMA2 = 0.25  # data ~ N(0, SIGMA2 I): the exact epsilon-predictor is linear in x_t
+
+
+def _diffusion(steps=T):
+    return create_diffusion(steps=steps, noise_schedule="cosine", learn_sigma=True)
+
+
+class GaussTeacher:
+    """The Bayes-optimal teacher for Gaussian data (zero variance output = halfway v)."""
+
+    def __init__(self, diffusion, fail_after=None):
+        self.abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float32)
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def __call__(self, x, t, y=None):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        ab = self.abar[t].view(-1, 1, 1, 1)
+        eps = (1 - ab).sqrt() * x / (ab * SIGMA2 + 1 - ab)
+        return torch.cat([eps, torch.zeros_like(x)], 1)
+
+
+def _make(batch_size=8, **kw):
+    d = kw.pop("diffusion", None) or _diffusion()
+    args = {"rho": 0.5, "teacher_batch": 64, "seed": 3}
+    args.update(kw)
+    return DynamicPool(d, SHAPE, batch_size, **args), d
+
+
+def test_size_and_memory_estimate():
+    assert pool_size("dynamic", 0.4, 1000, 128) == 400 * 128
+    assert pool_size("shuffled", 0.4, 1000, 128) == 128
+    assert pool_size("iterative", 0.4, 1000, 128) == 128
+    with pytest.raises(ValueError, match="rho"):
+        pool_size("dynamic", 0.0001, 100, 8)
+    m = estimate_pool_bytes(51200, (3, 32, 32), 128, 1024)
+    assert m["per_sample"] == 3 * 32 * 32 * 4 + 8
+    assert m["pool"] == 51200 * m["per_sample"]
+
+
+def test_preparation_gives_uniform_steps_and_uses_full_teacher_batches():
+    pool, d = _make(batch_size=100, rho=1.0, teacher_batch=128)  # N = 20 * 100
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    counts = np.bincount(pool.t.numpy(), minlength=T)
+    assert counts.sum() == pool.size == 2000
+    assert stats.chisquare(counts).pvalue > 0.01
+    s = pool.prep_stats
+    # Every sample took exactly T-1-end evaluations, none was wasted on an idle lane, and
+    # the batches stayed full but for the last few.
+    assert s["useful_evals"] == s["total_evals"] == (T - 1 - pool.t.numpy()).sum()
+    assert teacher.calls == s["iterations"]
+    assert teacher.calls <= s["useful_evals"] / 128 + T
+    # Samples look like the teacher's marginals: x_t ~ N(0, abar*SIGMA2 + 1 - abar) roughly.
+    ab = torch.as_tensor(d.alphas_cumprod, dtype=torch.float32)[pool.t]
+    z = pool.x.flatten(1) / (ab * SIGMA2 + 1 - ab).sqrt().unsqueeze(1)
+    assert 0.8 < z.std().item() < 1.2
+
+
+def test_preparation_matches_a_straight_ancestral_chain():
+    """A sample prepared in a slot equals the same chain run alone with the same noises."""
+    pool, d = _make(batch_size=4, rho=0.25, teacher_batch=1)  # N = 20: one lane, sequential
+    teacher = GaussTeacher(d)
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(pool._noise_gen.get_state())
+    pool.prepare(teacher, progress=False)
+    # Replay the first sample of the single lane: the plan puts the longest chain first.
+    lengths = T - 1 - pool.t.numpy()
+    first = int(np.argsort(-lengths, kind="stable")[0])
+    x = torch.randn((1, *SHAPE), generator=gen)
+    t = torch.full((1,), T - 1)
+    for _ in range(lengths[first]):
+        out = teacher(x, t)
+        x = d.p_sample_from_output(out, x, t, noise=torch.randn((1, *SHAPE), generator=gen))["sample"]
+        t = t - 1
+    assert int(t) == int(pool.t[first])
+    torch.testing.assert_close(pool.x[first : first + 1], x, rtol=0, atol=0)
+
+
+def test_a_step_replaces_exactly_the_drawn_indices():
+    pool, d = _make(batch_size=8)
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    pool.t[:5] = 0  # make sure some drawn samples restart
+    x0, t0 = pool.x.clone(), pool.t.clone()
+    for _ in range(3):
+        idx = pool.draw()
+        assert idx.shape == (8,) and len(set(idx.tolist())) == 8
+        batch = pool.gather(idx)
+        pool.update(idx, teacher(batch["x_t"], batch["t"]))
+        mask = torch.zeros(pool.size, dtype=torch.bool)
+        mask[idx] = True
+        assert torch.equal(pool.x[~mask], x0[~mask]) and torch.equal(pool.t[~mask], t0[~mask])
+        assert not torch.isclose(pool.x[mask], x0[mask]).flatten(1).all(1).any()
+        expect = torch.where(t0[mask] == 0, torch.full_like(t0[mask], T - 1), t0[mask] - 1)
+        assert torch.equal(pool.t[mask], expect)
+        x0, t0 = pool.x.clone(), pool.t.clone()
+
+
+def test_sample_past_zero_restarts_as_fresh_noise():
+    pool, d = _make(batch_size=8)
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    idx = pool.draw()
+    pool.t[idx[:3]] = 0
+    batch = pool.gather(idx)
+    state = pool._noise_gen.get_state()
+    pool.update(idx, teacher(batch["x_t"], batch["t"]))
+    noise = torch.randn((8, *SHAPE), generator=torch.Generator().set_state(state))
+    assert (pool.t[idx[:3]] == T - 1).all()
+    torch.testing.assert_close(pool.x[idx[:3]], noise[:3], rtol=0, atol=0)
+    # The others took an ordinary ancestral step with the same noise.
+    step = d.p_sample_from_output(teacher(batch["x_t"], batch["t"]), batch["x_t"], batch["t"], noise=noise)
+    torch.testing.assert_close(pool.x[idx[3:]], step["sample"][3:])
+
+
+def test_iterative_walks_one_batch_down_together():
+    pool, d = _make(batch_size=6, variant="iterative")
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    assert teacher.calls == 0 and pool.size == 6 and (pool.t == T - 1).all()
+    for k in range(T):
+        idx = pool.draw()
+        assert torch.equal(idx, torch.arange(6))
+        assert (pool.t == T - 1 - k).all()
+        b = pool.gather(idx)
+        pool.update(idx, teacher(b["x_t"], b["t"]))
+    assert (pool.t == T - 1).all()  # finished together, restarted together
+
+
+def test_shuffled_draws_the_whole_shuffled_batch():
+    pool, d = _make(batch_size=40, variant="shuffled")
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    assert pool.size == 40 and len(set(pool.t.tolist())) > 10  # steps spread out
+    t0 = pool.t.clone()
+    idx = pool.draw()
+    assert torch.equal(idx, torch.arange(40))
+    b = pool.gather(idx)
+    pool.update(idx, teacher(b["x_t"], b["t"]))
+    assert torch.equal(pool.t, torch.where(t0 == 0, torch.full_like(t0, T - 1), t0 - 1))
+
+
+def test_dynamic_draws_are_random_subsets():
+    pool, _ = _make(batch_size=8)
+    seen = torch.zeros(pool.size, dtype=torch.long)
+    for _ in range(200):
+        seen[pool.draw()] += 1
+    assert seen.min() > 0  # every sample gets drawn
+    assert stats.chisquare(seen.numpy()).pvalue > 0.001
+
+
+def test_state_dict_continues_the_same_stream():
+    a, d = _make(batch_size=8, discard_prob=0.3)
+    teacher = GaussTeacher(d)
+    a.prepare(teacher, progress=False)
+    for _ in range(3):
+        i = a.draw()
+        b = a.gather(i)
+        a.update(i, teacher(b["x_t"], b["t"]))
+    b_pool, _ = _make(batch_size=8, discard_prob=0.3, seed=99)
+    b_pool.load_state_dict(a.state_dict())
+    for _ in range(4):
+        ia, ib = a.draw(), b_pool.draw()
+        assert torch.equal(ia, ib)
+        ba, bb = a.gather(ia), b_pool.gather(ib)
+        a.update(ia, teacher(ba["x_t"], ba["t"]))
+        b_pool.update(ib, teacher(bb["x_t"], bb["t"]))
+        assert a.should_discard() == b_pool.should_discard()
+    assert torch.equal(a.x, b_pool.x) and torch.equal(a.t, b_pool.t)
+    other, _ = _make(batch_size=4)
+    with pytest.raises(ValueError, match="does not match"):
+        other.load_state_dict(a.state_dict())
+
+
+def test_ranks_and_seeds_give_different_pools():
+    pools = []
+    for rank in (0, 1):
+        p, d = _make(batch_size=8, rank=rank, world_size=2)
+        p.prepare(GaussTeacher(d), progress=False)
+        pools.append(p)
+    assert not torch.equal(pools[0].t, pools[1].t)
+    assert pools[0].cache_key("x") != pools[1].cache_key("x")
+
+
+def test_discard_probability():
+    pool, _ = _make(batch_size=8, discard_prob=0.25)
+    frac = np.mean([pool.should_discard() for _ in range(4000)])
+    assert abs(frac - 0.25) < 0.03
+    never, _ = _make(batch_size=8)
+    assert not any(never.should_discard() for _ in range(100))
+
+
+def test_class_labels_kept_and_redrawn_on_restart():
+    pool, d = _make(batch_size=8, num_classes=10)
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    assert pool.y is not None and pool.y.max() < 10 and len(set(pool.y.tolist())) > 3
+    idx = pool.draw()
+    pool.t[idx[:4]] = 0
+    pool.t[idx[4:]] = 5
+    y0 = pool.y.clone()
+    b = pool.gather(idx)
+    assert torch.equal(b["y"], y0[idx])
+    pool.update(idx, teacher(b["x_t"], b["t"]))
+    assert torch.equal(pool.y[idx[4:]], y0[idx[4:]])
+
+
+def test_memory_refusal(monkeypatch):
+    monkeypatch.setattr(pool_mod, "available_memory", lambda device: (10 * 2**20, 2**20))
+    with pytest.raises(PoolMemoryError) as e:
+        DynamicPool(_diffusion(1000), (3, 32, 32), 128, rho=0.4)
+    msg = str(e.value)
+    # 51200 samples of 12296 bytes (0.586 GiB) + 1024 preparation slots (0.094 GiB)
+    assert "needs 0.68 GiB for 51200 samples" in msg and "only 0.01 GiB are free" in msg
+    assert "--rho" in msg and "rho=0.1 needs about 0.15 GiB" in msg
+    assert "--pool_device cpu" not in msg  # already on the host
+    DynamicPool(_diffusion(1000), (3, 32, 32), 2, rho=0.01, teacher_batch=2)  # a tiny pool fits
+
+
+def test_memory_refusal_on_gpu_offers_the_host(monkeypatch):
+    monkeypatch.setattr(pool_mod, "available_memory", lambda device: (10 * 2**20, 2**20))
+    pool = DynamicPool.__new__(DynamicPool)  # only the check, no CUDA allocation
+    pool.size, pool.rho, pool.T = 51200, 0.4, 1000
+    pool.device = pool.pool_device = torch.device("cuda", 0)
+    pool.memory = estimate_pool_bytes(51200, (3, 32, 32), 128, 1024)
+    with pytest.raises(PoolMemoryError, match="--pool_device cpu"):
+        pool._check_memory()
+
+
+def test_cache_is_reused(tmp_path):
+    a, d = _make(batch_size=8)
+    teacher = GaussTeacher(d)
+    a.prepare(teacher, teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("pool_")
+    b, _ = _make(batch_size=8)
+    never = GaussTeacher(d, fail_after=0)
+    b.prepare(never, teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
+    assert never.calls == 0
+    assert torch.equal(a.x, b.x) and torch.equal(a.t, b.t)
+    assert torch.equal(a.draw(), b.draw())  # generators restored too
+    c, _ = _make(batch_size=8)
+    other = GaussTeacher(d)
+    c.prepare(other, teacher_id="another teacher", cache_dir=str(tmp_path), progress=False)
+    assert other.calls > 0
+
+
+def test_interrupted_preparation_resumes(tmp_path):
+    ref, d = _make(batch_size=16, teacher_batch=16)
+    ref.prepare(GaussTeacher(d), progress=False)
+
+    a, _ = _make(batch_size=16, teacher_batch=16)
+    with pytest.raises(KeyboardInterrupt):
+        a.prepare(GaussTeacher(d, fail_after=7), teacher_id="k", cache_dir=str(tmp_path),
+                  checkpoint_every=3, progress=False)
+    partial = [f.name for f in tmp_path.iterdir()]
+    assert len(partial) == 1 and partial[0].endswith(".partial.pt")
+
+    b, _ = _make(batch_size=16, teacher_batch=16)
+    teacher = GaussTeacher(d)
+    b.prepare(teacher, teacher_id="k", cache_dir=str(tmp_path), progress=False)
+    assert teacher.calls == ref.prep_stats["iterations"] - 7  # resumed at the batch where it was interrupted
+    assert torch.equal(b.x, ref.x) and torch.equal(b.t, ref.t)
+    assert [f.name for f in tmp_path.iterdir()] == [partial[0].replace(".partial", "")]
+
+
+def test_respaced_warmup_is_cheaper_and_lands_on_the_end_steps():
+    d = _diffusion(100)
+    full, _ = _make(batch_size=20, diffusion=d, rho=0.5)
+    full.prepare(GaussTeacher(d), progress=False)
+    cheap, _ = _make(batch_size=20, diffusion=d, rho=0.5, warmup="respaced", warmup_jumps=10, warmup_exact=3)
+    cheap.prepare(GaussTeacher(d), progress=False)
+    assert torch.equal(cheap.t, full.t)  # same plan of end steps
+    assert cheap.prep_stats["useful_evals"] < 0.35 * full.prep_stats["useful_evals"]
+    # With the Bayes-optimal teacher both reach the right marginal variance.
+    ab = torch.as_tensor(d.alphas_cumprod, dtype=torch.float32)[cheap.t]
+    for p in (full, cheap):
+        z = p.x.flatten(1) / (ab * SIGMA2 + 1 - ab).sqrt().unsqueeze(1)
+        assert 0.85 < z.std().item() < 1.15
+
+
+def test_respaced_warmup_with_a_full_grid_equals_full():
+    full, d = _make(batch_size=8)
+    full.prepare(GaussTeacher(d), progress=False)
+    same, _ = _make(batch_size=8, warmup="respaced", warmup_jumps=T)
+    same.prepare(GaussTeacher(d), progress=False)
+    assert torch.equal(full.t, same.t)
+    torch.testing.assert_close(full.x, same.x)
+
+
+def test_histogram():
+    pool, _ = _make(batch_size=8)
+    pool.t.copy_(torch.arange(pool.size) % T)
+    torch.testing.assert_close(pool.t_histogram(4), torch.full((4,), 0.25))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pool_device", [None, "cpu"])
+def test_draw_and_update_never_sync_on_cuda(pool_device):
+    d = _diffusion()
+    pool = DynamicPool(d, SHAPE, 8, rho=0.5, teacher_batch=64, device="cuda", pool_device=pool_device, seed=0)
+    teacher = GaussTeacher(d)
+    teacher.abar = teacher.abar.cuda()
+    pool.prepare(teacher, progress=False)
+    assert pool.x.device.type == (pool_device or "cuda") and pool.x.is_pinned() == (pool_device == "cpu")
+    if pool_device == "cpu":
+        return  # the host-resident pool copies its batches back, which waits by nature
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            idx = pool.draw()
+            b = pool.gather(idx)
+            pool.update(idx, teacher(b["x_t"], b["t"]))
+            pool.t_histogram()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(pool.x).all()
