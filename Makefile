@@ -31,7 +31,7 @@ lint: install
 	$(VENV)/bin/ruff check dkdm scripts evaluations tests benchmarks
 
 demo: install
-	@echo "The end-to-end demo is not built yet (issue: sampling, baselines and demo)."; exit 1
+	$(PY) scripts/demo.py --out demo_out
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

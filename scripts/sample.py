@@ -1,0 +1,80 @@
+"""Draw samples from a trained model into an ADM-format npz (+ a PNG grid of the first 64).
+
+With no flags it samples the embedded digits teacher:
+  python scripts/sample.py --num_samples 256 --output x.npz
+  python scripts/sample.py --model_path runs/exp/ema_0.9999_200000.pt --timestep_respacing 50 --output runs/exp/
+  mpiexec -n 8 python scripts/sample.py --model_path teacher.pt --arch cifar10-57M \
+      --config configs/diffusion/cosine-1000-learned.yaml --timestep_respacing 1000 --num_samples 50000
+The architecture and diffusion come from the run's config.yaml beside the checkpoint (or
+--arch / --config / flags). Shards land in <output>.shards/ as they finish; rerunning the
+same command resumes, a different seed or configuration there is refused.
+"""
+
+import os
+import sys
+
+from tqdm import tqdm
+
+from dkdm import dist, logger, sampling
+from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
+from dkdm.diffusion import create_diffusion
+from dkdm.models import create_model, load_checkpoint
+
+
+def main(argv: list[str]) -> None:
+    groups = {"model": ModelConfig, "diffusion": DiffusionConfig, "sample": SampleConfig}
+    args = ConfigParser(__doc__, groups).parse(argv)
+    cfg = args.resolve("sample")
+    dist.setup_dist()
+    path = cfg.model_path or sampling.TEACHER_PATH
+    model_cfg, diff_cfg, source = sampling.resolve_configs(path, args.overrides)
+    model = load_checkpoint(create_model(model_cfg), path).to(dist.dev())
+    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
+    manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, sampling.file_sha256(path), dist.dev().type)
+    store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
+    error = None
+    if dist.is_main():
+        try:
+            store.prepare()  # unwritable output or foreign shards: stop before drawing anything
+        except sampling.SamplingError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise sampling.SamplingError(error)
+    logger.log(f"sampling {path} ({model_cfg.name or model_cfg.arch}, config from {source}), "
+               f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps, "
+               f"{cfg.num_samples} images on {dist.get_world_size()} process(es) -> {output}")
+    sizes = sampling.shard_sizes(cfg.num_samples, cfg.batch_size)
+    mine = sum(sizes[dist.get_rank() :: dist.get_world_size()])
+    bar = tqdm(total=mine, unit="img", desc="rank 0", disable=not dist.is_main())
+
+    def progress(n: int, drawn: bool) -> None:
+        if not drawn:  # already on disk: out of the count, so img/s stays honest
+            bar.total -= n
+        bar.update(n if drawn else 0)
+
+    stats = sampling.draw_shards(
+        model, create_diffusion(diff_cfg), store, cfg, shape,
+        num_classes=model_cfg.num_classes if model_cfg.class_cond else 0,
+        rank=dist.get_rank(), world_size=dist.get_world_size(), device=dist.dev(),
+        on_shard=progress,
+    )
+    bar.close()
+    dist.barrier()
+    if dist.is_main():
+        if stats.shards_skipped:
+            logger.log(f"resumed: {stats.shards_skipped} finished shard(s) on rank 0 were kept, not redrawn")
+        images, _ = sampling.finish(store, cfg, output, keep_shards=cfg.keep_shards)
+        logger.log(f"saved {output} ({list(images.shape)} uint8) and {output[:-4]}.png; "
+                   f"rank 0 drew {stats.images_per_second:.1f} images/s")
+    dist.barrier()
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError, SamplingError are ValueErrors
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

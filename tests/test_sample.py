@@ -1,0 +1,238 @@
+"""scripts/sample.py and dkdm.sampling: determinism, resume, the npz format, refusals."""
+
+import os
+import runpy
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dkdm import sampling
+from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, to_dict
+from dkdm.diffusion import create_diffusion
+from dkdm.models import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = runpy.run_path(os.path.join(ROOT, "scripts", "sample.py"))["main"]
+TINY = ModelConfig(arch="unet", image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1",
+                   attention_resolutions="", learn_sigma=True, num_heads=1)
+DIFF = DiffusionConfig(steps=4, noise_schedule="cosine", learn_sigma=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run_dir(root, model_cfg=TINY, seed=0):
+    """A run directory as the Trainer leaves it: an EMA checkpoint and config.yaml."""
+    os.makedirs(root, exist_ok=True)
+    torch.manual_seed(seed)
+    model = create_model(model_cfg)
+    with torch.no_grad():  # ADM zero-initialises output layers; a trained net is not a constant
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    path = os.path.join(root, "ema_0.9999_000010.pt")
+    torch.save(model.state_dict(), path)
+    with open(os.path.join(root, "config.yaml"), "w") as f:
+        yaml.safe_dump({"model": to_dict(model_cfg), "diffusion": to_dict(DIFF), "train": {}}, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _run_dir(str(tmp_path_factory.mktemp("run")))
+
+
+@pytest.fixture
+def counter(monkeypatch):
+    """Counts draw_shard calls; ``fail_after`` makes the n-th call raise (an interrupted run)."""
+    state = {"calls": 0, "fail_after": None}
+    original = sampling.draw_shard
+
+    def counted(*args, **kwargs):
+        if state["fail_after"] is not None and state["calls"] >= state["fail_after"]:
+            raise KeyboardInterrupt("simulated interruption")
+        state["calls"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "draw_shard", counted)
+    return state
+
+
+def _sample(ckpt, out, *flags):
+    MAIN(["--model_path", ckpt, "--num_samples", "20", "--batch_size", "8", "--output", str(out), *flags])
+
+
+def _load(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_npz_format_name_and_grid(ckpt, tmp_path, counter):
+    _sample(ckpt, tmp_path)  # a folder: guided-diffusion's file name inside it
+    path = tmp_path / "samples_20x8x8x1.npz"
+    arrays = _load(path)
+    assert list(arrays) == ["arr_0"]  # unconditional: no labels
+    x = arrays["arr_0"]
+    assert x.dtype == np.uint8 and x.shape == (20, 8, 8, 1)  # NHWC, the model's one channel
+    assert x.std() > 0
+    assert counter["calls"] == 3  # 8 + 8 + a partial batch of 4
+    assert (tmp_path / "samples_20x8x8x1.png").stat().st_size > 0
+    assert not (tmp_path / "samples_20x8x8x1.shards").exists()  # merged, then tidied away
+
+
+def test_same_seed_same_bytes_other_seed_other_images(ckpt, tmp_path):
+    _sample(ckpt, tmp_path / "a.npz", "--seed", "3")
+    _sample(ckpt, tmp_path / "b.npz", "--seed", "3")
+    _sample(ckpt, tmp_path / "c.npz", "--seed", "4")
+    a, b, c = (_load(tmp_path / f"{n}.npz")["arr_0"] for n in "abc")
+    assert a.tobytes() == b.tobytes()
+    assert not np.array_equal(a, c)
+
+
+def test_class_conditional_labels(tmp_path):
+    cond = _run_dir(str(tmp_path / "run"), ModelConfig(**{**to_dict(TINY), "class_cond": True, "num_classes": 10}))
+    _sample(cond, tmp_path / "s.npz")
+    arrays = _load(tmp_path / "s.npz")
+    assert list(arrays) == ["arr_0", "arr_1"]
+    assert arrays["arr_1"].shape == (20,) and arrays["arr_1"].dtype == np.int64
+    assert arrays["arr_1"].min() >= 0 and arrays["arr_1"].max() < 10 and len(set(arrays["arr_1"].tolist())) > 1
+
+
+def test_resume_keeps_finished_shards_and_gives_the_same_result(ckpt, tmp_path, counter):
+    _sample(ckpt, tmp_path / "straight.npz")
+    counter["calls"], counter["fail_after"] = 0, 2
+    with pytest.raises(KeyboardInterrupt):
+        _sample(ckpt, tmp_path / "resumed.npz", "--keep_shards")
+    shards = tmp_path / "resumed.shards"
+    assert sorted(p.name for p in shards.iterdir()) == ["manifest.json", "shard_000000.npz", "shard_000001.npz"]
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards.glob("shard_*")}
+    counter["calls"], counter["fail_after"] = 0, None
+    _sample(ckpt, tmp_path / "resumed.npz", "--keep_shards")
+    assert counter["calls"] == 1  # only the missing shard was drawn
+    for name, (mtime, data) in before.items():
+        assert (shards / name).stat().st_mtime_ns == mtime and (shards / name).read_bytes() == data
+    assert _load(tmp_path / "resumed.npz")["arr_0"].tobytes() == _load(tmp_path / "straight.npz")["arr_0"].tobytes()
+
+
+def test_shards_of_another_run_are_refused(ckpt, tmp_path, counter):
+    counter["fail_after"] = 1
+    with pytest.raises(KeyboardInterrupt):
+        _sample(ckpt, tmp_path / "s.npz", "--seed", "0")
+    shard = tmp_path / "s.shards" / "shard_000000.npz"
+    data = shard.read_bytes()
+    counter["calls"], counter["fail_after"] = 0, None
+    for flags, word in ((["--seed", "1"], "seed"), (["--timestep_respacing", "2"], "timestep_respacing"),
+                        (["--batch_size", "4"], "batch_size")):
+        with pytest.raises(sampling.SamplingError, match=f"different sampling run.*{word}"):
+            _sample(ckpt, tmp_path / "s.npz", *flags)
+    assert counter["calls"] == 0 and shard.read_bytes() == data
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_unwritable_output_fails_before_sampling(ckpt, tmp_path, counter):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(sampling.SamplingError, match="cannot write"):
+        _sample(ckpt, blocker / "x.npz")
+    assert counter["calls"] == 0
+
+
+def test_missing_or_bad_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        _sample(str(tmp_path / "nope.pt"), tmp_path / "x.npz", "--arch", "digits-student")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        _sample(str(bad), tmp_path / "x.npz", "--arch", "digits-student")
+    orphan = tmp_path / "orphan.pt"
+    torch.save(create_model(TINY).state_dict(), orphan)
+    with pytest.raises(sampling.SamplingError, match="--arch"):  # nothing says which network it is
+        _sample(str(orphan), tmp_path / "x.npz")
+
+
+def test_rank_split_does_not_change_the_images(ckpt, tmp_path):
+    model = create_model(TINY)
+    model.load_state_dict(torch.load(ckpt))
+    diffusion = create_diffusion(DIFF)
+    cfg = SampleConfig(num_samples=20, batch_size=8, seed=5)
+    merged = []
+    for world in (1, 3):
+        store = sampling.ShardStore(str(tmp_path / f"w{world}"), {"world": "any"})
+        store.prepare()
+        for rank in range(world):  # the ranks of a world, one after another
+            sampling.draw_shards(model, diffusion, store, cfg, (1, 8, 8), rank=rank, world_size=world)
+        merged.append(store.merge(sampling.shard_sizes(20, 8))[0])
+    assert merged[0].tobytes() == merged[1].tobytes()
+
+
+def test_shard_plan_and_seeds():
+    assert sampling.shard_sizes(20, 8) == [8, 8, 4]
+    assert sampling.shard_sizes(16, 8) == [8, 8]
+    seeds = {sampling.shard_seed(s, i) for s in range(3) for i in range(50)}
+    assert len(seeds) == 150
+    assert sampling.npz_name(50000, 32, 32, 3) == "samples_50000x32x32x3.npz"
+
+
+@pytest.mark.skipif(not os.path.isfile(sampling.TEACHER_PATH), reason="embedded teacher not built")
+def test_no_flags_samples_the_embedded_teacher(tmp_path):
+    MAIN(["--num_samples", "6", "--batch_size", "6", "--timestep_respacing", "4", "--output", str(tmp_path / "x.npz")])
+    assert _load(tmp_path / "x.npz")["arr_0"].shape == (6, 8, 8, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_mpiexec_two_ranks_match_one_process(ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip("mpiexec not installed")
+    script = os.path.join(ROOT, "scripts", "sample.py")
+    common = ["--model_path", ckpt, "--num_samples", "20", "--batch_size", "8"]
+    subprocess.run([mpiexec, "-n", "2", sys.executable, script, *common, "--output", str(tmp_path / "m.npz")],
+                   check=True, timeout=300, capture_output=True)
+    _sample(ckpt, tmp_path / "s.npz")
+    assert _load(tmp_path / "m.npz")["arr_0"].tobytes() == _load(tmp_path / "s.npz")["arr_0"].tobytes()
+
+
+def test_configs_of_a_distilled_student_and_of_a_provenance_json(tmp_path):
+    # dkdm_train.py's run directory: teacher, student, diffusion, teacher_diffusion, train, distill.
+    run = tmp_path / "dkdm-run"
+    run.mkdir()
+    big = ModelConfig(**{**to_dict(TINY), "num_channels": 64})
+    with open(run / "config.yaml", "w") as f:
+        yaml.safe_dump({"teacher": to_dict(big), "student": to_dict(TINY), "diffusion": to_dict(DIFF),
+                        "teacher_diffusion": to_dict(DiffusionConfig(steps=1000, learn_sigma=True))}, f)
+    model_cfg, diff_cfg, source = sampling.resolve_configs(str(run / "ema_0.9999_000100.pt"),
+                                                           {"diffusion": {"timestep_respacing": "2"}})
+    assert model_cfg == TINY and source.endswith("config.yaml")
+    assert diff_cfg.steps == 4 and diff_cfg.timestep_respacing == "2"
+    # A checkpoint with a provenance .json beside it (the embedded teacher's layout).
+    import json
+
+    (tmp_path / "t.json").write_text(json.dumps({"config": {"model": to_dict(big), "diffusion": to_dict(DIFF)}}))
+    model_cfg, diff_cfg, _ = sampling.resolve_configs(str(tmp_path / "t.pt"), {"model": {"dropout": 0.5}})
+    assert model_cfg.num_channels == 64 and model_cfg.dropout == 0.5 and diff_cfg == DIFF
+    # --arch wins over what lies beside the checkpoint; learn_sigma must agree.
+    model_cfg, _, _ = sampling.resolve_configs(str(tmp_path / "t.pt"), {"model": {"arch": "digits-student"}})
+    assert model_cfg.name == "digits-student"
+    with pytest.raises(sampling.SamplingError, match="learn_sigma"):
+        sampling.resolve_configs(str(tmp_path / "t.pt"), {"diffusion": {"learn_sigma": False}})
+
+
+def test_ddim_with_eta_and_bf16_are_deterministic_too(ckpt, tmp_path):
+    flags = ["--use_ddim", "--eta", "0.5", "--timestep_respacing", "ddim2", "--precision", "bf16"]
+    _sample(ckpt, tmp_path / "a.npz", *flags)
+    _sample(ckpt, tmp_path / "b.npz", *flags)
+    _sample(ckpt, tmp_path / "c.npz", *flags[:-2])
+    a, b, c = (_load(tmp_path / f"{n}.npz")["arr_0"] for n in "abc")
+    assert a.tobytes() == b.tobytes() and a.shape == (20, 8, 8, 1)
+    assert not np.array_equal(a, c)  # bf16 really changed the arithmetic
