@@ -22,6 +22,7 @@ from torch import Tensor
 
 from dkdm import dist, logger
 from dkdm.config import DistillConfig, TrainConfig, to_dict
+from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
 from dkdm.distill.pool import DynamicPool, teacher_fingerprint
 from dkdm.training import Trainer
@@ -99,12 +100,7 @@ class DistillLoop:
         self.train_cfg, self.cfg = train, distill
         self.device = dist.dev()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if train.batch_size % self.world:
-            raise ValueError(
-                f"batch size {train.batch_size} cannot be split evenly over {self.world} processes; "
-                f"use a multiple of {self.world}"
-            )
-        self.batch_size = train.batch_size // self.world
+        self.batch_size = per_rank_batch(train.batch_size, self.world)
         if distill.teacher_precision not in _PRECISIONS:
             raise ValueError(f"teacher_precision must be one of {', '.join(_PRECISIONS)}, got '{distill.teacher_precision}'")
         self.teacher_dtype = _PRECISIONS[distill.teacher_precision]
