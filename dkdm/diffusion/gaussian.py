@@ -442,19 +442,21 @@ class GaussianDiffusion:
         progress: bool = False,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``p_sample_loop``, yielding ``p_sample``'s dict at every step (t = T-1 down to 0)."""
+        yield from self._progressive(
+            self.p_sample, model, shape, noise, device, progress,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
+        )
+
+    def _progressive(
+        self, step: Callable, model: Model, shape: Any, noise: torch.Tensor | None, device: Any, progress: bool,
+        **step_kwargs: Any,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Walk ``step`` (p_sample or ddim_sample) from t = T-1 down to 0, yielding each result."""
         img, device = self._initial_noise(model, shape, noise, device)
         for i in self._indices(progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                )
+                out = step(model, img, t, **step_kwargs)
             yield out
             img = out["sample"]
 
@@ -583,22 +585,10 @@ class GaussianDiffusion:
         eta: float = 0.0,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``ddim_sample_loop``, yielding ``ddim_sample``'s dict at every step."""
-        img, device = self._initial_noise(model, shape, noise, device)
-        for i in self._indices(progress):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                )
-            yield out
-            img = out["sample"]
+        yield from self._progressive(
+            self.ddim_sample, model, shape, noise, device, progress,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
+        )
 
     # ------------------------------------------------------------------ likelihood and losses
 
