@@ -182,12 +182,25 @@ m.main(sys.argv[1:])
 """
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 @pytest.mark.mpi
-@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec (pip install mpich) not installed")
-def test_mpiexec_ranks_have_different_pools_and_identical_students(tiny):
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        pytest.param(
+            [MPIEXEC, "-n", "2", sys.executable],
+            marks=pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec (pip install mpich) not installed"),
+            id="mpiexec",
+        ),
+        pytest.param(TORCHRUN, id="torchrun"),
+    ],
+)
+def test_two_ranks_have_different_pools_and_identical_students(tiny, launcher):
     driver = tiny / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT, script=SCRIPT))
-    p = _run([MPIEXEC, "-n", "2", sys.executable, str(driver), *_args(tiny, steps=3)], timeout=300)
+    p = _run([*launcher, str(driver), *_args(tiny, steps=3)], timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     r0, r1 = (torch.load(tiny / "run" / f"final_rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["pool_x"].shape[0] == 40  # round(0.5 * 20) * (8 / 2 ranks)
