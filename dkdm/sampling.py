@@ -554,6 +554,8 @@ def resolve_configs(model_path: str, overrides: dict[str, dict]) -> tuple[ModelC
             base = update(base, {"arch": arch})
     elif arch:
         base, source = ModelConfig(arch=arch), "flags"
+    elif not os.path.isfile(model_path):
+        raise SamplingError(f"checkpoint not found: {model_path}; pass --model_path a modelNNNNNN.pt or ema_*.pt file")
     else:
         raise SamplingError(
             f"no config.yaml or .json beside {model_path} says which network it holds; pass --arch "

@@ -236,3 +236,8 @@ def test_ddim_with_eta_and_bf16_are_deterministic_too(ckpt, tmp_path):
     a, b, c = (_load(tmp_path / f"{n}.npz")["arr_0"] for n in "abc")
     assert a.tobytes() == b.tobytes() and a.shape == (20, 8, 8, 1)
     assert not np.array_equal(a, c)  # bf16 really changed the arithmetic
+
+
+def test_a_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(sampling.SamplingError, match="checkpoint not found: .*nope.pt"):
+        sampling.resolve_configs(str(tmp_path / "nope.pt"), {})
