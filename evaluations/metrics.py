@@ -251,19 +251,21 @@ class ManifoldEstimator:
         kth = np.arange(kmax + 1)
         for begin1 in range(0, num, self.row_batch_size):
             end1 = min(begin1 + self.row_batch_size, num)
-            row_batch = features[begin1:end1]
-            for begin2 in range(0, num, self.col_batch_size):
-                end2 = min(begin2 + self.col_batch_size, num)
-                distance_batch[: end1 - begin1, begin2:end2] = (
-                    self.distance_block.pairwise_distances(row_batch, features[begin2:end2])
-                )
-            part = np.partition(distance_batch[: end1 - begin1], kth, axis=1)
+            dist = self._distances(features[begin1:end1], features, distance_batch)
+            part = np.partition(dist, kth, axis=1)
             radii[begin1:end1] = part[:, self.nhood_sizes]
 
         if self.clamp_to_percentile is not None:
             max_distances = np.percentile(radii, self.clamp_to_percentile, axis=0)
             radii[radii > max_distances] = 0
         return radii
+
+    def _distances(self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Distances of ``rows`` to all ``cols``, filled into ``out`` in ADM's column batches."""
+        for begin in range(0, cols.shape[0], self.col_batch_size):
+            end = min(begin + self.col_batch_size, cols.shape[0])
+            out[: rows.shape[0], begin:end] = self.distance_block.pairwise_distances(rows, cols[begin:end])
+        return out[: rows.shape[0]]
 
     def evaluate(self, features: np.ndarray, radii: np.ndarray, eval_features: np.ndarray) -> dict:
         """Per-vector manifold membership, realism score and nearest reference of `eval_features`.
@@ -279,13 +281,7 @@ class ManifoldEstimator:
         nearest = np.zeros([num_eval], dtype=np.int32)
         for begin1 in range(0, num_eval, self.row_batch_size):
             end1 = min(begin1 + self.row_batch_size, num_eval)
-            batch = eval_features[begin1:end1]
-            for begin2 in range(0, num_ref, self.col_batch_size):
-                end2 = min(begin2 + self.col_batch_size, num_ref)
-                distance_batch[: end1 - begin1, begin2:end2] = (
-                    self.distance_block.pairwise_distances(batch, features[begin2:end2])
-                )
-            dist = distance_batch[: end1 - begin1]
+            dist = self._distances(eval_features[begin1:end1], features, distance_batch)
             predictions[begin1:end1] = np.any(dist[:, :, None] <= radii, axis=1).astype(np.int32)
             realism[begin1:end1] = np.max(radii[:, 0] / (dist + self.eps), axis=1)
             nearest[begin1:end1] = np.argmin(dist, axis=1)
