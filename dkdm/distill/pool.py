@@ -429,8 +429,10 @@ class DynamicPool:
 
     def t_histogram(self, bins: int = 4) -> Tensor:
         """Fractions of the pool in ``bins`` equal ranges of ``t`` (ascending), on the pool device."""
-        counts = torch.bincount(torch.div(self.t * bins, self.T, rounding_mode="floor"), minlength=bins)
-        return counts[:bins].float() / self.size
+        # index_add_ into a fixed-size tensor: bincount would read the maximum back to the host.
+        which = torch.div(self.t * bins, self.T, rounding_mode="floor")
+        counts = torch.zeros(bins, device=self.t.device).index_add_(0, which, torch.ones_like(which, dtype=torch.float))
+        return counts / self.size
 
     # ------------------------------------------------------------------ preparation
     def cache_key(self, teacher_id: str) -> str:
