@@ -111,6 +111,27 @@ class TrainConfig:
     deterministic: bool = False
     random_flip: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("lr_anneal_steps", "max_steps", "log_interval", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 or more (0: {_ZERO_MEANS[name]}), got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.max_steps and self.lr_anneal_steps and self.max_steps > self.lr_anneal_steps:
+            raise ConfigError(
+                f"--max_steps {self.max_steps} lies past --lr_anneal_steps {self.lr_anneal_steps}, where the "
+                f"learning rate has reached 0; set --lr_anneal_steps {self.max_steps} to anneal over the whole run, "
+                "or --lr_anneal_steps 0 for a constant learning rate"
+            )
+
+
+_ZERO_MEANS = {
+    "lr_anneal_steps": "constant learning rate",
+    "max_steps": "stop at lr_anneal_steps",
+    "log_interval": "log only at the end",
+    "save_interval": "save only at the end",
+}
+
 
 @dataclass
 class DistillConfig:
@@ -205,6 +226,16 @@ def update(obj: Any, values: Mapping[str, Any], where: str = "") -> Any:
             )
         changes[key] = _coerce(value, types[key], f"{where}.{key}")
     return dataclasses.replace(obj, **changes)
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf where two nested mappings differ."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def to_dict(obj: Any) -> Any:

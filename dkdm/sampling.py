@@ -36,10 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, to_dict
+from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, differences, to_dict
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+
+
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class SamplingError(ValueError):
@@ -251,6 +254,8 @@ def make_manifest(
 ) -> dict[str, Any]:
     """Everything that decides a shard's pixels; two runs may share shards only if this matches."""
     shard_sizes(sample_cfg.num_samples, sample_cfg.batch_size)  # validates both before anything is written
+    if sample_cfg.precision not in _DTYPES:
+        raise SamplingError(f"--precision must be one of {', '.join(_DTYPES)}, got {sample_cfg.precision!r}")
     shard_seed(sample_cfg.seed, 0)
     s = to_dict(sample_cfg)
     keep = ("num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised", "precision")
@@ -262,15 +267,6 @@ def make_manifest(
         "checkpoint_sha256": checkpoint_sha256,
         "device_type": device_type,
     }
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new), key=str):
-            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"]
 
 
 class ShardStore:
@@ -288,7 +284,8 @@ class ShardStore:
         """Create the directory and write (or check) the manifest; run on one rank only.
 
         Raises :class:`SamplingError` when the directory cannot be written or already holds
-        shards of a different run.
+        shards of a different run. A manifest with no shard beside it (a run stopped before
+        its first shard) binds nothing and is replaced.
         """
         try:
             os.makedirs(self.directory, exist_ok=True)
@@ -302,24 +299,25 @@ class ShardStore:
                 "choose an --output in a writable place"
             ) from None
         path = os.path.join(self.directory, MANIFEST)
-        if os.path.isfile(path):
+        shards = [n for n in os.listdir(self.directory) if n.startswith("shard_")]
+        if os.path.isfile(path) and shards:
             with open(path) as f:
                 try:
                     old = json.load(f)
                 except json.JSONDecodeError:
                     old = None
             if old != self.manifest:
-                diff = _differences(old, self.manifest) if isinstance(old, dict) else ["unreadable manifest"]
+                diff = ([f"{k}: {a!r} there, {b!r} now" for k, a, b in differences(old, self.manifest)]
+                        if isinstance(old, dict) else ["unreadable manifest"])
                 raise SamplingError(
                     f"{self.directory} holds shards of a different sampling run ({'; '.join(diff[:6])}); "
                     "they will not be mixed: rerun with the same settings to resume, or remove that "
                     "directory (or pick another --output) to start afresh"
                 )
             return
-        stray = [n for n in os.listdir(self.directory) if n.startswith("shard_")]
-        if stray:
+        if shards and not os.path.isfile(path):
             raise SamplingError(
-                f"{self.directory} holds {len(stray)} shard(s) but no manifest, so their settings are "
+                f"{self.directory} holds {len(shards)} shard(s) but no manifest, so their settings are "
                 "unknown; remove that directory or pick another --output"
             )
         _atomic_write(path, lambda f: f.write(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"), mode="w")
@@ -370,11 +368,10 @@ class _Precision(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, precision: str) -> None:
         super().__init__()
-        dtypes = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-        if precision not in dtypes:
+        if precision not in _DTYPES:
             raise SamplingError(f"precision must be one of fp32, fp16, bf16, got {precision!r}")
         self.model = model
-        self.dtype = dtypes[precision]
+        self.dtype = _DTYPES[precision]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.dtype is None:

@@ -123,7 +123,8 @@ def check_image_batch(info: NpzArrayInfo, min_images: int = 2) -> None:
 
 
 def check_value_range(path: str, name: str = "arr_0", chunk: int = 256) -> None:
-    """Stream a non-uint8 array once and raise NpzFormatError if any value is outside [0, 255] or NaN."""
+    """Stream a non-uint8 array once and raise NpzFormatError if any value is outside [0, 255] or NaN,
+    or if a float array never exceeds 1 (pixels in [0, 1], not the 0-255 the metrics expect)."""
     info = inspect_npz(path, name)
     if info.dtype == np.uint8:
         return
@@ -137,6 +138,12 @@ def check_value_range(path: str, name: str = "arr_0", chunk: int = 256) -> None:
         hint = " (it looks like [-1, 1] model output: map with (x + 1) * 127.5)" if lo >= -1 and hi <= 1 else ""
         raise NpzFormatError(
             f"{path} ({name}) has values in [{lo}, {hi}]; images must lie in [0, 255]{hint}"
+        )
+    if info.dtype.kind == "f" and hi <= 1.0:
+        # Float pixels in [0, 1] would be scored as near-black 0-255 images: a wrong FID, not an error.
+        raise NpzFormatError(
+            f"{path} ({name}) is a float array with values in [{lo}, {hi}]: these look like [0, 1] images, "
+            "but ADM npz pixels are 0-255; convert with np.round(x * 255).clip(0, 255).astype(np.uint8)"
         )
 
 

@@ -29,6 +29,7 @@ def main(argv: list[str]) -> None:
     path = cfg.model_path or sampling.TEACHER_PATH
     model_cfg, diff_cfg, source = sampling.resolve_configs(path, args.overrides)
     model = load_checkpoint(create_model(model_cfg), path).to(dist.dev())
+    diffusion = create_diffusion(diff_cfg)  # validate everything before the manifest binds the output
     shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, sampling.file_sha256(path), dist.dev().type)
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
         bar.update(n if drawn else 0)
 
     stats = sampling.draw_shards(
-        model, create_diffusion(diff_cfg), store, cfg, shape,
+        model, diffusion, store, cfg, shape,
         num_classes=model_cfg.num_classes if model_cfg.class_cond else 0,
         rank=dist.get_rank(), world_size=dist.get_world_size(), device=dist.dev(),
         on_shard=progress,

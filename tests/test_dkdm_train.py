@@ -148,6 +148,49 @@ def test_script_runs_and_resumes(tiny):
     assert (run / "model000004.pt").exists()
 
 
+def test_rerun_with_another_config_is_refused_and_the_saved_config_stays_the_truth(tiny):
+    run = tiny / "run"
+    p = _run([sys.executable, SCRIPT, *_args(tiny, steps=2)])
+    assert p.returncode == 0, p.stderr[-3000:]
+    saved = (run / "config.yaml").read_bytes()
+    files = sorted(os.listdir(run))
+    (tiny / "other_teacher.pt").write_bytes((tiny / "teacher.pt").read_bytes())
+    for flags, field in ((["--predict_xstart"], "diffusion.predict_xstart"), (["--batch_size", "4"], "train.batch_size"),
+                         (["--lr", "2e-3"], "train.lr"), (["--seed", "1"], "train.seed"),
+                         (["--teacher_path", str(tiny / "other_teacher.pt")], "distill.teacher_path")):
+        p = _run([sys.executable, SCRIPT, *_args(tiny, steps=4), *flags])
+        assert p.returncode == 1 and "dkdm_train.py: error:" in p.stderr and field in p.stderr, (flags, p.stderr)
+        assert "different configuration" in p.stderr and "--log_dir" in p.stderr
+        assert (run / "config.yaml").read_bytes() == saved and sorted(os.listdir(run)) == files
+    # Fields that only say when to stop and how often to save may change; the old config is kept.
+    p = _run([sys.executable, SCRIPT, *_args(tiny, steps=4), "--save_interval", "1"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "model000003.pt").exists() and (run / "model000004.pt").exists()
+    assert (run / "config.step000002.yaml").read_bytes() == saved
+    now = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert now["max_steps"] == 4 and now["save_interval"] == 1
+    # A finished run says so and writes nothing.
+    files = {f: (run / f).stat().st_mtime_ns for f in os.listdir(run) if f.endswith(".pt")}
+    p = _run([sys.executable, SCRIPT, *_args(tiny, steps=4), "--save_interval", "1"])
+    assert p.returncode == 0 and "already finished at step 4" in p.stdout
+    assert {f: (run / f).stat().st_mtime_ns for f in os.listdir(run) if f.endswith(".pt")} == files
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--max_steps", "-1"], "--max_steps must be 0 or more"),
+    (["--save_interval", "-5"], "--save_interval must be 0 or more"),
+    (["--lr_anneal_steps", "-2"], "--lr_anneal_steps must be 0 or more"),
+    (["--max_steps", "3000"], "--max_steps 3000 lies past --lr_anneal_steps 1200.*--lr_anneal_steps 3000"),
+])
+def test_step_limits_are_checked_before_anything_runs(flags, match):
+    from dkdm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _script().resolve(flags)  # the digits default has lr_anneal_steps 1200
+    cfgs, _ = _script().resolve(["--max_steps", "3000", "--lr_anneal_steps", "3000"])
+    assert cfgs["train"].max_steps == cfgs["train"].lr_anneal_steps == 3000
+
+
 def test_wrong_teacher_architecture_fails_with_the_checkpoint_message(tiny):
     args = _args(tiny)
     args[args.index("--teacher_arch") + 1] = str(tiny / "student.yaml")

@@ -52,6 +52,8 @@ def _save(path, arr=None, **kw):
         (lambda d: _save(d / "x.npz", np.full((8, 24, 24, 3), -0.5, np.float32)), r"\[-1, 1\]"),
         (lambda d: _save(d / "x.npz", np.full((8, 24, 24, 3), 300.0, np.float32)), "outside|must lie in"),
         (lambda d: _save(d / "x.npz", np.full((8, 24, 24, 3), np.nan, np.float32)), "NaN"),
+        (lambda d: _save(d / "x.npz", np.random.RandomState(0).rand(8, 24, 24, 3).astype(np.float32)),
+         r"look like \[0, 1\] images.*\* 255"),
         (lambda d: _save(d / "x.npz", np.zeros((8, 32, 32, 3), np.uint8)), "image sizes differ"),
         (lambda d: _save(d / "x.npz", np.zeros((1, 24, 24, 3), np.uint8)), "1 image"),
         (lambda d: str(np.save(d / "x.npy", np.zeros((8, 24, 24, 3), np.uint8))) and str(d / "x.npy"), "not an .npz"),
@@ -63,6 +65,22 @@ def test_bad_sample_batches_fail_before_tensorflow_runs(make, match, batches, tm
     bad = make(tmp_path)
     with pytest.raises(NpzFormatError, match=match):
         ev.validate_batches(batches[0], bad)
+
+
+@pytest.mark.parametrize(
+    "arr, match",
+    [
+        (np.random.RandomState(0).rand(10, 24, 24, 3).astype(np.float32), r"\[0, 1\] images"),
+        (np.full((10, 24, 24, 3), 300.0, np.float32), "must lie in"),
+        (np.full((10, 24, 24, 3), -0.5, np.float32), r"\[-1, 1\]"),
+        (np.full((10, 24, 24, 3), np.inf, np.float64), "infinite"),
+    ],
+)
+def test_bad_reference_values_are_refused_too(arr, match, batches, tmp_path):
+    bad_ref = _save(tmp_path / "ref_bad.npz", arr)
+    with pytest.raises(NpzFormatError, match=match) as e:
+        ev.validate_batches(bad_ref, batches[1])
+    assert "ref_bad.npz" in str(e.value)  # the message names the reference file, not the samples
 
 
 def test_float_images_in_range_are_accepted(batches, tmp_path):

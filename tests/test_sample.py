@@ -136,6 +136,21 @@ def test_shards_of_another_run_are_refused(ckpt, tmp_path, counter):
     assert not (tmp_path / "s.npz").exists()
 
 
+def test_a_refused_call_does_not_bind_its_output(ckpt, tmp_path, counter):
+    """Bad settings are refused before a manifest exists; a manifest without shards binds nothing."""
+    out = tmp_path / "s.npz"
+    with pytest.raises(ValueError, match="timestep_respacing|steps"):
+        _sample(ckpt, out, "--timestep_respacing", "1000")  # more steps than the diffusion's 4
+    with pytest.raises(sampling.SamplingError, match="precision"):
+        _sample(ckpt, out, "--precision", "fp8")
+    assert not (tmp_path / "s.shards" / sampling.MANIFEST).exists() and counter["calls"] == 0
+    # A manifest left by a run that stopped before its first shard does not block other settings.
+    (tmp_path / "s.shards").mkdir()
+    (tmp_path / "s.shards" / sampling.MANIFEST).write_text('{"seed": 123}')
+    _sample(ckpt, out, "--timestep_respacing", "2")
+    assert _load(out)["arr_0"].shape == (20, 8, 8, 1) and counter["calls"] == 3
+
+
 def test_unwritable_output_fails_before_sampling(ckpt, tmp_path, counter):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

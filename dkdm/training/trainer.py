@@ -28,9 +28,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dkdm import dist, logger
-from dkdm.config import TrainConfig, dump_yaml, to_dict
+from dkdm.config import ConfigError, TrainConfig, differences, dump_yaml, load_yaml, to_dict
 from dkdm.training import checkpoint as ckpt
 from dkdm.training.precision import Precision, growth_interval_from_rate
+
+# Fields a rerun on an existing run directory may change: they decide when the run stops, how
+# often it logs and saves, and where things go, never what a step computes. Any other change
+# is refused, since the resumed run would silently be half one configuration, half another.
+SAFE_TO_CHANGE = frozenset({
+    "train.max_steps", "train.save_interval", "train.log_interval", "train.log_dir", "train.num_workers",
+    "train.resume_checkpoint", "distill.prep_checkpoint_s", "distill.pool_cache_dir",
+})
 
 Batch = dict[str, Any]
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -83,7 +91,8 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
-        self.config = to_dict(config_to_save or {"train": cfg})
+        self._config_objs = dict(config_to_save or {"train": cfg})
+        self.config = to_dict(self._config_objs)
         self.extra_state = dict(extra_state or {})
         self.loop_state = dict(loop_state or {})
         self.num_timesteps = getattr(diffusion, "num_timesteps", None)
@@ -118,16 +127,18 @@ class Trainer:
         self._steps_since_dump = 0
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
 
+        resume = self._resume_path()
+        changes = self._check_config(resume)  # every rank refuses alike, before anything is written
         if dist.is_main():
             os.makedirs(run_dir, exist_ok=True)
             stale = ckpt.remove_stale_temporaries(run_dir)
             if stale:
                 logger.log(f"removed {len(stale)} temporary file(s) an interrupted save left in {run_dir}")
-            self._write_config()
         dist.barrier()
-
-        resume = self._resume_path()
         rank_state = self._load(resume) if resume else None
+        if dist.is_main():  # only now is the run known to continue
+            self._write_config(changes)
+        dist.barrier()
 
         # DDP's constructor broadcasts rank 0's parameters and buffers, so every rank starts
         # from identical weights whether they came from a seed or each rank read the files.
@@ -152,8 +163,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _write_config(self) -> None:
-        dump_yaml(self.config, os.path.join(self.run_dir, "config.yaml"))
+    def _check_config(self, resume: str | None) -> list[tuple[str, Any, Any]]:
+        """Compare this run's config with the one saved in ``run_dir``; return the allowed changes.
+
+        The saved ``config.yaml`` is the truth of a run (``sample.py`` reads it). Resuming with a
+        change outside :data:`SAFE_TO_CHANGE` raises :class:`ConfigError` naming every changed
+        field. A field the saved file lacks (written before the field existed) counts as
+        changed only when the new value is not the field's default.
+        """
+        path = os.path.join(self.run_dir, "config.yaml")
+        own = resume and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(self.run_dir)
+        if not own or not os.path.isfile(path):
+            return []
+        saved = load_yaml(path)
+        defaults = {g: to_dict(type(v)()) for g, v in (self._config_objs or {}).items() if hasattr(v, "__dataclass_fields__")}
+        changes = []
+        for key, old, new in differences(saved, self.config):
+            group, _, name = key.partition(".")
+            if old is None and group in saved and defaults.get(group, {}).get(name, object()) == new:
+                continue
+            changes.append((key, old, new))
+        unsafe = [c for c in changes if c[0] not in SAFE_TO_CHANGE]
+        if unsafe:
+            listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in unsafe)
+            raise ConfigError(
+                f"{self.run_dir} holds a run with a different configuration ({listed}); resuming would mix two "
+                f"runs. Rerun with the saved values to continue it, or give a new --log_dir. Only "
+                f"{', '.join(sorted(k.split('.', 1)[1] for k in SAFE_TO_CHANGE))} may change on resume."
+            )
+        return changes
+
+    def _write_config(self, changes: list[tuple[str, Any, Any]]) -> None:
+        """Write ``config.yaml``; after allowed changes the previous one is kept as ``config.stepN.yaml``."""
+        path = os.path.join(self.run_dir, "config.yaml")
+        if changes and os.path.isfile(path):
+            keep = os.path.join(self.run_dir, f"config.step{self.step:06d}.yaml")
+            n = 1
+            while os.path.exists(keep):
+                keep, n = os.path.join(self.run_dir, f"config.step{self.step:06d}.{n}.yaml"), n + 1
+            os.replace(path, keep)
+            logger.log(f"resuming at step {self.step} with {', '.join(f'{k} {a!r} -> {b!r}' for k, a, b in changes)}; "
+                       f"the previous config is kept as {os.path.basename(keep)}")
+        dump_yaml(self.config, path)
 
     def _resume_path(self) -> str | None:
         """The checkpoint to start from: the run directory's newest complete one, unless
@@ -296,6 +347,10 @@ class Trainer:
         is detected at the next log or save, before anything is written.
         """
         c = self.cfg
+        if self.done() and self.step > 0:
+            logger.log(f"{self.run_dir} already finished at step {self.step} (max_steps {c.max_steps}, "
+                       f"lr_anneal_steps {c.lr_anneal_steps}): nothing to train; raise --max_steps to go on")
+            return self.step
         self._tick = time.perf_counter()
         self._steps_since_dump = 0
         while not self.done():
