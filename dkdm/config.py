@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -150,6 +151,13 @@ class DistillConfig:
     prep_checkpoint_s: float = 300.0  # save pool-preparation progress this often (seconds)
     simple_only: bool = False
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
+
+    def __post_init__(self) -> None:
+        dev = self.pool_device
+        if not (dev in ("", "auto", "cpu") or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev)):
+            raise ConfigError(f"--pool_device must be auto (the training device), cpu or cuda[:N], got {dev!r}")
+        if self.teacher_precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"--teacher_precision must be fp32, fp16 or bf16, got {self.teacher_precision!r}")
 
 
 @dataclass

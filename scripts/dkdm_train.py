@@ -110,3 +110,8 @@ if __name__ == "__main__":
     except (ValueError, OSError, MemoryError, FloatingPointError) as e:  # ConfigError, CheckpointError too
         print(f"dkdm_train.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as e:  # torch's own refusals (a device string, a shape): one line unless debugging
+        if os.environ.get("DKDM_DEBUG"):
+            raise
+        print(f"dkdm_train.py: error: {str(e).splitlines()[0]} (DKDM_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -191,6 +191,18 @@ def test_step_limits_are_checked_before_anything_runs(flags, match):
     assert cfgs["train"].max_steps == cfgs["train"].lr_anneal_steps == 3000
 
 
+@pytest.mark.parametrize("flags, match", [
+    (["--pool_device", "gpu"], "--pool_device must be auto"),
+    (["--teacher_precision", "fp8"], "--teacher_precision must be"),
+])
+def test_bad_device_or_precision_is_a_one_line_error(flags, match, tmp_path):
+    p = _run([sys.executable, SCRIPT, *flags, "--max_steps", "1", "--log_dir", str(tmp_path / "r")])
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dkdm_train.py: error:") and match in lines[0]
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
 def test_wrong_teacher_architecture_fails_with_the_checkpoint_message(tiny):
     args = _args(tiny)
     args[args.index("--teacher_arch") + 1] = str(tiny / "student.yaml")
