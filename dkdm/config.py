@@ -273,11 +273,11 @@ def load_yaml(path: str) -> dict:
 
 def dump_yaml(groups: Mapping[str, Any], path: str) -> None:
     """Write resolved configs (group name -> dataclass or dict) to ``path`` as YAML."""
+    from dkdm.fileio import atomic_write
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(groups), f, sort_keys=False)
-    os.replace(tmp, path)  # a reader never sees half a file
+    text = yaml.safe_dump(to_dict(groups), sort_keys=False)
+    atomic_write(path, lambda f: f.write(text), mode="w")  # a reader never sees half a file
 
 
 # --------------------------------------------------------------------------- parsing

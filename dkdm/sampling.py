@@ -21,12 +21,10 @@ pickles, the embedded digits) lives here too, for the reference-batch and mixing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import tarfile
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 
 from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, differences, to_dict
+from dkdm.fileio import atomic_write, file_sha256  # noqa: F401  (file_sha256: the scripts' manifest id)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -63,29 +62,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_npz(path: str, images: np.ndarray, labels: np.ndarray | None = None) -> None:
     """Write ``arr_0`` (and ``arr_1`` when ``labels`` is given) atomically, uncompressed."""
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def save_grid(images: np.ndarray, path: str, nrow: int = 8, min_side: int = 256) -> None:
@@ -103,7 +83,7 @@ def save_grid(images: np.ndarray, path: str, nrow: int = 8, min_side: int = 256)
     scale = max(1, -(-min_side // max(grid.shape[:2])))
     if scale > 1:  # nearest keeps 8x8 digits crisp
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    _atomic_write(path, lambda f: image.save(f, format="PNG"))
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
 def _cifar_pickles(source: str, names: list[str]) -> dict[str, bytes | None]:
@@ -236,15 +216,6 @@ def shard_seed(seed: int, index: int) -> int:
     return int(state[0]) << 31 ^ int(state[1])
 
 
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file (identifies the checkpoint in a shard manifest)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def make_manifest(
     model_cfg: ModelConfig,
     diffusion_cfg: DiffusionConfig,
@@ -320,7 +291,7 @@ class ShardStore:
                 f"{self.directory} holds {len(shards)} shard(s) but no manifest, so their settings are "
                 "unknown; remove that directory or pick another --output"
             )
-        _atomic_write(path, lambda f: f.write(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"), mode="w")
+        atomic_write(path, lambda f: f.write(json.dumps(self.manifest, indent=2, sort_keys=True) + "\n"), mode="w")
 
     def done(self, index: int, size: int) -> bool:
         """True when shard ``index`` is on disk, readable and holds ``size`` images."""

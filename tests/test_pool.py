@@ -1,5 +1,7 @@
 """The dynamic iterative batch pool: preparation, draw/update semantics, variants, state, cache, memory."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -337,3 +339,36 @@ def test_draw_and_update_never_sync_on_cuda(pool_device):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(pool.x).all()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_corrupt_cache_is_named_set_aside_and_rebuilt(tmp_path, damage, capsys):
+    ref, d = _make(batch_size=8)
+    ref.prepare(GaussTeacher(d), teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
+    (cache,) = tmp_path.iterdir()
+    data = cache.read_bytes()
+    cache.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    b, _ = _make(batch_size=8)
+    teacher = GaussTeacher(d)
+    b.prepare(teacher, teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
+    assert teacher.calls > 0 and torch.equal(b.x, ref.x) and torch.equal(b.t, ref.t)  # rebuilt, same pool
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names[0] == cache.name and names[1].startswith(cache.name + ".corrupt-") and len(names) == 2
+    assert cache.read_bytes() == data
+    out = capsys.readouterr()
+    assert str(cache) in out.out + out.err and "set aside" in out.out + out.err
+
+
+def test_stale_temporaries_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f".pool_abc.pt.tmp-{int(dead.stdout)}"
+    live = tmp_path / f".pool_abc.pt.tmp-{os.getppid()}"  # a live process (the test runner's parent)
+    stale.write_bytes(b"half a pool")
+    live.write_bytes(b"being written")
+    a, d = _make(batch_size=8)
+    a.prepare(GaussTeacher(d), teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
+    assert not stale.exists() and live.exists()

@@ -42,6 +42,8 @@ import torch
 from torch import Tensor
 
 from dkdm import logger
+from dkdm.fileio import atomic_save, remove_stale_temporaries
+from dkdm.training.checkpoint import load_file
 
 __all__ = [
     "VARIANTS",
@@ -239,10 +241,20 @@ def _plan(lengths: np.ndarray, slots: int) -> dict[str, np.ndarray]:
     }
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _read_cache(path: str) -> Any | None:
+    """A pool cache file (finished or partial), or None when it was unreadable and set aside.
+
+    The cache may be shared between runs and people, so a truncated or empty file (a full
+    disk, a copy that stopped) is named, renamed to ``<file>.corrupt-<time>`` and rebuilt.
+    """
+    try:
+        return load_file(path)
+    except ValueError as e:
+        bad = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, bad)
+        reason = str(e).split("(", 1)[-1].split(");", 1)[0]
+        logger.warn(f"pool: the cache file {path} cannot be read ({reason}); set aside as {bad}, preparing afresh")
+        return None
 
 
 # --------------------------------------------------------------------------- the pool
@@ -483,15 +495,17 @@ class DynamicPool:
             os.makedirs(cache_dir, exist_ok=True)
             done_path = os.path.join(cache_dir, f"pool_{key}.pt")
             part_path = os.path.join(cache_dir, f"pool_{key}.partial.pt")
-            if os.path.isfile(done_path):
-                self.load_state_dict(torch.load(done_path, map_location="cpu", weights_only=False))
+            remove_stale_temporaries(cache_dir, "pool_*")
+            cached = _read_cache(done_path) if os.path.isfile(done_path) else None
+            if cached is not None:
+                self.load_state_dict(cached)
                 logger.log(f"pool: reusing prepared pool {done_path}")
                 self.prep_stats = {"cached": 1.0}
                 return
         self._shuffle_denoise(teacher_fn, part_path, checkpoint_every_s, checkpoint_every, progress)
         self.prepared = True
         if done_path:
-            _atomic_save(self.state_dict(), done_path)
+            atomic_save(self.state_dict(), done_path)
             if os.path.isfile(part_path):
                 os.remove(part_path)
             logger.log(f"pool: saved prepared pool to {done_path}")
@@ -518,8 +532,7 @@ class DynamicPool:
         y_dev = self.y.to(dev) if self.y is not None else None
 
         start = 0
-        state = torch.load(part_path, map_location="cpu", weights_only=False) if part_path and os.path.isfile(
-            part_path) else None
+        state = _read_cache(part_path) if part_path and os.path.isfile(part_path) else None
         if state is not None:
             self.load_state_dict(state["pool"])
             x_act, t_act, e_act = state["x_act"].to(dev), state["t_act"].to(dev), state["e_act"].to(dev)
@@ -548,7 +561,7 @@ class DynamicPool:
         def save_progress(k: int) -> None:
             if not part_path:
                 return
-            _atomic_save(
+            atomic_save(
                 {"iter": k, "pool": self.state_dict(), "x_act": x_act.cpu(), "t_act": t_act.cpu(),
                  "e_act": e_act.cpu(), "y_act": y_act.cpu() if y_act is not None else None},
                 part_path,

@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dkdm import fileio
+from dkdm.fileio import atomic_save  # noqa: F401  (re-exported: the trainer's and loops' writer)
+
 _STEP_RE = re.compile(r"(\d{6,})\.pt$")
-_TMP_MARK = ".tmp-"
 
 
 def model_path(run_dir: str, step: int) -> str:
@@ -58,52 +60,9 @@ def parse_step(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj)`` to ``path`` so that ``path`` is either the old file or the new one.
-
-    Writes a hidden temporary file in the same directory, fsyncs it, renames it over
-    ``path`` and fsyncs the directory. On any failure the temporary file is removed and
-    the exception propagates; ``path`` (if it existed) is untouched.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}{_TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
 def remove_stale_temporaries(run_dir: str) -> list[str]:
     """Delete temporary files a killed save left in ``run_dir``; return their paths."""
-    stale = glob.glob(os.path.join(run_dir, f".*.pt{_TMP_MARK}*"))
-    for p in stale:
-        try:
-            os.remove(p)
-        except OSError:
-            pass
-    return stale
+    return fileio.remove_stale_temporaries(run_dir, "*.pt")
 
 
 def complete_steps(run_dir: str) -> list[int]:

@@ -28,7 +28,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dkdm import dist, logger
-from dkdm.config import ConfigError, TrainConfig, differences, dump_yaml, load_yaml, to_dict
+from dkdm.config import (
+    ConfigError,
+    TrainConfig,
+    differences,
+    dump_yaml,
+    load_yaml,
+    to_dict,
+)
 from dkdm.training import checkpoint as ckpt
 from dkdm.training.precision import Precision, growth_interval_from_rate
 

@@ -1,0 +1,46 @@
+"""dkdm.fileio: the one atomic writer, its disk-full message, stale temporaries."""
+
+import os
+import subprocess
+
+import pytest
+import torch
+
+from dkdm.fileio import DiskFullError, atomic_save, atomic_write, file_sha256
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 256 KiB tmpfs (needs root, as on the development machines and CI; skipped elsewhere)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                           capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_disk_full_is_said_in_words_and_the_old_file_survives(tiny_fs):
+    path = tiny_fs / "model000010.pt"
+    atomic_save({"w": torch.zeros(100)}, str(path))
+    old = path.read_bytes()
+    with pytest.raises(DiskFullError) as e:
+        atomic_save({"w": torch.zeros(1 << 20)}, str(path))  # 4 MiB into 256 KiB
+    msg = str(e.value)
+    assert "disk full while writing" in msg and str(path) in msg and "previous file there is intact" in msg
+    assert path.read_bytes() == old and sorted(os.listdir(tiny_fs)) == ["model000010.pt"]  # no temporary left
+    with pytest.raises(DiskFullError, match="nothing was written there"):
+        atomic_write(str(tiny_fs / "new.bin"), lambda f: f.write(b"x" * (1 << 20)))
+    assert sorted(os.listdir(tiny_fs)) == ["model000010.pt"]
+
+
+def test_atomic_write_replaces_whole_files_and_hashes(tmp_path):
+    path = tmp_path / "a.txt"
+    atomic_write(str(path), lambda f: f.write("one"), mode="w")
+    atomic_write(str(path), lambda f: f.write(b"two"))
+    assert path.read_text() == "two" and os.listdir(tmp_path) == ["a.txt"]
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(str(path), lambda f: (f.write(b"half"), 1 / 0))
+    assert path.read_text() == "two" and os.listdir(tmp_path) == ["a.txt"]
+    assert file_sha256(str(path)) == "3fc4ccfe745870e2c0d99f71f30ff0656c8dedd41cc1d7d3d376b0dbe685e2f3"
