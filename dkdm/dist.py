@@ -8,6 +8,11 @@ Three ways to start, picked from the environment by :func:`setup_dist`:
   single-process use needs no MPI installation.
 * ``torchrun --nproc_per_node N script.py`` -- the ``RANK`` / ``WORLD_SIZE`` /
   ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables torchrun sets.
+* ``srun -n N python script.py`` under SLURM without an MPI plugin -- ``SLURM_PROCID`` /
+  ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID`` give rank, world and local rank; rank 0's
+  address is ``MASTER_ADDR`` (loopback when the step runs on one node; required across
+  nodes) and the port ``MASTER_PORT`` or one derived from ``SLURM_JOB_ID``, so every task
+  agrees without talking first.
 * a plain ``python script.py`` -- a world of one. A process group of size one is still
   created, backed by an in-process ``HashStore`` (no port, no network, ~1 ms), so
   ``DistributedDataParallel`` and every collective work unchanged; with one rank they
@@ -58,6 +63,31 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and not launched_by_mpi()
 
 
+def launched_by_slurm() -> bool:
+    """True for a task of a multi-task ``srun`` step that no MPI launcher or torchrun started."""
+    try:
+        tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    except ValueError:
+        tasks = 1
+    return tasks > 1 and "SLURM_PROCID" in os.environ and not launched_by_mpi() and "RANK" not in os.environ
+
+
+def _slurm_env() -> dict[str, str]:
+    """torchrun-style variables for this SLURM task; refuses what cannot work."""
+    env = os.environ
+    rank, size = env["SLURM_PROCID"], env["SLURM_STEP_NUM_TASKS"]
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")) or 1)
+    addr = env.get("MASTER_ADDR") or ("127.0.0.1" if nodes == 1 else "")
+    if not addr:
+        raise RuntimeError(
+            f"this srun step spans {nodes} nodes: set MASTER_ADDR to the first node's hostname, e.g. "
+            "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1), and rerun"
+        )
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    return {"RANK": rank, "WORLD_SIZE": size, "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr,
+            "MASTER_PORT": port}
+
+
 def launch_rank() -> int:
     """This process's rank as its launcher announced it, readable before :func:`setup_dist`.
 
@@ -65,7 +95,7 @@ def launch_rank() -> int:
     """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    for var in _MPI_RANK_VARS + ("RANK",):
+    for var in _MPI_RANK_VARS + ("RANK",) + (("SLURM_PROCID",) if launched_by_slurm() else ()):
         if var in os.environ:
             try:
                 return int(os.environ[var])
@@ -140,8 +170,10 @@ def setup_dist(backend: str | None = None) -> None:
     if launched_by_mpi():
         _LAUNCHER = "mpi"
         _setup_mpi(backend)
-    elif launched_by_torchrun():
-        _LAUNCHER = "torchrun"
+    elif launched_by_torchrun() or launched_by_slurm():
+        _LAUNCHER = "torchrun" if launched_by_torchrun() else "slurm"
+        if _LAUNCHER == "slurm":
+            os.environ.update(_slurm_env())
         _LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
         _set_device()
         dist.init_process_group(backend=backend, init_method="env://")
@@ -155,7 +187,7 @@ def setup_dist(backend: str | None = None) -> None:
 
 
 def launcher() -> str:
-    """How :func:`setup_dist` started this process: ``mpi``, ``torchrun``, ``single`` or ``none``."""
+    """How :func:`setup_dist` started this process: ``mpi``, ``torchrun``, ``slurm``, ``single`` or ``none``."""
     return _LAUNCHER
 
 

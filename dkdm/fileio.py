@@ -10,11 +10,15 @@ reports it as an obscure ``RuntimeError``).
 
 from __future__ import annotations
 
+import atexit
 import errno
 import glob
 import hashlib
+import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -126,3 +130,70 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- one run per directory
+
+LOCK_NAME = "run.lock"
+
+
+class RunDirectoryLocked(OSError):
+    """Another live process holds the run directory; the message names it and what to do."""
+
+
+def acquire_lock(directory: str) -> str | None:
+    """Take ``directory/run.lock`` for this process (host, pid, start time); return a note or None.
+
+    A lock left by a process that no longer exists on this host is stale and taken over (the
+    returned note says so); a lock of this very process is kept (re-entrant). A live holder,
+    or one on another host whose state cannot be checked from here, raises
+    :class:`RunDirectoryLocked`. Released at exit, or by :func:`release_lock`.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, LOCK_NAME)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    note = None
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    holder = json.load(f)
+                host, pid = str(holder["host"]), int(holder["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                if time.time() - os.path.getmtime(path) < 10:  # being written this instant
+                    time.sleep(0.5)
+                    continue
+                host, pid = me["host"], -1  # unreadable and old: a writer died mid-write
+            if host == me["host"] and pid == me["pid"]:
+                return None
+            if host == me["host"] and (pid < 0 or not _alive(pid)):
+                os.remove(path)
+                note = f"removed a stale lock of process {pid} (no longer running) from {directory}"
+                continue
+            where = "this host" if host == me["host"] else f"host {host}"
+            raise RunDirectoryLocked(
+                errno.EBUSY,
+                f"{directory} is in use by process {pid} on {where} (since {holder.get('since', '?')}); two "
+                "runs writing one directory would corrupt it. Stop that process first (leftover workers of a "
+                f"killed launcher, e.g. `kill {pid}`), or use another --log_dir"
+                + ("" if host == me["host"] else f"; if that run is gone, delete {path}"),
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_lock, directory)
+        return note
+    raise RunDirectoryLocked(errno.EBUSY, f"could not take {path}: it keeps changing; is another run starting?")
+
+
+def release_lock(directory: str) -> None:
+    """Remove ``directory/run.lock`` if this process holds it."""
+    path = os.path.join(directory, LOCK_NAME)
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
+            os.remove(path)
+    except (OSError, ValueError):
+        pass

@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 
@@ -191,6 +192,26 @@ def test_step_limits_are_checked_before_anything_runs(flags, match):
     assert cfgs["train"].max_steps == cfgs["train"].lr_anneal_steps == 3000
 
 
+def test_one_run_per_directory_and_stale_locks(tiny):
+    run = tiny / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dkdm.fileio import acquire_lock; "
+                               "acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(120)", str(run)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        p = _run([sys.executable, SCRIPT, *_args(tiny, steps=2)])
+        assert p.returncode == 1 and f"is in use by process {holder.pid} on this host" in p.stderr, p.stderr[-2000:]
+        assert not (run / "config.yaml").exists() and not list(run.glob("*.pt"))
+    finally:
+        holder.kill()  # SIGKILL: no exit handler runs, the lock file stays behind
+        holder.wait()
+    assert (run / "run.lock").exists()
+    p = _run([sys.executable, SCRIPT, *_args(tiny, steps=2)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"removed a stale lock of process {holder.pid}" in p.stdout and (run / "model000002.pt").exists()
+    assert not (run / "run.lock").exists()  # released at the end
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--pool_device", "gpu"], "--pool_device must be auto"),
     (["--teacher_precision", "fp8"], "--teacher_precision must be"),
@@ -257,6 +278,45 @@ def test_two_ranks_have_different_pools_and_identical_students(tiny, launcher):
     driver.write_text(DRIVER.format(root=ROOT, script=SCRIPT))
     p = _run([*launcher, str(driver), *_args(tiny, steps=3)], timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    _check_two_ranks(tiny)
+
+
+@pytest.mark.mpi
+def test_two_slurm_tasks_on_two_nodes_over_loopback(tiny):
+    """Two separate launches, as srun starts one task per node: rank and world from SLURM_* alone."""
+    driver = tiny / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT, script=SCRIPT))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env.update(OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="0",
+                   SLURM_STEP_NUM_NODES="2", SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(driver), *_args(tiny, steps=3)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "2 process(es)" in outs[0][0]
+    _check_two_ranks(tiny)
+
+
+def test_a_multi_node_slurm_step_without_master_addr_is_refused(monkeypatch):
+    from dkdm import dist
+
+    for k, v in {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert dist.launched_by_slurm() and dist.launch_rank() == 1
+    with pytest.raises(RuntimeError, match="set MASTER_ADDR"):
+        dist._slurm_env()
+    monkeypatch.setenv("SLURM_STEP_NUM_NODES", "1")
+    assert dist._slurm_env()["MASTER_ADDR"] == "127.0.0.1"
+
+
+def _check_two_ranks(tiny):
     r0, r1 = (torch.load(tiny / "run" / f"final_rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["pool_x"].shape[0] == 40  # round(0.5 * 20) * (8 / 2 ranks)
     assert not torch.equal(r0["pool_x"], r1["pool_x"]) and not torch.equal(r0["pool_t"], r1["pool_t"])

@@ -27,7 +27,7 @@ import torch.distributed
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
-from dkdm import dist, logger
+from dkdm import dist, fileio, logger
 from dkdm.config import (
     ConfigError,
     TrainConfig,
@@ -134,6 +134,17 @@ class Trainer:
         self._steps_since_dump = 0
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
 
+        error = None
+        if dist.is_main():  # one run per directory: a second launch stops here, before writing
+            try:
+                note = fileio.acquire_lock(run_dir)
+                if note:
+                    logger.log(note)
+            except fileio.RunDirectoryLocked as e:
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error:
+            raise fileio.RunDirectoryLocked(error)
         resume = self._resume_path()
         changes = self._check_config(resume)  # every rank refuses alike, before anything is written
         if dist.is_main():
@@ -357,6 +368,8 @@ class Trainer:
         if self.done() and self.step > 0:
             logger.log(f"{self.run_dir} already finished at step {self.step} (max_steps {c.max_steps}, "
                        f"lr_anneal_steps {c.lr_anneal_steps}): nothing to train; raise --max_steps to go on")
+            if dist.is_main():
+                fileio.release_lock(self.run_dir)
             return self.step
         self._tick = time.perf_counter()
         self._steps_since_dump = 0
@@ -370,6 +383,8 @@ class Trainer:
             self.dump_logs()
         if self._last_saved != self.step:
             self.save()
+        if dist.is_main():
+            fileio.release_lock(self.run_dir)
         return self.step
 
     def run_step(self, next_batch: Callable[[], Batch], loss_fn: LossFn) -> None:
