@@ -194,8 +194,9 @@ def test_step_limits_are_checked_before_anything_runs(flags, match):
 
 def test_one_run_per_directory_and_stale_locks(tiny):
     run = tiny / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dkdm.fileio import acquire_lock; "
-                               "acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(120)", str(run)],
+    code = ("import sys, time; from dkdm.fileio import acquire_lock; "
+            "acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     try:
         assert holder.stdout.readline().strip() == "locked"
