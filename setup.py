@@ -17,6 +17,7 @@ setup(
         "pillow",
         "pyyaml",
         "scikit-learn",
+        "safetensors",
     ],
     extras_require={
         "mpi": ["mpi4py", "mpich"],

@@ -107,6 +107,8 @@ class TrainConfig:
     save_interval: int = 10000
     log_dir: str = ""
     resume_checkpoint: str = ""
+    save_safetensors: bool = False  # also write model/EMA weights as .safetensors beside the .pt files
+    trust_checkpoints: bool = False  # allow optNNNNNN.pt / pool files that need arbitrary unpickling (old or foreign)
     seed: int = 0
     num_workers: int = 2
     deterministic: bool = False

@@ -192,6 +192,34 @@ def test_step_limits_are_checked_before_anything_runs(flags, match):
     assert cfgs["train"].max_steps == cfgs["train"].lr_anneal_steps == 3000
 
 
+def test_safetensors_beside_the_pt_files_load_and_sample_the_same(tiny):
+    from safetensors.torch import load_file
+
+    from dkdm.models.checkpoints import read_state_dict
+
+    p = _run([sys.executable, SCRIPT, *_args(tiny, steps=2), "--save_safetensors"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = tiny / "run"
+    for name in ("model000002", "ema_0.99_000002"):
+        pt, st = read_state_dict(str(run / f"{name}.pt")), load_file(str(run / f"{name}.safetensors"))
+        assert set(pt) == set(st) and all(torch.equal(pt[k], st[k]) for k in pt)
+        assert read_state_dict(str(run / f"{name}.safetensors")).keys() == pt.keys()
+    sample = os.path.join(ROOT, "scripts", "sample.py")
+    for ext in ("pt", "safetensors"):
+        q = _run([sys.executable, sample, "--model_path", str(run / f"ema_0.99_000002.{ext}"), "--num_samples", "8",
+                  "--batch_size", "8", "--timestep_respacing", "4", "--output", str(tiny / f"s_{ext}.npz")])
+        assert q.returncode == 0, q.stderr[-2000:]
+    import numpy as np
+
+    a, b = (np.load(tiny / f"s_{e}.npz")["arr_0"] for e in ("pt", "safetensors"))
+    assert np.array_equal(a, b)
+    (run / "broken.safetensors").write_bytes(b"\x00" * 16)
+    from dkdm.models import CheckpointError
+
+    with pytest.raises(CheckpointError, match="cannot be read as safetensors"):
+        read_state_dict(str(run / "broken.safetensors"))
+
+
 def test_one_run_per_directory_and_stale_locks(tiny):
     run = tiny / "run"
     code = ("import sys, time; from dkdm.fileio import acquire_lock; "

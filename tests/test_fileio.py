@@ -44,3 +44,33 @@ def test_atomic_write_replaces_whole_files_and_hashes(tmp_path):
         atomic_write(str(path), lambda f: (f.write(b"half"), 1 / 0))
     assert path.read_text() == "two" and os.listdir(tmp_path) == ["a.txt"]
     assert file_sha256(str(path)) == "3fc4ccfe745870e2c0d99f71f30ff0656c8dedd41cc1d7d3d376b0dbe685e2f3"
+
+
+class _Payload:
+    """Unpickling this runs code: it deletes the canary file."""
+
+    def __init__(self, canary):
+        self.canary = canary
+
+    def __reduce__(self):
+        return (os.remove, (self.canary,))
+
+
+def test_trainer_files_load_weights_only_and_code_is_refused(tmp_path):
+    import numpy as np
+
+    from dkdm.training.checkpoint import UntrustedFileError, load_file, rng_state
+
+    ours = tmp_path / "opt000001.pt"
+    torch.save({"step": 1, "rank_states": [{"rng": rng_state()}], "optimizer": {"state": {}}}, ours)
+    loaded = load_file(str(ours))  # numpy generator states are allow-listed, nothing else is needed
+    assert isinstance(loaded["rank_states"][0]["rng"]["numpy"][1], np.ndarray)
+    canary = tmp_path / "canary"
+    canary.write_text("still here")
+    evil = tmp_path / "pool000001.pt"
+    torch.save({"x": torch.zeros(2), "payload": _Payload(str(canary))}, evil)
+    with pytest.raises(UntrustedFileError, match="--trust_checkpoints") as e:
+        load_file(str(evil))
+    assert str(evil) in str(e.value) and canary.exists()
+    load_file(str(evil), trusted=True)  # the user vouched for it: plain torch.load
+    assert not canary.exists()

@@ -9,7 +9,9 @@ Formats understood by ``read_state_dict``:
     ``"state_dict"``. Pass ``key=`` to choose explicitly;
   * DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes are stripped when
     every key carries them.
-Files are opened with ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+  * ``.safetensors`` files (the ``safetensors`` library; what ``--save_safetensors`` writes
+    beside the ``.pt`` files).
+Files are opened with ``torch.load(weights_only=True)`` or safetensors, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, torch.Tensor
         raise CheckpointError(
             f"checkpoint file {path} is empty (0 bytes); the save was interrupted, use another file"
         )
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
     try:
         # DiT's training checkpoints carry their argparse Namespace; allow just that.
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -114,6 +118,31 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, torch.Tensor
             "re-download or re-copy it, or use an earlier checkpoint of the run"
         ) from None
     return unwrap_state_dict(obj, source=f"checkpoint file {path}", key=key)
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path} is a safetensors file: pip install safetensors (the dev extra has it)") from None
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint file {path} ({os.path.getsize(path):,} bytes) cannot be read as safetensors "
+            f"({type(e).__name__}: {str(e)[:200]}); re-copy it, or use an earlier checkpoint of the run"
+        ) from None
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
+    """Write a model state dict as ``.safetensors`` (atomically; tensors made contiguous, on the CPU)."""
+    from safetensors.torch import save
+
+    from dkdm.fileio import atomic_write
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _signature(sd: Mapping[str, torch.Tensor]) -> frozenset:

@@ -83,22 +83,51 @@ def find_resume_checkpoint(run_dir: str) -> str | None:
     return model_path(run_dir, steps[-1]) if steps else None
 
 
-def load_file(path: str, map_location: Any = "cpu") -> Any:
-    """Load a trainer-written file (optimizer / extra state), naming the file on failure.
+def _numpy_globals() -> list[Any]:
+    core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    kinds = (np.bool_, np.uint8, np.int32, np.uint32, np.int64, np.uint64, np.float32, np.float64)
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *{type(np.dtype(k)) for k in kinds}]
 
-    These files hold RNG states and numpy arrays, so they are loaded with
-    ``weights_only=False``: only load checkpoints you (or your runs) wrote. Model and EMA
-    files are plain state dicts and are read weights-only by the model loader.
+
+class UntrustedFileError(ValueError):
+    """A file would need arbitrary unpickling to load; the message says how to allow it."""
+
+
+def load_file(path: str, map_location: Any = "cpu", trusted: bool = False) -> Any:
+    """Load a trainer-written file (optimizer / extra state / pool cache), naming the file on failure.
+
+    Read with ``weights_only=True``: tensors, numbers, strings, containers and, allow-listed,
+    the numpy arrays of generator states -- nothing that can run code. A file that needs more
+    (written by other code, or tampered with) raises :class:`UntrustedFileError` unless
+    ``trusted`` (``--trust_checkpoints``) says the user vouches for it.
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as e:
-        raise ValueError(
-            f"checkpoint file {path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
-            "or corrupted: delete this checkpoint's files to resume from an older one"
-        ) from None
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower() and "weights_only" not in str(e).lower():
+            raise _unreadable(path, e) from None
+        if not trusted:
+            unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)[:4]) or "objects"
+            raise UntrustedFileError(
+                f"{path} holds {unsafe} beyond tensors and plain data; unpickling it could run code. If you "
+                "wrote it or trust its source, rerun with --trust_checkpoints"
+            ) from None
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as e2:
+            raise _unreadable(path, e2) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, e: BaseException) -> ValueError:
+    return ValueError(
+        f"checkpoint file {path} cannot be read ({type(e).__name__}: {e}); it may be truncated "
+        "or corrupted: delete this checkpoint's files to resume from an older one"
+    )
 
 
 # --------------------------------------------------------------------------- RNG

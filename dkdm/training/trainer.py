@@ -36,6 +36,7 @@ from dkdm.config import (
     load_yaml,
     to_dict,
 )
+from dkdm.models.checkpoints import save_safetensors
 from dkdm.training import checkpoint as ckpt
 from dkdm.training.precision import Precision, growth_interval_from_rate
 
@@ -44,7 +45,7 @@ from dkdm.training.precision import Precision, growth_interval_from_rate
 # is refused, since the resumed run would silently be half one configuration, half another.
 SAFE_TO_CHANGE = frozenset({
     "train.max_steps", "train.save_interval", "train.log_interval", "train.log_dir", "train.num_workers",
-    "train.resume_checkpoint", "distill.prep_checkpoint_s", "distill.pool_cache_dir",
+    "train.resume_checkpoint", "train.trust_checkpoints", "train.save_safetensors", "distill.prep_checkpoint_s", "distill.pool_cache_dir",
 })
 
 Batch = dict[str, Any]
@@ -268,7 +269,8 @@ class Trainer:
         if not os.path.isfile(opt_file):
             logger.warn(f"no {os.path.basename(opt_file)}: optimizer, RNG and data stream start afresh at step {step}")
             return None
-        state = ckpt.load_file(opt_file, map_location=self.device)
+        trusted = self.cfg.trust_checkpoints
+        state = ckpt.load_file(opt_file, map_location=self.device, trusted=trusted)
         self.opt.load_state_dict(state["optimizer"])
         self.precision.load_state_dict(state["precision"])
         if state["step"] != step:
@@ -277,7 +279,7 @@ class Trainer:
         for name, obj in self.extra_state.items():
             p = ckpt.extra_path(directory, name, step, self.rank)
             if os.path.isfile(p):
-                obj.load_state_dict(ckpt.load_file(p, map_location=self.device))
+                obj.load_state_dict(ckpt.load_file(p, map_location=self.device, trusted=trusted))
             else:
                 logger.warn(f"no {os.path.basename(p)}: '{name}' starts afresh")
         ranks = state.get("rank_states", [])
@@ -321,9 +323,12 @@ class Trainer:
         mine = {"rng": ckpt.rng_state(), "loop": {k: v.state_dict() for k, v in self.loop_state.items()}}
         rank_states = dist.all_gather_object(mine)
         if dist.is_main():
-            ckpt.atomic_save(_cpu(self.model.state_dict()), ckpt.model_path(d, step))
-            for rate in self.ema_rates:
-                ckpt.atomic_save(_cpu(self.ema_state_dict(rate)), ckpt.ema_path(d, rate, step))
+            weights = {ckpt.model_path(d, step): _cpu(self.model.state_dict())}
+            weights.update({ckpt.ema_path(d, rate, step): _cpu(self.ema_state_dict(rate)) for rate in self.ema_rates})
+            for path, sd in weights.items():
+                ckpt.atomic_save(sd, path)
+                if self.cfg.save_safetensors:
+                    save_safetensors(sd, path[: -len(".pt")] + ".safetensors")
         dist.barrier()
         if dist.is_main():
             state = {
