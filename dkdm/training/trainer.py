@@ -311,6 +311,15 @@ class Trainer:
         Per-rank extra files first, then model and EMAs, then -- once every rank has
         finished -- ``optNNNNNN.pt``, whose presence marks the checkpoint complete.
         """
+        try:
+            self._save()
+        except fileio.DiskFullError as e:
+            last = f"step {self._last_saved}" if self._last_saved >= 0 else "none yet"
+            raise fileio.DiskFullError(
+                e.errno, f"{e.strerror}. The checkpoint of step {self.step} is incomplete and is ignored on resume; "
+                f"the last complete checkpoint ({last}) is intact") from None
+
+    def _save(self) -> None:
         step, d = self.step, self.run_dir
         self._check_finite()
         if dist.is_main() and os.path.exists(ckpt.opt_path(d, step)):
