@@ -7,13 +7,13 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all demo lint clean
+.PHONY: install test test-slow test-all demo paper lint clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[mpi,eval,dev]"
+	$(PY) -m pip install -q -e ".[mpi,eval,dev,paper]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +26,10 @@ test-slow: install
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+# The paper's tables and figures at small scale (docs/paper_tables.md); resumable, tens of minutes.
+paper: install
+	$(PY) benchmarks/paper_tables.py --jobs 2
 
 lint: install
 	$(VENV)/bin/ruff check dkdm scripts evaluations tests benchmarks

@@ -22,6 +22,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py", "mpich"],
         "eval": ["tensorflow-cpu", "requests"],
-        "dev": ["pytest", "ruff"],
+        "paper": ["matplotlib"],  # benchmarks/paper_tables.py figures
+        "dev": ["pytest", "ruff", "matplotlib"],
     },
 )

@@ -152,6 +152,7 @@ class DistillConfig:
     warmup_exact: int = 10  # respaced warm-up: exact ancestral steps before each end step
     prep_checkpoint_s: float = 300.0  # save pool-preparation progress this often (seconds)
     simple_only: bool = False
+    clip_teacher_mean: bool = False  # True: the official release's variance term (teacher mean from clipped x_0)
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
 
     def __post_init__(self) -> None:

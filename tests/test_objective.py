@@ -77,6 +77,25 @@ def test_matches_float64_hand_computation(batch):
     assert (vb > 0).all()
 
 
+def test_clip_teacher_mean_reproduces_the_official_variance_term(batch):
+    """The official release's KL target: the teacher's mean from its x_0 clipped to [-1, 1]."""
+    x, t, tout, sout = batch
+    x = x * 3  # make the teacher's x_0 leave [-1, 1] so the clip matters
+    xn, tn, to, so = x.numpy(), t.numpy(), tout.numpy(), sout.numpy()
+    betas, abar, plv, c1, c2 = _schedule()
+    shape = (-1, 1, 1, 1)
+    _, lvt, x0 = _hand_gaussian(to[:, :C], to[:, C:], xn, tn)
+    mt = c1[tn].reshape(shape) * np.clip(x0, -1, 1) + c2[tn].reshape(shape) * xn
+    ms, lvs, _ = _hand_gaussian(so[:, :C], so[:, C:], xn, tn)
+    official = DKDMObjective(_diff(), _diff(), clip_teacher_mean=True).terms(sout, tout, x, t)
+    np.testing.assert_allclose(official["vb"].detach().numpy(), _hand_kl_bits(mt, lvt, ms, lvs), rtol=1e-9)
+    ours = DKDMObjective(_diff(), _diff()).terms(sout, tout, x, t)
+    torch.testing.assert_close(official["mse"], ours["mse"], rtol=0, atol=0)  # L*_simple is unchanged
+    # A perfect copy of the teacher: zero KL for ours, positive for the official target.
+    assert DKDMObjective(_diff(), _diff()).terms(tout, tout, x, t)["vb"].abs().max() < 1e-12
+    assert (DKDMObjective(_diff(), _diff(), clip_teacher_mean=True).terms(tout, tout, x, t)["vb"] > 0).any()
+
+
 def test_rescaled_learned_sigmas_weights_vb_by_T_over_1000(batch):
     x, t, tout, sout = batch
     plain = DKDMObjective(_diff(), _diff()).terms(sout, tout, x, t)

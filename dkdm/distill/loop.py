@@ -107,7 +107,8 @@ class DistillLoop:
 
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.teacher_diffusion, self.student_diffusion = teacher_diffusion, student_diffusion
-        self.objective = DKDMObjective(teacher_diffusion, student_diffusion, simple_only=distill.simple_only)
+        self.objective = DKDMObjective(teacher_diffusion, student_diffusion, simple_only=distill.simple_only,
+                                       clip_teacher_mean=distill.clip_teacher_mean)
         for w in self.objective.warnings:
             logger.warn(w)
 

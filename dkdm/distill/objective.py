@@ -125,13 +125,22 @@ class DKDMObjective:
     With a student trained by pure KL (``use_kl``), the loss is the KL alone with the mean
     *not* detached (times ``T`` under ``RESCALED_KL``), the analogue of guided-diffusion's
     KL loss type.
+
+    ``clip_teacher_mean=True`` reproduces the official DKDM release instead: there the variance
+    term compares the student with the teacher's mean computed from its *clipped* x_0
+    prediction (its configs set ``clip_denoised: true``). The target is then not the teacher's
+    reverse step but its sampler's, and a student identical to the teacher still pays a
+    positive KL wherever the teacher's x_0 leaves [-1, 1]. Only the variance term changes; the
+    ``L*_simple`` target is the raw prediction either way.
     """
 
-    def __init__(self, teacher_diffusion: Any, student_diffusion: Any, simple_only: bool = False) -> None:
+    def __init__(self, teacher_diffusion: Any, student_diffusion: Any, simple_only: bool = False,
+                 clip_teacher_mean: bool = False) -> None:
         self.warnings = check_compatible(teacher_diffusion, student_diffusion, simple_only)
         self.teacher_diffusion = teacher_diffusion
         self.student_diffusion = student_diffusion
         self.simple_only = simple_only
+        self.clip_teacher_mean = clip_teacher_mean
         self.num_timesteps = student_diffusion.num_timesteps
         self.student_learns_var = student_diffusion.model_var_type in _LEARNED
         self.teacher_learns_var = teacher_diffusion.model_var_type in _LEARNED
@@ -159,8 +168,10 @@ class DKDMObjective:
 
         ``student_output`` is used as given (the caller detaches its mean channels when the KL
         must only train the variance). Same formula at every ``t``, including 0 (see class doc).
+        The teacher's mean is clipped only under ``clip_teacher_mean`` (the official release).
         """
-        tout = self.teacher_diffusion.p_mean_variance_from_output(teacher_output, x_t, t, clip_denoised=False)
+        tout = self.teacher_diffusion.p_mean_variance_from_output(
+            teacher_output, x_t, t, clip_denoised=self.clip_teacher_mean)
         sout = self.student_diffusion.p_mean_variance_from_output(student_output, x_t, t, clip_denoised=False)
         kl = normal_kl(tout["mean"], tout["log_variance"], sout["mean"], sout["log_variance"])
         return mean_flat(kl) / math.log(2.0)
