@@ -12,7 +12,13 @@ import types
 import numpy as np
 import torch
 
-from dkdm.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, create_diffusion
+from dkdm.diffusion import (
+    GaussianDiffusion,
+    LossType,
+    ModelMeanType,
+    ModelVarType,
+    create_diffusion,
+)
 from dkdm.distill.loop import DistillLoop
 from dkdm.distill.objective import DKDMObjective
 from dkdm.distill.pool import DynamicPool

@@ -7,9 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
-
-from dkdm import dist
 
 BIN = os.path.dirname(sys.executable)
 MPIEXEC = os.path.join(BIN, "mpiexec")
@@ -198,42 +195,38 @@ def test_torchrun_two_ranks(tmp_path):
     _check(_run(cmd, tmp_path), tmp_path, "torchrun")
 
 
-def test_single_process(monkeypatch):
-    for k in (
-        "PMI_RANK",
-        "PMI_SIZE",
-        "MPI_LOCALRANKID",
-        "OMPI_COMM_WORLD_RANK",
-        "RANK",
-        "WORLD_SIZE",
-    ):
-        monkeypatch.delenv(k, raising=False)
-    already = torch.distributed.is_initialized()
-    # Before setup every helper acts as a world of one.
-    if not already:
-        assert dist.get_rank() == 0 and dist.get_world_size() == 1
-        assert dist.all_gather_object(3) == [3] and dist.gather(3) == [3]
-    dist.setup_dist()
-    try:
-        assert (
-            torch.distributed.is_initialized()
-            and dist.get_world_size() == 1
-            and dist.is_main()
-        )
-        assert not already and dist.launcher() == "single" or already
-        x = torch.tensor([1, 2])
-        assert torch.equal(dist.all_reduce_mean(x), torch.tensor([1.0, 2.0]))
-        assert dist.broadcast_object("a") == "a"
-        net = torch.nn.Linear(2, 2)
-        ddp = torch.nn.parallel.DistributedDataParallel(net)  # usable with one rank
-        ddp(torch.ones(1, 2)).sum().backward()
-        assert net.weight.grad is not None
-        dist.barrier()
-        dist.broadcast_params(net.parameters())
-    finally:
-        if not already:
-            dist.cleanup()
-    assert already or not torch.distributed.is_initialized()
+SINGLE = """
+import torch
+from dkdm import dist
+assert not torch.distributed.is_initialized()
+assert dist.get_rank() == 0 and dist.get_world_size() == 1  # before setup: a world of one
+assert dist.all_gather_object(3) == [3] and dist.gather(3) == [3]
+dist.setup_dist()
+assert torch.distributed.is_initialized() and dist.get_world_size() == 1 and dist.is_main()
+assert dist.launcher() == "single"
+x = torch.tensor([1, 2])
+assert torch.equal(dist.all_reduce_mean(x), torch.tensor([1.0, 2.0]))
+assert dist.broadcast_object("a") == "a"
+net = torch.nn.Linear(2, 2)
+ddp = torch.nn.parallel.DistributedDataParallel(net)  # usable with one rank
+ddp(torch.ones(1, 2)).sum().backward()
+assert net.weight.grad is not None
+dist.barrier()
+dist.broadcast_params(net.parameters())
+dist.cleanup()
+assert not torch.distributed.is_initialized()
+print("ok")
+"""
+
+
+def test_single_process():
+    """In a fresh process, so no process group of an earlier test can make the checks vacuous."""
+    env = {k: v for k, v in _env().items() if k not in ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID",
+                                                        "OMPI_COMM_WORLD_RANK", "RANK", "WORLD_SIZE",
+                                                        "HYDRA_LAUNCHER")}
+    proc = subprocess.run([sys.executable, "-c", SINGLE], check=False, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_single_process_needs_no_mpi():

@@ -357,14 +357,8 @@ def test_convert_to_fp16_keeps_norms_in_fp32():
     # GroupNorm computes in float32 but hands back the input's dtype.
     h = torch.randn(2, 32, 4, 4, dtype=torch.float16) * 300
     assert norms[0](h).dtype == torch.float16 and torch.isfinite(norms[0](h)).all()
-    try:
-        with torch.no_grad():
-            half = model(x, t)
-    except (
-        RuntimeError,
-        NotImplementedError,
-    ) as e:  # some CPU builds lack fp16 kernels
-        pytest.skip(f"fp16 forward not supported on this CPU build: {e}")
+    with torch.no_grad():  # torch's CPU build has fp16 kernels; a failure here is a failure
+        half = model(x, t)
     assert half.dtype == torch.float32
     assert torch.allclose(half, ref, atol=0.05 * ref.abs().max().item() + 1e-3)
     model.convert_to_fp32()
