@@ -34,14 +34,18 @@ def test_bool_flags_take_guided_diffusion_spelling():
 
 
 def test_unknown_flag_names_the_closest(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         _parser().parse(["--num_chanels", "3"])
+    assert e.value.code == 2  # argparse's usage error, not a crash
     assert "did you mean '--num_channels'" in capsys.readouterr().err
 
 
 def test_abbreviations_are_not_accepted(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         _parser().parse(["--num_chan", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown argument --num_chan" in err and "did you mean '--num_channels'" in err
 
 
 def test_bad_value_type_is_a_config_error():
