@@ -117,9 +117,9 @@ def load_file(path: str, map_location: Any = "cpu", trusted: bool = False) -> An
             ) from None
         try:
             return torch.load(path, map_location=map_location, weights_only=False)
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as e2:
+        except Exception as e2:  # noqa: BLE001 - as below
             raise _unreadable(path, e2) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file raises RuntimeError, EOFError, struct.error, ...
         raise _unreadable(path, e) from None
 
 

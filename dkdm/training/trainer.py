@@ -124,7 +124,11 @@ class Trainer:
         self.param_names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
         self._param_data = [p.detach() for p in self.params]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fp16: the fused AdamW takes GradScaler's scale and overflow flag as device tensors, so the step
+        # never reads the flag back to the host (with the foreach AdamW, GradScaler.step calls .item()).
+        # fp32 and bf16 keep the foreach AdamW, bitwise as before.
+        fused = True if cfg.precision == "fp16" else None
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         self.precision = Precision(cfg.precision, self.device, growth_interval_from_rate(cfg.fp16_scale_growth))
         self.step = 0
         self.samples = 0
