@@ -222,7 +222,7 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _comm_device() -> torch.device:
+def comm_device() -> torch.device:
     """Where tensors must live for the group's backend (NCCL wants CUDA tensors)."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return dev()
@@ -243,7 +243,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not _active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    dist.broadcast_object_list(box, src=src, device=comm_device())
     return box[0]
 
 
@@ -258,10 +258,10 @@ def broadcast_params(params: Iterable[torch.Tensor], src: int = 0) -> None:
         return
     for p in params:
         t = p.data if isinstance(p, torch.nn.Parameter) else p
-        if t.device.type == _comm_device().type:
+        if t.device.type == comm_device().type:
             dist.broadcast(t, src)
         else:
-            buf = t.to(_comm_device())
+            buf = t.to(comm_device())
             dist.broadcast(buf, src)
             t.copy_(buf)
 
@@ -300,8 +300,8 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     if not _active():
         return out
     device = out.device
-    if device.type != _comm_device().type:
-        out = out.to(_comm_device())
+    if device.type != comm_device().type:
+        out = out.to(comm_device())
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     out /= dist.get_world_size()
     return out.to(device)

@@ -278,7 +278,7 @@ class Logger:
             keys = sorted(set().union(*dist.all_gather_object(keys)))
             other = dist.broadcast_object(other)
         if world > 1:
-            device = dist._comm_device()
+            device = dist.comm_device()
         else:
             # Pack where the tensors already are, so the only copy to host is the last one.
             device = next(

@@ -36,12 +36,10 @@ import torch
 
 from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, differences, to_dict
 from dkdm.fileio import atomic_write, file_sha256  # noqa: F401  (file_sha256: the scripts' manifest id)
+from dkdm.training.precision import AUTOCAST_DTYPES
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-
-
-_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class SamplingError(ValueError):
@@ -225,8 +223,8 @@ def make_manifest(
 ) -> dict[str, Any]:
     """Everything that decides a shard's pixels; two runs may share shards only if this matches."""
     shard_sizes(sample_cfg.num_samples, sample_cfg.batch_size)  # validates both before anything is written
-    if sample_cfg.precision not in _DTYPES:
-        raise SamplingError(f"--precision must be one of {', '.join(_DTYPES)}, got {sample_cfg.precision!r}")
+    if sample_cfg.precision not in AUTOCAST_DTYPES:
+        raise SamplingError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {sample_cfg.precision!r}")
     shard_seed(sample_cfg.seed, 0)
     s = to_dict(sample_cfg)
     keep = ("num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised", "precision")
@@ -339,10 +337,10 @@ class _Precision(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, precision: str) -> None:
         super().__init__()
-        if precision not in _DTYPES:
-            raise SamplingError(f"precision must be one of fp32, fp16, bf16, got {precision!r}")
+        if precision not in AUTOCAST_DTYPES:
+            raise SamplingError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
         self.model = model
-        self.dtype = _DTYPES[precision]
+        self.dtype = AUTOCAST_DTYPES[precision]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if self.dtype is None:

@@ -224,8 +224,8 @@ def test_mean_types_agree_on_the_same_prediction():
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     t = torch.tensor([1, 5, 12, 24])
     eps = torch.randn_like(x)
-    x0 = d_eps._predict_xstart_from_eps(x, t, eps)
-    torch.testing.assert_close(d_eps._predict_eps_from_xstart(x, t, x0), eps)
+    x0 = d_eps.predict_xstart_from_eps(x, t, eps)
+    torch.testing.assert_close(d_eps.predict_eps_from_xstart(x, t, x0), eps)
     prev = d_eps.q_posterior_mean_variance(x0, x, t)[0]
     a = d_eps.p_mean_variance_from_output(eps, x, t, clip_denoised=False)
     b = d_x0.p_mean_variance_from_output(x0, x, t, clip_denoised=False)

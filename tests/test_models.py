@@ -123,7 +123,7 @@ def test_arch_yaml_files_are_in_sync_with_zoo():
     files = sorted(glob.glob(os.path.join(ROOT, "configs", "arch", "*.yaml")))
     names = [os.path.basename(f)[: -len(".yaml")] for f in files]
     assert sorted(names) == sorted(ZOO), (
-        "run: python -m dkdm.models.zoo --export configs/arch"
+        "run: python scripts/model_zoo.py --export configs/arch"
     )
     for name, path in zip(names, files):
         assert get_config(path) == ZOO[name], f"{path} is stale; re-export it"

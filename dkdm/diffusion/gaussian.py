@@ -301,27 +301,29 @@ class GaussianDiffusion:
 
         mt = self.model_mean_type
         if mt == ModelMeanType.PREVIOUS_X:
-            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=mean_out))
+            pred_xstart = process_xstart(self.predict_xstart_from_xprev(x_t=x, t=t, xprev=mean_out))
             mean = mean_out
         else:
             if mt == ModelMeanType.START_X:
                 pred_xstart = process_xstart(mean_out)
             else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=mean_out))
+                pred_xstart = process_xstart(self.predict_xstart_from_eps(x_t=x, t=t, eps=mean_out))
             mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
-    def _predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the image an epsilon prediction implies."""
         return self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
 
-    def _predict_xstart_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
-        # Inverts the posterior mean: x_0 = (x_prev - coef2 * x_t) / coef1.
+    def predict_xstart_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
+        """x_0 from a posterior-mean prediction: inverts mean = coef1 * x_0 + coef2 * x_t."""
         return (
             self._coef("recip_posterior_mean_coef1", t, x_t) * xprev
             - self._coef("posterior_mean_coef2_over_coef1", t, x_t) * x_t
         )
 
-    def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+    def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t): the noise an x_0 prediction implies."""
         return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._coef(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
@@ -340,10 +342,10 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """``p_mean_var`` with the score shifted by ``cond_fn``'s gradient (Song et al.), for DDIM."""
         alpha_bar = self._coef("alphas_cumprod", t, x)
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = self.predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
         out = dict(p_mean_var)
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["pred_xstart"] = self.predict_xstart_from_eps(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
         return out
 
@@ -501,7 +503,7 @@ class GaussianDiffusion:
         if cond_fn is not None:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Re-derived from x_0 so that x_0- and x_{t-1}-predicting models work too.
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         # Drawn even when unused, so a seeded run consumes the same random stream as guided-diffusion.
         noise = torch.randn_like(x)
         if eta == 0:
@@ -532,7 +534,7 @@ class GaussianDiffusion:
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         mean_pred = (
             out["pred_xstart"] * self._coef("sqrt_alphas_cumprod_next", t, x)
             + self._coef("sqrt_one_minus_alphas_cumprod_next", t, x) * eps
@@ -697,7 +699,7 @@ class GaussianDiffusion:
                 )
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
-            eps = self._predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+            eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
             mse.append(mean_flat((eps - noise) ** 2))
         vb_t = torch.stack(vb, dim=1)
         prior_bpd = self._prior_bpd(x_start)

@@ -26,10 +26,10 @@ from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
 from dkdm.distill.pool import DynamicPool, teacher_fingerprint
 from dkdm.training import Trainer
+from dkdm.training.precision import autocast_dtype
 
 __all__ = ["DistillLoop", "teacher_id"]
 
-_PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def teacher_id(checkpoint: str | torch.nn.Module, model_config: Any = None) -> str:
@@ -101,9 +101,7 @@ class DistillLoop:
         self.device = dist.dev()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.batch_size = per_rank_batch(train.batch_size, self.world)
-        if distill.teacher_precision not in _PRECISIONS:
-            raise ValueError(f"teacher_precision must be one of {', '.join(_PRECISIONS)}, got '{distill.teacher_precision}'")
-        self.teacher_dtype = _PRECISIONS[distill.teacher_precision]
+        self.teacher_dtype = autocast_dtype(distill.teacher_precision, "teacher_precision")
 
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.teacher_diffusion, self.student_diffusion = teacher_diffusion, student_diffusion

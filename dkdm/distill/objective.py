@@ -160,8 +160,8 @@ class DKDMObjective:
         if tm == sm:
             return pred
         if tm == ModelMeanType.EPSILON:  # student predicts x_0
-            return self.teacher_diffusion._predict_xstart_from_eps(x_t, t, pred)
-        return self.teacher_diffusion._predict_eps_from_xstart(x_t, t, pred)
+            return self.teacher_diffusion.predict_xstart_from_eps(x_t, t, pred)
+        return self.teacher_diffusion.predict_eps_from_xstart(x_t, t, pred)
 
     def vb_terms(self, teacher_output: Tensor, student_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Per-sample ``KL(p_teacher || p_student)`` of ``x_{t-1}`` given ``x_t``, in bits per dim.

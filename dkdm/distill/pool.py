@@ -588,7 +588,7 @@ class DynamicPool:
                 s_next = _next_step(ta, e_act[:n], self.warmup_grid, self.warmup_exact)
                 exact = (s_next == ta - 1).view(-1, *([1] * len(self.sample_shape)))
                 x0 = step["pred_xstart"]
-                eps = self.diffusion._predict_eps_from_xstart(xa, ta, x0)
+                eps = self.diffusion.predict_eps_from_xstart(xa, ta, x0)
                 ab = abar.index_select(0, s_next).float().view(-1, *([1] * len(self.sample_shape)))
                 ddim = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
                 x_act[:n] = torch.where(exact, step["sample"], ddim)

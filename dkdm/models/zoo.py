@@ -293,19 +293,3 @@ def export_yaml(directory: str) -> list[str]:
         dump_yaml({"model": cfg}, path)
         paths.append(path)
     return paths
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="The dkdm model zoo.")
-    parser.add_argument(
-        "--export", metavar="DIR", help="write one YAML per architecture into DIR"
-    )
-    args = parser.parse_args()
-    if args.export:
-        for p in export_yaml(args.export):
-            print(p)
-    else:
-        for name in ZOO:
-            print(f"{name:18s} {count_parameters(name):>13,d}")

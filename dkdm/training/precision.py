@@ -17,7 +17,17 @@ from typing import Any
 
 import torch
 
-MODES = ("fp32", "fp16", "bf16")
+# The compute dtype of each mode under autocast (None: plain fp32, no autocast). The one map every
+# loop uses: training (here), the teacher in distillation, sampling.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODES = tuple(AUTOCAST_DTYPES)
+
+
+def autocast_dtype(mode: str, what: str = "precision") -> torch.dtype | None:
+    """The autocast dtype of ``mode`` (None for fp32); an unknown mode is a ValueError naming ``what``."""
+    if mode not in AUTOCAST_DTYPES:
+        raise ValueError(f"{what} must be one of {', '.join(AUTOCAST_DTYPES)}, got {mode!r}")
+    return AUTOCAST_DTYPES[mode]
 
 
 class Precision:
@@ -30,11 +40,9 @@ class Precision:
     """
 
     def __init__(self, mode: str, device: torch.device, growth_interval: int = 2000) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown precision '{mode}'; choose one of {', '.join(MODES)}")
+        self.dtype = autocast_dtype(mode) or torch.float32
         self.mode = mode
         self.device = torch.device(device)
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
         self.scaler = torch.amp.GradScaler(
             self.device.type,
             init_scale=2.0**20,  # guided-diffusion's INITIAL_LOG_LOSS_SCALE = 20

@@ -458,7 +458,7 @@ class Trainer:
         flag = self._first_bad.clone()
         if self.world > 1:
             # A NaN on one rank must stop every rank, or the others wait forever.
-            comm = flag.to(dist._comm_device())
+            comm = flag.to(dist.comm_device())
             torch.distributed.all_reduce(comm, op=torch.distributed.ReduceOp.MAX)
             flag = comm
         bad = int(flag)
