@@ -56,8 +56,15 @@ def step_overhead(teacher_name, student_name, steps, batch, rounds, per_round, t
     logger.configure(run_dir, format_strs=["log"])
     train = TrainConfig(batch_size=batch, lr=1e-4, ema_rate="0.9999", log_interval=0, save_interval=0)
     # rho just large enough for a few batches: the step cost does not depend on the pool size.
-    loop = DistillLoop(teacher, student, d, d, train=train, run_dir=run_dir,
-                       distill=DistillConfig(rho=2.0 / steps, teacher_batch=batch, pool_cache_dir=""))
+    loop = DistillLoop(
+        teacher,
+        student,
+        d,
+        d,
+        train=train,
+        run_dir=run_dir,
+        distill=DistillConfig(rho=2.0 / steps, teacher_batch=batch, pool_cache_dir=""),
+    )
     loop.pool.prepared = True  # the pool's contents do not change the step's cost
     trainer = loop.trainer
     plain = diffusion_loss_fn(d, create_named_schedule_sampler("uniform", d))
@@ -95,9 +102,15 @@ def prep_throughput(teacher_name, steps, teacher_batch, rho, rounds, teacher_pat
     for r in range(rounds):
         run_dir = tempfile.mkdtemp(prefix="dkdm_bench_")
         logger.configure(run_dir, format_strs=["log"])
-        loop = DistillLoop(teacher, student, d, d, run_dir=run_dir,
-                           train=TrainConfig(batch_size=64, log_interval=0, save_interval=0, seed=r),
-                           distill=DistillConfig(rho=rho, teacher_batch=teacher_batch, pool_cache_dir=""))
+        loop = DistillLoop(
+            teacher,
+            student,
+            d,
+            d,
+            run_dir=run_dir,
+            train=TrainConfig(batch_size=64, log_interval=0, save_interval=0, seed=r),
+            distill=DistillConfig(rho=rho, teacher_batch=teacher_batch, pool_cache_dir=""),
+        )
         loop.pool.prepare(loop.teacher_forward, progress=False)  # no cache
         stats = loop.pool.prep_stats
         x = torch.randn(teacher_batch, *loop.pool.sample_shape)

@@ -37,10 +37,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 STEPS = 8
-DISTILL = ["--max_steps", str(STEPS), "--save_interval", "2", "--log_interval", "4", "--batch_size", "16",
-           "--rho", "0.05", "--teacher_batch", "64", "--prep_checkpoint_s", "0.5"]
-PREPARE = ["--max_steps", "2", "--save_interval", "2", "--log_interval", "2", "--batch_size", "16",
-           "--rho", "0.4", "--teacher_batch", "64", "--prep_checkpoint_s", "0.5"]
+DISTILL = [
+    "--max_steps",
+    str(STEPS),
+    "--save_interval",
+    "2",
+    "--log_interval",
+    "4",
+    "--batch_size",
+    "16",
+    "--rho",
+    "0.05",
+    "--teacher_batch",
+    "64",
+    "--prep_checkpoint_s",
+    "0.5",
+]
+PREPARE = [
+    "--max_steps",
+    "2",
+    "--save_interval",
+    "2",
+    "--log_interval",
+    "2",
+    "--batch_size",
+    "16",
+    "--rho",
+    "0.4",
+    "--teacher_batch",
+    "64",
+    "--prep_checkpoint_s",
+    "0.5",
+]
 SAMPLE = ["--num_samples", "96", "--batch_size", "8", "--timestep_respacing", "20"]
 
 
@@ -52,8 +80,7 @@ def _cmd(kind: str, out: str, nproc: int) -> list[str]:
     if kind == "sample":
         args = [os.path.join(SCRIPTS, "sample.py"), *SAMPLE, "--output", os.path.join(out, "s.npz")]
     else:
-        args = [os.path.join(SCRIPTS, "dkdm_train.py"), *(DISTILL if kind == "distill" else PREPARE),
-                "--log_dir", out]
+        args = [os.path.join(SCRIPTS, "dkdm_train.py"), *(DISTILL if kind == "distill" else PREPARE), "--log_dir", out]
     prefix = [MPIEXEC, "-n", str(nproc)] if nproc > 1 else []
     return [*prefix, sys.executable, *args]
 
@@ -61,8 +88,9 @@ def _cmd(kind: str, out: str, nproc: int) -> list[str]:
 def _run(cmd: list[str], kill_after: float | None = None, marker: str | None = None) -> tuple[int, str]:
     """Run ``cmd`` in its own process group; SIGKILL the group ``kill_after`` seconds after start
     (or after a line containing ``marker`` appeared). Returns (exit code, output)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     if kill_after is None:
         out, _ = proc.communicate()
         return proc.returncode, out
@@ -125,8 +153,14 @@ def trial_set(kind: str, nproc: int, n: int, work: str, rng: random.Random) -> d
         if code == 0 and _result(kind, out) == ref:
             equal += 1
         shutil.rmtree(out, ignore_errors=True)
-    return {"kind": kind, "processes": nproc, "trials": n, "killed_before_finishing": killed,
-            "bitwise_equal_after_resume": equal, "reference_seconds": round(length, 2)}
+    return {
+        "kind": kind,
+        "processes": nproc,
+        "trials": n,
+        "killed_before_finishing": killed,
+        "bitwise_equal_after_resume": equal,
+        "reference_seconds": round(length, 2),
+    }
 
 
 def disk_full_trial(work: str) -> dict:
@@ -140,8 +174,12 @@ def disk_full_trial(work: str) -> dict:
     os.makedirs(mnt)
     size_kb = (one + one // 2 + (1 << 20)) // 1024  # checkpoint 2 fits with logs and the pool cache, 4 does not
     cache = os.path.join(work, "disk_cache")  # the pool cache lives elsewhere, as a shared cache would
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", mnt],
-                                           capture_output=True, check=False).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", mnt], capture_output=True, check=False
+        ).returncode
+    ):
         return {"kind": "disk_full", "skipped": "cannot mount a tmpfs here (needs root)"}
     try:
         out = os.path.join(mnt, "run")
@@ -155,8 +193,13 @@ def disk_full_trial(work: str) -> dict:
         subprocess.run(["mount", "-o", "remount,size=200m", mnt], check=True)
         code2, _ = _run([*_cmd("distill", out, 1), "--pool_cache_dir", cache])
         equal = code2 == 0 and _result("distill", out) == _result("distill", ref_dir)
-        return {"kind": "disk_full", "failed_with_message": bool(code) and said, "previous_checkpoint_loads": first_ok,
-                "bitwise_equal_after_resume": equal, "tmpfs_kib": size_kb}
+        return {
+            "kind": "disk_full",
+            "failed_with_message": bool(code) and said,
+            "previous_checkpoint_loads": first_ok,
+            "bitwise_equal_after_resume": equal,
+            "tmpfs_kib": size_kb,
+        }
     finally:
         subprocess.run(["umount", mnt], check=False)
 
@@ -184,17 +227,26 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(trial_set(kind, 2, args.trials2, work, rng))
         if not args.no_disk_full:
             rows.append(disk_full_trial(work))
-    report = {"command": "python benchmarks/fault_injection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "seconds": round(time.time() - t0, 1), "results": rows}
+    report = {
+        "command": "python benchmarks/fault_injection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": round(time.time() - t0, 1),
+        "results": rows,
+    }
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
-    ok = all(r.get("skipped") or (r.get("bitwise_equal_after_resume") == r.get("trials", 1) if "trials" in r else
-                                  r["bitwise_equal_after_resume"] and r["failed_with_message"] and
-                                  r["previous_checkpoint_loads"]) for r in rows)
+    ok = all(
+        r.get("skipped")
+        or (
+            r.get("bitwise_equal_after_resume") == r.get("trials", 1)
+            if "trials" in r
+            else r["bitwise_equal_after_resume"] and r["failed_with_message"] and r["previous_checkpoint_loads"]
+        )
+        for r in rows
+    )
     return 0 if ok else 1
 
 

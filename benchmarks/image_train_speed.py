@@ -42,12 +42,16 @@ def main() -> None:
     model = create_model(cfg)
     diffusion = create_diffusion(steps=a.diffusion_steps, noise_schedule="cosine", learn_sigma=cfg.learn_sigma)
     sampler = create_named_schedule_sampler("uniform", diffusion)
-    data = load_data(dataset="digits", batch_size=a.batch_size, image_size=cfg.image_size, num_workers=0) \
-        if cfg.in_channels == 1 else _synthetic(a.batch_size, cfg)
+    data = (
+        load_data(dataset="digits", batch_size=a.batch_size, image_size=cfg.image_size, num_workers=0)
+        if cfg.in_channels == 1
+        else _synthetic(a.batch_size, cfg)
+    )
     with tempfile.TemporaryDirectory() as run_dir:
         logger.configure(run_dir, format_strs=["log"])
-        train = TrainConfig(batch_size=a.batch_size, lr=1e-4, ema_rate="0.9999", precision=a.precision,
-                            log_interval=0, save_interval=0)
+        train = TrainConfig(
+            batch_size=a.batch_size, lr=1e-4, ema_rate="0.9999", precision=a.precision, log_interval=0, save_interval=0
+        )
         trainer = Trainer(model, diffusion, cfg=train, run_dir=run_dir)
         next_batch = batches_from_stream(data, dist.dev())
         loss_fn = diffusion_loss_fn(diffusion, sampler)
@@ -60,13 +64,25 @@ def main() -> None:
         _sync()
         elapsed = time.perf_counter() - t0
         logger.dumpkvs()
-    print(json.dumps({
-        "benchmark": "image_train_speed", "arch": a.arch, "params_M": round(sum(q.numel() for q in model.parameters()) / 1e6, 3),
-        "batch_size": a.batch_size, "precision": a.precision, "steps": a.steps, "seconds": round(elapsed, 3),
-        "steps_per_s": round(a.steps / elapsed, 3), "samples_per_s": round(a.steps * a.batch_size / elapsed, 1),
-        "device": str(dist.dev()), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "image_train_speed",
+                "arch": a.arch,
+                "params_M": round(sum(q.numel() for q in model.parameters()) / 1e6, 3),
+                "batch_size": a.batch_size,
+                "precision": a.precision,
+                "steps": a.steps,
+                "seconds": round(elapsed, 3),
+                "steps_per_s": round(a.steps / elapsed, 3),
+                "samples_per_s": round(a.steps * a.batch_size / elapsed, 1),
+                "device": str(dist.dev()),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+            }
+        )
+    )
     dist.cleanup()
 
 
@@ -75,6 +91,7 @@ def _synthetic(batch_size, cfg):
     def stream():
         while True:
             yield torch.rand(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size) * 2 - 1, {}
+
     return stream()
 
 

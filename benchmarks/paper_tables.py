@@ -66,10 +66,21 @@ class Settings:
 
 def quick_settings() -> Settings:
     """A tiny configuration that exercises every code path in about a minute (the fast test)."""
-    return Settings(steps=4, batch=8, num_samples=16, respacing="5", curve_points=2, teacher_steps=4,
-                    synthetic_n=24, seeds={k: [0] for k in SEEDS}, data_limited=(20,), rhos=(0.05, 0.1),
-                    widths=(32, 64), pools=("iterative", "dynamic"),
-                    tiny={"dkdm": ["--teacher_batch", "64"]})
+    return Settings(
+        steps=4,
+        batch=8,
+        num_samples=16,
+        respacing="5",
+        curve_points=2,
+        teacher_steps=4,
+        synthetic_n=24,
+        seeds={k: [0] for k in SEEDS},
+        data_limited=(20,),
+        rhos=(0.05, 0.1),
+        widths=(32, 64),
+        pools=("iterative", "dynamic"),
+        tiny={"dkdm": ["--teacher_batch", "64"]},
+    )
 
 
 # --------------------------------------------------------------------------- tasks
@@ -96,19 +107,36 @@ class Plan:
 
     def common(self, seed: int) -> list[str]:
         s = self.s
-        return ["--seed", str(seed), "--lr_anneal_steps", str(s.steps), "--max_steps", str(s.steps),
-                "--batch_size", str(s.batch), "--save_interval", str(self.interval), "--log_interval",
-                str(self.interval)]
+        return [
+            "--seed",
+            str(seed),
+            "--lr_anneal_steps",
+            str(s.steps),
+            "--max_steps",
+            str(s.steps),
+            "--batch_size",
+            str(s.batch),
+            "--save_interval",
+            str(self.interval),
+            "--log_interval",
+            str(self.interval),
+        ]
 
-    def dkdm(self, name: str, seed: int, *flags: str, deps: list[str] | None = None, curve: bool = False,
-             **meta) -> str:
+    def dkdm(
+        self, name: str, seed: int, *flags: str, deps: list[str] | None = None, curve: bool = False, **meta
+    ) -> str:
         args = [*self.common(seed), *self.s.tiny.get("dkdm", []), *flags]
         return self.add(Task(name, "dkdm", args, deps or [], self.evals(curve), {"seed": seed, **meta}))
 
-    def train(self, name: str, seed: int, *flags: str, deps: list[str] | None = None, curve: bool = False,
-              **meta) -> str:
-        args = ["--config", os.path.join(ROOT, "configs", "digits", "baseline_data_free.yaml"), *self.common(seed),
-                *flags]
+    def train(
+        self, name: str, seed: int, *flags: str, deps: list[str] | None = None, curve: bool = False, **meta
+    ) -> str:
+        args = [
+            "--config",
+            os.path.join(ROOT, "configs", "digits", "baseline_data_free.yaml"),
+            *self.common(seed),
+            *flags,
+        ]
         return self.add(Task(name, "train", args, deps or [], self.evals(curve), {"seed": seed, **meta}))
 
     def evals(self, curve: bool) -> list[int]:
@@ -118,14 +146,25 @@ class Plan:
 
     def synthetic(self, seed: int) -> str:
         n = self.s.synthetic_n
-        return self.add(Task(f"data/synthetic_s{seed}", "synthetic", [
-            "--num_samples", str(n), "--batch_size", str(min(n, 599)), "--seed", str(100 + seed)]))
+        return self.add(
+            Task(
+                f"data/synthetic_s{seed}",
+                "synthetic",
+                ["--num_samples", str(n), "--batch_size", str(min(n, 599)), "--seed", str(100 + seed)],
+            )
+        )
 
     def mix(self, pct: int, seed: int) -> str:
         syn = self.synthetic(seed)
-        return self.add(Task(f"data/mix{pct}_s{seed}", "mix", ["--real", "digits", "--real_fraction",
-                                                               str(pct / 100), "--seed", str(seed)], [syn],
-                             meta={"synthetic": syn}))
+        return self.add(
+            Task(
+                f"data/mix{pct}_s{seed}",
+                "mix",
+                ["--real", "digits", "--real_fraction", str(pct / 100), "--seed", str(seed)],
+                [syn],
+                meta={"synthetic": syn},
+            )
+        )
 
     def build(self) -> dict[str, Task]:
         s, want = self.s, (lambda e: e in self.only)
@@ -133,43 +172,93 @@ class Plan:
             for seed in s.seeds["table2"]:
                 curve = seed == s.seeds["table2"][0]
                 self.dkdm(f"table2/dkdm_s{seed}", seed, curve=curve, row="DKDM (ours)")
-                self.dkdm(f"table2/dkdm_official_s{seed}", seed, "--clip_teacher_mean", "True",
-                          row="DKDM, official objective")
+                self.dkdm(
+                    f"table2/dkdm_official_s{seed}", seed, "--clip_teacher_mean", "True", row="DKDM, official objective"
+                )
                 syn = self.synthetic(seed)
-                self.train(f"table2/data_free_s{seed}", seed, deps=[syn], curve=curve, row="data-free baseline",
-                           data=syn)
+                self.train(
+                    f"table2/data_free_s{seed}", seed, deps=[syn], curve=curve, row="data-free baseline", data=syn
+                )
                 for pct in s.data_limited:
                     mix = self.mix(pct, seed)
-                    self.train(f"table2/data_limited{pct}_s{seed}", seed, deps=[mix], curve=curve and pct == 20,
-                               row=f"data-limited {pct}%", data=mix)
-                self.train(f"table2/data_based_s{seed}", seed, "--dataset", "digits", "--data_dir", "",
-                           curve=curve, row="data-based (all real digits)")
+                    self.train(
+                        f"table2/data_limited{pct}_s{seed}",
+                        seed,
+                        deps=[mix],
+                        curve=curve and pct == 20,
+                        row=f"data-limited {pct}%",
+                        data=mix,
+                    )
+                self.train(
+                    f"table2/data_based_s{seed}",
+                    seed,
+                    "--dataset",
+                    "digits",
+                    "--data_dir",
+                    "",
+                    curve=curve,
+                    row="data-based (all real digits)",
+                )
         if want("table4"):
             for seed in s.seeds["table4"]:
                 for pool in s.pools:
                     for p in (0.0, DISCARD_P):
-                        name = f"table2/dkdm_s{seed}" if (pool, p) == ("dynamic", 0.0) else \
-                            f"table4/{pool}_p{p:g}_s{seed}"
-                        self.dkdm(name, seed, "--pool", pool, "--discard_prob", str(p),
-                                  row=f"{pool}, discard p={p:g}")
+                        name = (
+                            f"table2/dkdm_s{seed}" if (pool, p) == ("dynamic", 0.0) else f"table4/{pool}_p{p:g}_s{seed}"
+                        )
+                        self.dkdm(name, seed, "--pool", pool, "--discard_prob", str(p), row=f"{pool}, discard p={p:g}")
         if want("rho"):
             for seed in s.seeds["rho"]:
                 for rho in s.rhos:
                     name = f"table2/dkdm_s{seed}" if rho == 0.1 else f"rho/rho{rho:g}_s{seed}"
                     self.dkdm(name, seed, "--rho", str(rho), rho=rho)
         if want("table5"):
-            vit_teacher = self.add(Task("table5/vit_teacher", "train", [
-                "--config", os.path.join(ROOT, "configs", "digits", "teacher.yaml"), "--arch", "digits-vit", "--dataset", "digits", "--data_dir", "", "--max_steps", str(s.teacher_steps),
-                "--lr_anneal_steps", str(s.teacher_steps), "--save_interval", str(s.teacher_steps), "--log_interval",
-                str(max(1, s.teacher_steps // 10)), "--ema_rate", "0.995", "--seed", "0"], evals=[s.teacher_steps],
-                meta={"row": "ViT teacher (data-based)"}))
+            vit_teacher = self.add(
+                Task(
+                    "table5/vit_teacher",
+                    "train",
+                    [
+                        "--config",
+                        os.path.join(ROOT, "configs", "digits", "teacher.yaml"),
+                        "--arch",
+                        "digits-vit",
+                        "--dataset",
+                        "digits",
+                        "--data_dir",
+                        "",
+                        "--max_steps",
+                        str(s.teacher_steps),
+                        "--lr_anneal_steps",
+                        str(s.teacher_steps),
+                        "--save_interval",
+                        str(s.teacher_steps),
+                        "--log_interval",
+                        str(max(1, s.teacher_steps // 10)),
+                        "--ema_rate",
+                        "0.995",
+                        "--seed",
+                        "0",
+                    ],
+                    evals=[s.teacher_steps],
+                    meta={"row": "ViT teacher (data-based)"},
+                )
+            )
             vit_path = os.path.join("table5", "vit_teacher", "run", f"ema_0.995_{s.teacher_steps:06d}.pt")
             for seed in s.seeds["table5"]:
                 self.dkdm(f"table5/cnn_to_vit_s{seed}", seed, "--student_arch", "digits-vit", row="CNN -> ViT")
                 for student, row in (("digits-student", "ViT -> CNN"), ("digits-vit", "ViT -> ViT")):
-                    self.dkdm(f"table5/vit_to_{student.split('-')[1]}_s{seed}", seed, "--teacher_arch", "digits-vit",
-                              "--teacher_path", f"@{vit_path}", "--student_arch", student, deps=[vit_teacher],
-                              row=row)
+                    self.dkdm(
+                        f"table5/vit_to_{student.split('-')[1]}_s{seed}",
+                        seed,
+                        "--teacher_arch",
+                        "digits-vit",
+                        "--teacher_path",
+                        f"@{vit_path}",
+                        "--student_arch",
+                        student,
+                        deps=[vit_teacher],
+                        row=row,
+                    )
             if s.seeds["table2"]:
                 for seed in s.seeds["table5"]:
                     self.dkdm(f"table2/dkdm_s{seed}", seed)
@@ -199,8 +288,12 @@ class Runner:
 
     def run(self, cmd: list[str], logfile: str) -> dict:
         """Run a script with one torch thread; its CPU seconds come from wait4's rusage."""
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
         t0 = time.time()
         with open(logfile, "a") as f:
             f.write("$ " + " ".join(cmd) + "\n")
@@ -233,15 +326,20 @@ class Runner:
         elif task.kind == "mix":
             npz = os.path.join(out, "mix.npz")
             syn = os.path.join(self.path(task.meta["synthetic"]), "synthetic.npz")
-            res.update(self.run([os.path.join(SCRIPTS, "mix_dataset.py"), *args, "--synthetic", syn, "--output", npz],
-                                logfile))
+            res.update(
+                self.run([os.path.join(SCRIPTS, "mix_dataset.py"), *args, "--synthetic", syn, "--output", npz], logfile)
+            )
             res.update(npz=npz)
         else:
             run_dir = os.path.join(out, "run")
             extra = []
             if "data" in task.meta:
-                extra = ["--data_dir", os.path.join(self.path(task.meta["data"]),
-                                                    "mix.npz" if "mix" in task.meta["data"] else "synthetic.npz")]
+                extra = [
+                    "--data_dir",
+                    os.path.join(
+                        self.path(task.meta["data"]), "mix.npz" if "mix" in task.meta["data"] else "synthetic.npz"
+                    ),
+                ]
             script = "dkdm_train.py" if task.kind == "dkdm" else "image_train.py"
             res.update(self.run([os.path.join(SCRIPTS, script), *args, *extra, "--log_dir", run_dir], logfile))
             if task.kind == "dkdm":
@@ -275,13 +373,36 @@ class Runner:
         ckpt = os.path.join(run_dir, max(ema))
         npz = os.path.join(out, f"samples_{step:06d}.npz")
         if not os.path.isfile(npz):
-            self.run([os.path.join(SCRIPTS, "sample.py"), "--model_path", ckpt, "--timestep_respacing",
-                      self.s.respacing, "--num_samples", str(self.s.num_samples), "--batch_size",
-                      str(min(500, self.s.num_samples)), "--seed", "0", "--output", npz], logfile)
-        proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "digits_eval.py"), npz], capture_output=True,
-                              text=True, cwd=ROOT, check=False, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                        "PYTHONPATH": ROOT + os.pathsep +
-                                                        os.environ.get("PYTHONPATH", "")})
+            self.run(
+                [
+                    os.path.join(SCRIPTS, "sample.py"),
+                    "--model_path",
+                    ckpt,
+                    "--timestep_respacing",
+                    self.s.respacing,
+                    "--num_samples",
+                    str(self.s.num_samples),
+                    "--batch_size",
+                    str(min(500, self.s.num_samples)),
+                    "--seed",
+                    "0",
+                    "--output",
+                    npz,
+                ],
+                logfile,
+            )
+        proc = subprocess.run(
+            [sys.executable, os.path.join(SCRIPTS, "digits_eval.py"), npz],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            },
+        )
         if proc.returncode:
             raise RuntimeError(f"digits_eval.py failed on {npz}: {proc.stderr.strip()}")
         fields = proc.stdout.strip().splitlines()[-1].split()
@@ -330,15 +451,19 @@ def group(results: dict[str, dict], prefix: str, key: str = "row") -> dict[str, 
 
 
 def table(rows: dict[str, list[dict]], title: str, extra_cost: dict[str, float] | None = None) -> list[str]:
-    out = [f"| {title} | seeds | FD | IS | precision | recall | CPU s / run | teacher evals / run |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        f"| {title} | seeds | FD | IS | precision | recall | CPU s / run | teacher evals / run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for label, rs in rows.items():
         cpu = [r.get("cpu_s") for r in rs]
         cost = float(np.mean(cpu)) + (extra_cost or {}).get(label, 0.0)
         tev = [r.get("teacher_evals") for r in rs if r.get("teacher_evals") is not None]
-        out.append(f"| {label} | {len(rs)} | {fmt([r['fd'] for r in rs])} | {fmt([r['is'] for r in rs])} | "
-                   f"{fmt([r['precision'] for r in rs], 3)} | {fmt([r['recall'] for r in rs], 3)} | {cost:.0f} | "
-                   f"{(f'{np.mean(tev):,.0f}' if tev else '-')} |")
+        out.append(
+            f"| {label} | {len(rs)} | {fmt([r['fd'] for r in rs])} | {fmt([r['is'] for r in rs])} | "
+            f"{fmt([r['precision'] for r in rs], 3)} | {fmt([r['recall'] for r in rs], 3)} | {cost:.0f} | "
+            f"{(f'{np.mean(tev):,.0f}' if tev else '-')} |"
+        )
     return out
 
 
@@ -349,47 +474,83 @@ def report(results: dict[str, dict], s: Settings, docs: str, elapsed: float, pla
     ones (``--report_only`` on an unfinished driver) says so at its top.
     """
     os.makedirs(docs, exist_ok=True)
-    summary: dict = {"settings": {k: v for k, v in vars(s).items() if k != "tiny"}, "tables": {},
-                     "finished_tasks": len(results), "planned_tasks": planned or len(results)}
-    lines = ["# The paper's evidence at small scale (embedded digits)", "",
-             (f"Regenerate with `make paper` (`python benchmarks/paper_tables.py`); this report took "
-              f"{elapsed / 60:.0f} min of wall time for the runs that were not already done. Every student: "
-             f"digits-student unless stated, {s.steps} steps at batch {s.batch} (configs/digits/dkdm.yaml's "
-             f"optimiser), scored on {s.num_samples} samples drawn with {s.respacing} IDDPM steps against the "
-             f"1,797 real digits (digits classifier features). Numbers are mean ± std over the seeds listed in "
-             f"the seeds column (seed lists fixed in the driver before any run). CPU seconds are per run "
-             f"(training, one thread); teacher evals count one image through the teacher once."), ""]
+    summary: dict = {
+        "settings": {k: v for k, v in vars(s).items() if k != "tiny"},
+        "tables": {},
+        "finished_tasks": len(results),
+        "planned_tasks": planned or len(results),
+    }
+    lines = [
+        "# The paper's evidence at small scale (embedded digits)",
+        "",
+        (
+            f"Regenerate with `make paper` (`python benchmarks/paper_tables.py`); this report took "
+            f"{elapsed / 60:.0f} min of wall time for the runs that were not already done. Every student: "
+            f"digits-student unless stated, {s.steps} steps at batch {s.batch} (configs/digits/dkdm.yaml's "
+            f"optimiser), scored on {s.num_samples} samples drawn with {s.respacing} IDDPM steps against the "
+            f"1,797 real digits (digits classifier features). Numbers are mean ± std over the seeds listed in "
+            f"the seeds column (seed lists fixed in the driver before any run). CPU seconds are per run "
+            f"(training, one thread); teacher evals count one image through the teacher once."
+        ),
+        "",
+    ]
     if planned and len(results) < planned:
-        lines += [(f"**Partial report: {len(results)} of the {planned} planned runs have finished.** Rows with "
-                   "fewer seeds than planned show the seeds that exist; experiments with no finished run are "
-                   "absent. `make paper` resumes the rest (finished runs are never redone)."), ""]
+        lines += [
+            (
+                f"**Partial report: {len(results)} of the {planned} planned runs have finished.** Rows with "
+                "fewer seeds than planned show the seeds that exist; experiments with no finished run are "
+                "absent. `make paper` resumes the rest (finished runs are never redone)."
+            ),
+            "",
+        ]
     syn = [r for n, r in results.items() if n.startswith("data/synthetic")]
     syn_cpu = float(np.mean([r["cpu_s"] for r in syn])) if syn else 0.0
     syn_evals = syn[0]["teacher_evals"] if syn else 0
     t2 = group(results, "table2/")
     if t2:
-        order = ["DKDM (ours)", "DKDM, official objective", "data-free baseline",
-                 *[f"data-limited {p}%" for p in DATA_LIMITED], "data-based (all real digits)"]
+        order = [
+            "DKDM (ours)",
+            "DKDM, official objective",
+            "data-free baseline",
+            *[f"data-limited {p}%" for p in DATA_LIMITED],
+            "data-based (all real digits)",
+        ]
         t2 = {k: t2[k] for k in order if k in t2}
-        extra = {k: syn_cpu for k in t2 if k.startswith("data-")and "based" not in k}
+        extra = {k: syn_cpu for k in t2 if k.startswith("data-") and "based" not in k}
         for k in extra:
             for r in t2[k]:
                 r.setdefault("teacher_evals", syn_evals)
-        lines += ["## Table 2 analogue: DKDM against the baselines", "", *table(t2, "method", extra), "",
-                  (f"The data-free and data-limited baselines' cost includes making their {s.synthetic_n} teacher "
-                   f"samples (IDDPM, all {T} steps: {syn_cpu:.0f} CPU s, {syn_evals:,} teacher evals)."), ""]
+        lines += [
+            "## Table 2 analogue: DKDM against the baselines",
+            "",
+            *table(t2, "method", extra),
+            "",
+            (
+                f"The data-free and data-limited baselines' cost includes making their {s.synthetic_n} teacher "
+                f"samples (IDDPM, all {T} steps: {syn_cpu:.0f} CPU s, {syn_evals:,} teacher evals)."
+            ),
+            "",
+        ]
         summary["tables"]["table2"] = {k: stats([r["fd"] for r in v]) for k, v in t2.items()}
     curves = {}
-    for label, prefix in (("DKDM (ours)", "table2/dkdm_s"), ("data-free baseline", "table2/data_free_s"),
-                          ("data-limited 20%", "table2/data_limited20_s"),
-                          ("data-based (all real digits)", "table2/data_based_s")):
+    for label, prefix in (
+        ("DKDM (ours)", "table2/dkdm_s"),
+        ("data-free baseline", "table2/data_free_s"),
+        ("data-limited 20%", "table2/data_limited20_s"),
+        ("data-based (all real digits)", "table2/data_based_s"),
+    ):
         rs = [r for n, r in results.items() if n.startswith(prefix) and len(r.get("evals", {})) > 1]
         if rs:
             curves[label] = sorted((int(k), v["fd"]) for k, v in rs[0]["evals"].items())
     if curves:
-        lines += ["## Figure 4 analogue: FD against training steps", "", "![FD against steps](paper_fd_curve.png)",
-                  "", "| method | " + " | ".join(f"step {k}" for k, _ in next(iter(curves.values()))) + " |",
-                  "|---|" + "---:|" * len(next(iter(curves.values())))]
+        lines += [
+            "## Figure 4 analogue: FD against training steps",
+            "",
+            "![FD against steps](paper_fd_curve.png)",
+            "",
+            "| method | " + " | ".join(f"step {k}" for k, _ in next(iter(curves.values()))) + " |",
+            "|---|" + "---:|" * len(next(iter(curves.values()))),
+        ]
         lines += [f"| {k} | " + " | ".join(f"{fd:.2f}" for _, fd in v) + " |" for k, v in curves.items()]
         lines += ["", f"(seed {s.seeds['table2'][0]} only: one run per method evaluated along the way.)", ""]
         summary["tables"]["figure4"] = curves
@@ -398,17 +559,26 @@ def report(results: dict[str, dict], s: Settings, docs: str, elapsed: float, pla
     base = group(results, "table2/dkdm_s")
     if t4:
         if "DKDM (ours)" in base:
-            t4["dynamic, discard p=0"] = [r for r in base["DKDM (ours)"]
-                                          if r["seed"] in s.seeds["table4"]]
+            t4["dynamic, discard p=0"] = [r for r in base["DKDM (ours)"] if r["seed"] in s.seeds["table4"]]
         order = [f"{pool}, discard p={p:g}" for pool in ("iterative", "shuffled", "dynamic") for p in (0, DISCARD_P)]
         t4 = {k: t4[k] for k in order if k in t4}
-        lines += ["## Table 4 analogue: iterative, shuffled and dynamic iterative distillation", "",
-                  *table(t4, "pool"), ""]
+        lines += [
+            "## Table 4 analogue: iterative, shuffled and dynamic iterative distillation",
+            "",
+            *table(t4, "pool"),
+            "",
+        ]
         summary["tables"]["table4"] = {k: stats([r["fd"] for r in v]) for k, v in t4.items()}
     rho_rows = rows_by(results, ("rho/", "table2/dkdm_s"), "rho", s.seeds["rho"], default=("rho", 0.1))
     if len(rho_rows) > 1:
-        lines += ["## The rho ablation", "", "![FD against rho](paper_rho.png)", "",
-                  *table({f"rho = {k:g}": v for k, v in rho_rows.items()}, "pool size"), ""]
+        lines += [
+            "## The rho ablation",
+            "",
+            "![FD against rho](paper_rho.png)",
+            "",
+            *table({f"rho = {k:g}": v for k, v in rho_rows.items()}, "pool size"),
+            "",
+        ]
         summary["tables"]["rho"] = {str(k): stats([r["fd"] for r in v]) for k, v in rho_rows.items()}
         plot_errorbars(rho_rows, "rho (pool size = rho * T * batch)", os.path.join(docs, "paper_rho.png"))
     t5 = group(results, "table5/")
@@ -419,14 +589,23 @@ def report(results: dict[str, dict], s: Settings, docs: str, elapsed: float, pla
         teachers = [results[n] for n in results if n == "table5/vit_teacher" and "fd" in results[n]]
         lines += ["## Table 5 analogue: cross-architecture distillation", "", *table(t5, "teacher -> student"), ""]
         if teachers:
-            lines += [(f"The digits ViT teacher (digits-vit, trained on the real digits for {s.teacher_steps} steps) "
-                       f"scores FD {teachers[0]['fd']:.2f}; the shipped CNN teacher's FD is in the README's demo "
-                       "table."), ""]
+            lines += [
+                (
+                    f"The digits ViT teacher (digits-vit, trained on the real digits for {s.teacher_steps} steps) "
+                    f"scores FD {teachers[0]['fd']:.2f}; the shipped CNN teacher's FD is in the README's demo "
+                    "table."
+                ),
+                "",
+            ]
         summary["tables"]["table5"] = {k: stats([r["fd"] for r in v]) for k, v in t5.items()}
     w_rows = rows_by(results, ("width/", "table2/dkdm_s"), "width", s.seeds["width"], default=("width", 32))
     if len(w_rows) > 1:
-        lines += ["## Student width sweep (Table 2's student sizes, transposed)", "",
-                  *table({f"{k:g} channels": v for k, v in w_rows.items()}, "student width"), ""]
+        lines += [
+            "## Student width sweep (Table 2's student sizes, transposed)",
+            "",
+            *table({f"{k:g} channels": v for k, v in w_rows.items()}, "student width"),
+            "",
+        ]
         summary["tables"]["width"] = {str(k): stats([r["fd"] for r in v]) for k, v in w_rows.items()}
     lines += agreement(summary["tables"])
     with open(os.path.join(docs, "paper_tables.md"), "w") as f:
@@ -443,29 +622,43 @@ def _cmp(a: tuple, b: tuple) -> str:
 
 def agreement(tables: dict) -> list[str]:
     """Where the small scale agrees with the paper's claims and where it does not, stated per claim."""
-    out = ["## Agreement with the paper", "",
-           ("Each claim of the paper checked on the rows above. 'level with' means the means are within one "
-            "standard deviation of each other (seed-to-seed noise), so the table cannot tell them apart."), ""]
+    out = [
+        "## Agreement with the paper",
+        "",
+        (
+            "Each claim of the paper checked on the rows above. 'level with' means the means are within one "
+            "standard deviation of each other (seed-to-seed noise), so the table cannot tell them apart."
+        ),
+        "",
+    ]
     t2 = tables.get("table2", {})
     if "DKDM (ours)" in t2:
-        for other, claim in (("data-free baseline", "DKDM beats the data-free baseline (paper Tab. 2)"),
-                             ("data-limited 20%", "DKDM is on par with data-limited training at 20% (Tab. 2)"),
-                             ("DKDM, official objective", "our variance term vs the official release's")):
+        for other, claim in (
+            ("data-free baseline", "DKDM beats the data-free baseline (paper Tab. 2)"),
+            ("data-limited 20%", "DKDM is on par with data-limited training at 20% (Tab. 2)"),
+            ("DKDM, official objective", "our variance term vs the official release's"),
+        ):
             if other in t2:
-                out.append(f"- {claim}: DKDM FD {t2['DKDM (ours)'][0]:.2f} is {_cmp(t2['DKDM (ours)'], t2[other])} "
-                           f"{other} ({t2[other][0]:.2f}).")
+                out.append(
+                    f"- {claim}: DKDM FD {t2['DKDM (ours)'][0]:.2f} is {_cmp(t2['DKDM (ours)'], t2[other])} "
+                    f"{other} ({t2[other][0]:.2f})."
+                )
     t4 = tables.get("table4", {})
     keys = [f"{p}, discard p=0" for p in ("iterative", "shuffled", "dynamic")]
     if all(k in t4 for k in keys):
         a, b, c = (t4[k] for k in keys)
-        out.append(f"- Iterative > shuffled > dynamic in FD (Tab. 4): iterative {a[0]:.2f}, shuffled {b[0]:.2f}, "
-                   f"dynamic {c[0]:.2f}; shuffled is {_cmp(b, a)} iterative, dynamic {_cmp(c, b)} "
-                   "shuffled.")
+        out.append(
+            f"- Iterative > shuffled > dynamic in FD (Tab. 4): iterative {a[0]:.2f}, shuffled {b[0]:.2f}, "
+            f"dynamic {c[0]:.2f}; shuffled is {_cmp(b, a)} iterative, dynamic {_cmp(c, b)} "
+            "shuffled."
+        )
     rho = tables.get("rho", {})
     if len(rho) > 1:
         xs = sorted(rho, key=float)
-        out.append(f"- A larger pool helps (Fig. 5): FD at rho = {xs[0]} is {rho[xs[0]][0]:.2f}, at rho = {xs[-1]} "
-                   f"{rho[xs[-1]][0]:.2f}: the largest pool is {_cmp(rho[xs[-1]], rho[xs[0]])} the smallest.")
+        out.append(
+            f"- A larger pool helps (Fig. 5): FD at rho = {xs[0]} is {rho[xs[0]][0]:.2f}, at rho = {xs[-1]} "
+            f"{rho[xs[-1]][0]:.2f}: the largest pool is {_cmp(rho[xs[-1]], rho[xs[0]])} the smallest."
+        )
     t5 = tables.get("table5", {})
     if "CNN -> CNN" in t5 and len(t5) > 1:
         others = ", ".join(f"{k} {v[0]:.2f}" for k, v in t5.items() if k != "CNN -> CNN")
@@ -473,8 +666,9 @@ def agreement(tables: dict) -> list[str]:
     return [*out, ""] if len(out) > 4 else []
 
 
-def rows_by(results: dict, prefixes: tuple[str, ...], key: str, seeds: list[int],
-            default: tuple[str, float]) -> dict[float, list[dict]]:
+def rows_by(
+    results: dict, prefixes: tuple[str, ...], key: str, seeds: list[int], default: tuple[str, float]
+) -> dict[float, list[dict]]:
     rows: dict[float, list[dict]] = {}
     for name, r in sorted(results.items()):
         if "fd" not in r or r.get("seed") not in seeds or not name.startswith(prefixes):
@@ -514,8 +708,7 @@ def plot_errorbars(rows: dict[float, list[dict]], xlabel: str, path: str) -> Non
     xs = list(rows)
     st = [stats([r["fd"] for r in rows[x]]) for x in xs]
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    ax.errorbar(xs, [m for m, _, _ in st], yerr=[0 if np.isnan(sd) else sd for _, sd, _ in st], marker="o",
-                capsize=3)
+    ax.errorbar(xs, [m for m, _, _ in st], yerr=[0 if np.isnan(sd) else sd for _, sd, _ in st], marker="o", capsize=3)
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("FD (mean ± std over seeds)")

@@ -232,9 +232,7 @@ def update(obj: Any, values: Mapping[str, Any], where: str = "") -> Any:
     changes = {}
     for key, value in values.items():
         if key not in types:
-            raise ConfigError(
-                f"{where}: unknown field '{key}'{_closest(key, types)}; valid fields: {', '.join(types)}"
-            )
+            raise ConfigError(f"{where}: unknown field '{key}'{_closest(key, types)}; valid fields: {', '.join(types)}")
         changes[key] = _coerce(value, types[key], f"{where}.{key}")
     return dataclasses.replace(obj, **changes)
 

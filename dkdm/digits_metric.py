@@ -183,7 +183,9 @@ def score(samples: Activations, reference: Activations, k: int = 3) -> dict[str,
     }
 
 
-def evaluate(samples: np.ndarray, reference: np.ndarray | None = None, classifier: DigitsClassifier | None = None) -> dict[str, float]:
+def evaluate(
+    samples: np.ndarray, reference: np.ndarray | None = None, classifier: DigitsClassifier | None = None
+) -> dict[str, float]:
     """Score an ADM array of digit samples against ``reference`` (default: all real digits)."""
     classifier = classifier or load_classifier()
     if reference is None:

@@ -53,9 +53,7 @@ _LAUNCHER = "none"
 
 def launched_by_mpi() -> bool:
     """True when this process was started by an MPI launcher (``mpiexec``/``mpirun``)."""
-    return any(
-        v in os.environ for v in _MPI_RANK_VARS + _MPI_SIZE_VARS + _MPI_LOCAL_VARS
-    )
+    return any(v in os.environ for v in _MPI_RANK_VARS + _MPI_SIZE_VARS + _MPI_LOCAL_VARS)
 
 
 def launched_by_torchrun() -> bool:
@@ -84,8 +82,13 @@ def _slurm_env() -> dict[str, str]:
             "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1), and rerun"
         )
     port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
-    return {"RANK": rank, "WORLD_SIZE": size, "LOCAL_RANK": env.get("SLURM_LOCALID", "0"), "MASTER_ADDR": addr,
-            "MASTER_PORT": port}
+    return {
+        "RANK": rank,
+        "WORLD_SIZE": size,
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": addr,
+        "MASTER_PORT": port,
+    }
 
 
 def launch_rank() -> int:
@@ -129,9 +132,7 @@ def _setup_mpi(backend: str) -> None:
         if local_size == size:
             addr = "127.0.0.1"
         else:
-            addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(
-                socket.getfqdn()
-            )
+            addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.getfqdn())
         port = int(os.environ.get("MASTER_PORT", "0")) or _free_port()
         info = (addr, port)
     else:
@@ -145,9 +146,7 @@ def _setup_mpi(backend: str) -> None:
         LOCAL_RANK=str(_LOCAL_RANK),
     )
     _set_device()
-    dist.init_process_group(
-        backend=backend, init_method="env://", rank=rank, world_size=size
-    )
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=size)
 
 
 def _set_device() -> None:
@@ -181,9 +180,7 @@ def setup_dist(backend: str | None = None) -> None:
         _LAUNCHER = "single"
         _LOCAL_RANK = 0
         _set_device()
-        dist.init_process_group(
-            backend=backend, store=dist.HashStore(), rank=0, world_size=1
-        )
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def launcher() -> str:

@@ -74,7 +74,8 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
         except OSError:
             pass
         full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
-            isinstance(e, (OSError, RuntimeError)) and free is not None and free < _NEARLY_FULL)
+            isinstance(e, (OSError, RuntimeError)) and free is not None and free < _NEARLY_FULL
+        )
         if full:
             old = "the previous file there is intact" if os.path.exists(path) else "nothing was written there"
             raise DiskFullError(

@@ -60,10 +60,7 @@ class HumanOutput:
     def writekvs(self, kvs: Mapping[str, Any], step: int) -> None:
         if not kvs:
             return
-        rows = [
-            (k if len(k) <= 40 else k[:37] + "...", _fmt(v))
-            for k, v in sorted(kvs.items())
-        ]
+        rows = [(k if len(k) <= 40 else k[:37] + "...", _fmt(v)) for k, v in sorted(kvs.items())]
         kw = max(len(k) for k, _ in rows)
         vw = max(len(v) for _, v in rows)
         rule = "-" * (kw + vw + 7)
@@ -114,9 +111,7 @@ class CSVOutput:
                     w.writerow(r + [""] * (len(self.keys) - len(r)))
             os.replace(tmp, self.path)
         with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow(
-                ["" if kvs.get(k) is None else kvs[k] for k in self.keys]
-            )
+            csv.writer(f).writerow(["" if kvs.get(k) is None else kvs[k] for k in self.keys])
 
     def writeline(self, text: str) -> None:
         pass
@@ -162,9 +157,7 @@ def make_output(fmt: str, directory: str):
             return TensorBoardOutput(os.path.join(directory, "tb"))
         except Exception:  # noqa: BLE001 - an optional output must never stop a run
             return None
-    raise ValueError(
-        f"unknown log format '{fmt}'; choose from {', '.join(DEFAULT_FORMATS)}"
-    )
+    raise ValueError(f"unknown log format '{fmt}'; choose from {', '.join(DEFAULT_FORMATS)}")
 
 
 # --------------------------------------------------------------------------- logger
@@ -178,13 +171,9 @@ class Logger:
         self.outputs = [o for o in outputs if o is not None]
         self.num_dumps = 0
         self._last: dict[str, Any] = {}  # logkv: key -> value (tensor, number or other)
-        self._sum: dict[
-            str, Any
-        ] = {}  # logkv_mean: key -> running sum (tensor or float)
+        self._sum: dict[str, Any] = {}  # logkv_mean: key -> running sum (tensor or float)
         self._cnt: dict[str, Any] = {}  # key -> count (int, or tensor for quartiles)
-        self._qsum: dict[
-            str, torch.Tensor
-        ] = {}  # log_loss_dict: key -> [4] sums per quartile
+        self._qsum: dict[str, torch.Tensor] = {}  # log_loss_dict: key -> [4] sums per quartile
         self._qcnt: dict[str, torch.Tensor] = {}
 
     # ---- recording (no host synchronisation anywhere here)
@@ -200,9 +189,7 @@ class Logger:
         if isinstance(value, torch.Tensor):
             value = _scalar(value, key).float()
         elif not isinstance(value, (int, float)):
-            raise TypeError(
-                f"logkv_mean('{key}') needs a number or a one-element tensor, got {type(value).__name__}"
-            )
+            raise TypeError(f"logkv_mean('{key}') needs a number or a one-element tensor, got {type(value).__name__}")
         self._last.pop(key, None)
         if key in self._sum:
             self._sum[key] = self._sum[key] + value
@@ -211,18 +198,14 @@ class Logger:
             self._sum[key] = value
             self._cnt[key] = 1
 
-    def log_loss_dict(
-        self, num_timesteps: int, ts: torch.Tensor, losses: Mapping[str, torch.Tensor]
-    ) -> None:
+    def log_loss_dict(self, num_timesteps: int, ts: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> None:
         ts = ts.detach().reshape(-1).long()
         quartile = torch.div(ts * 4, num_timesteps, rounding_mode="floor").clamp_(0, 3)
         for key, values in losses.items():
             if values is ts or key == "t":
                 continue
             values = values.detach().float()
-            if (
-                values.ndim == 0
-            ):  # an already-reduced scalar has no per-sample timesteps
+            if values.ndim == 0:  # an already-reduced scalar has no per-sample timesteps
                 self.logkv_mean(key, values)
                 continue
             values = values.reshape(-1)
@@ -234,9 +217,7 @@ class Logger:
             q = quartile.to(values.device)
             sums = torch.zeros(4, device=values.device).index_add_(0, q, values)
             # index_add_ rather than bincount: bincount on CUDA syncs to size its output.
-            cnts = torch.zeros(4, device=values.device).index_add_(
-                0, q, torch.ones_like(values)
-            )
+            cnts = torch.zeros(4, device=values.device).index_add_(0, q, torch.ones_like(values))
             if key in self._qsum:
                 self._qsum[key] += sums
                 self._qcnt[key] += cnts
@@ -250,9 +231,7 @@ class Logger:
         numeric: dict = {}
         other: dict = {}
         for k, v in self._last.items():
-            if isinstance(v, torch.Tensor) or (
-                isinstance(v, (int, float)) and not isinstance(v, bool)
-            ):
+            if isinstance(v, torch.Tensor) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
                 numeric[k] = (v, 1)
             else:
                 other[k] = v
@@ -282,12 +261,7 @@ class Logger:
         else:
             # Pack where the tensors already are, so the only copy to host is the last one.
             device = next(
-                (
-                    v.device
-                    for sc in numeric.values()
-                    for v in sc
-                    if isinstance(v, torch.Tensor)
-                ),
+                (v.device for sc in numeric.values() for v in sc if isinstance(v, torch.Tensor)),
                 None,
             )
             device = device or torch.device("cpu")
@@ -298,16 +272,12 @@ class Logger:
             for j, v in ((2 * i, s), (2 * i + 1, c)):
                 if isinstance(v, torch.Tensor):
                     tens_idx.append(j)
-                    tens_val.append(
-                        v.reshape(()).to(device=device, dtype=torch.float64)
-                    )
+                    tens_val.append(v.reshape(()).to(device=device, dtype=torch.float64))
                 else:
                     float_idx.append(j)
                     float_val.append(float(v))
         if float_idx:
-            packed[torch.tensor(float_idx, device=device)] = torch.tensor(
-                float_val, dtype=torch.float64, device=device
-            )
+            packed[torch.tensor(float_idx, device=device)] = torch.tensor(float_val, dtype=torch.float64, device=device)
         if tens_idx:
             packed[torch.tensor(tens_idx, device=device)] = torch.stack(tens_val)
         if world > 1:
@@ -319,9 +289,7 @@ class Logger:
             if c > 0:
                 mean = s / c
                 # Counters logged as ints (step, samples) stay ints in the table and CSV.
-                is_int = isinstance(self._last.get(k), int) and not isinstance(
-                    self._last.get(k), bool
-                )
+                is_int = isinstance(self._last.get(k), int) and not isinstance(self._last.get(k), bool)
                 out[k] = int(mean) if is_int and mean.is_integer() else mean
         out.update(other)
         if _is_writer():
@@ -352,9 +320,7 @@ class Logger:
 
 def _scalar(value: torch.Tensor, key: str) -> torch.Tensor:
     if value.numel() != 1:
-        raise ValueError(
-            f"logged value '{key}' must be a scalar, got a tensor of shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"logged value '{key}' must be a scalar, got a tensor of shape {tuple(value.shape)}")
     return value.detach().reshape(())
 
 
@@ -372,9 +338,7 @@ def get_current() -> Logger:
     return _current
 
 
-def configure(
-    dir: str | None = None, format_strs: Sequence[str] | str | None = None
-) -> Logger:
+def configure(dir: str | None = None, format_strs: Sequence[str] | str | None = None) -> Logger:
     """Point logging at run directory ``dir`` (created on rank 0) with the given outputs.
 
     ``format_strs`` is a list or comma-separated string of ``stdout``, ``log`` (log.txt),
@@ -394,9 +358,7 @@ def configure(
         format_strs = [s for s in format_strs.split(",") if s]
     for f in format_strs:
         if f not in DEFAULT_FORMATS:
-            raise ValueError(
-                f"unknown log format '{f}'; choose from {', '.join(DEFAULT_FORMATS)}"
-            )
+            raise ValueError(f"unknown log format '{f}'; choose from {', '.join(DEFAULT_FORMATS)}")
     _current.close()
     outputs: list = []
     if _is_writer():
@@ -435,9 +397,7 @@ def logkv_mean(key: str, value: Any) -> None:
     _current.logkv_mean(key, value)
 
 
-def log_loss_dict(
-    num_timesteps: int, ts: torch.Tensor, losses: Mapping[str, torch.Tensor]
-) -> None:
+def log_loss_dict(num_timesteps: int, ts: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> None:
     """Log each per-sample loss in ``losses`` (tensors ``[B]``) as its mean, and as
     ``<key>_q0`` .. ``<key>_q3``: the mean over samples whose timestep ``ts`` falls in each
     quarter of ``[0, num_timesteps)``. Sums and counts are kept on the device; a key named

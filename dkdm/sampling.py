@@ -161,7 +161,9 @@ def read_images(
         x, y = load_digits(image_size=image_size or 8)
         return to_uint8(x), y.numpy()
     if not os.path.exists(source):
-        raise SamplingError(f"dataset '{source}' does not exist (give 'digits', an .npz, a CIFAR-10 python folder or an image folder)")
+        raise SamplingError(
+            f"dataset '{source}' does not exist (give 'digits', an .npz, a CIFAR-10 python folder or an image folder)"
+        )
     try:
         if is_cifar_python(source):
             images, labels = read_cifar_python(source, split)
@@ -276,8 +278,11 @@ class ShardStore:
                 except json.JSONDecodeError:
                     old = None
             if old != self.manifest:
-                diff = ([f"{k}: {a!r} there, {b!r} now" for k, a, b in differences(old, self.manifest)]
-                        if isinstance(old, dict) else ["unreadable manifest"])
+                diff = (
+                    [f"{k}: {a!r} there, {b!r} now" for k, a, b in differences(old, self.manifest)]
+                    if isinstance(old, dict)
+                    else ["unreadable manifest"]
+                )
                 raise SamplingError(
                     f"{self.directory} holds shards of a different sampling run ({'; '.join(diff[:6])}); "
                     "they will not be mixed: rerun with the same settings to resume, or remove that "
@@ -449,7 +454,9 @@ def shard_dir_for(output_path: str) -> str:
     return output_path[: -len(".npz")] + ".shards" if output_path.endswith(".npz") else output_path + ".shards"
 
 
-def finish(store: ShardStore, cfg: SampleConfig, output_path: str, keep_shards: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def finish(
+    store: ShardStore, cfg: SampleConfig, output_path: str, keep_shards: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Merge every shard into ``output_path`` (plus a PNG grid of the first 64); rank 0 only."""
     images, labels = store.merge(shard_sizes(cfg.num_samples, cfg.batch_size))
     save_npz(output_path, images, labels)
@@ -457,7 +464,6 @@ def finish(store: ShardStore, cfg: SampleConfig, output_path: str, keep_shards: 
     if not keep_shards:
         store.remove()
     return images, labels
-
 
 
 # --------------------------------------------------------------------------- configs

@@ -163,7 +163,9 @@ class Evaluator:
             self.softmax = tf.nn.softmax(tf.matmul(self.softmax_input, matmul.inputs[1]))
         self.manifold_estimator = ManifoldEstimator(TFDistanceBlock(self.sess), nhood_sizes=(NHOOD_SIZE,))
 
-    def compute_activations(self, batches: Iterable[np.ndarray], total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def compute_activations(
+        self, batches: Iterable[np.ndarray], total: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(pool [N, 2048], spatial [N, 2023]) features of NHWC image batches in [0, 255]."""
         pools, spatials = [], []
         for batch in _progress(batches, total=total):
@@ -220,7 +222,12 @@ class Evaluator:
             if os.path.isfile(cache_file):
                 try:
                     with np.load(cache_file) as c:
-                        return c["pool"], FIDStatistics(c["mu"], c["sigma"]), FIDStatistics(c["mu_s"], c["sigma_s"]), "cache"
+                        return (
+                            c["pool"],
+                            FIDStatistics(c["mu"], c["sigma"]),
+                            FIDStatistics(c["mu_s"], c["sigma_s"]),
+                            "cache",
+                        )
                 except (OSError, ValueError, KeyError):
                     pass  # unreadable cache entry: recompute and overwrite it
 
@@ -269,7 +276,9 @@ def validate_batches(ref_path: str, sample_path: str, min_images: int = NHOOD_SI
             # np.load would happily read a .npy too; say what format is expected.
             with open(path, "rb") as f:
                 if f.read(4) != b"PK\x03\x04":
-                    raise NpzFormatError(f"{path} is not an .npz archive; save batches with np.savez(path, arr_0=images)")
+                    raise NpzFormatError(
+                        f"{path} is not an .npz archive; save batches with np.savez(path, arr_0=images)"
+                    )
         info = inspect_npz(path, "arr_0")
         check_image_batch(info, min_images=min_images)
         infos.append(info)
@@ -341,13 +350,19 @@ def evaluate(
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    p = argparse.ArgumentParser(description="IS, FID, sFID, precision and recall of sample_batch against ref_batch (ADM suite).")
+    p = argparse.ArgumentParser(
+        description="IS, FID, sFID, precision and recall of sample_batch against ref_batch (ADM suite)."
+    )
     p.add_argument("ref_batch", help="reference batch .npz (arr_0 NHWC uint8; optional mu, sigma, mu_s, sigma_s)")
     p.add_argument("sample_batch", help="sample batch .npz (arr_0 NHWC uint8)")
-    p.add_argument("--inception_path", default=None, help=f"{inc.INCEPTION_V3_FILENAME} (else ${inc.ENV_VAR}, ./, the cache dir)")
+    p.add_argument(
+        "--inception_path", default=None, help=f"{inc.INCEPTION_V3_FILENAME} (else ${inc.ENV_VAR}, ./, the cache dir)"
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="also write the numbers to this JSON file")
     p.add_argument("--batch_size", type=int, default=64, help="images per Inception pass (ADM: 64)")
-    p.add_argument("--cache_dir", default="default", help="where reference features are cached (default: the dkdm cache dir)")
+    p.add_argument(
+        "--cache_dir", default="default", help="where reference features are cached (default: the dkdm cache dir)"
+    )
     p.add_argument("--no_cache", action="store_true", help="do not read or write cached reference features")
     p.add_argument("--no_download", action="store_true", help="never download the Inception graph")
     args = p.parse_args(argv)

@@ -31,8 +31,7 @@ __all__ = [
 ]
 
 INCEPTION_V3_URL = (
-    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
-    "classify_image_graph_def.pb"
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/classify_image_graph_def.pb"
 )
 INCEPTION_V3_FILENAME = "classify_image_graph_def.pb"
 ENV_VAR = "DKDM_INCEPTION_PATH"
@@ -98,12 +97,16 @@ def download_inception_graph(dest: str, timeout: float = 10.0) -> str:
     try:
         import requests
     except ImportError:
-        raise _not_found(f"{INCEPTION_V3_FILENAME} is not on disk and `requests` is not installed to download it") from None
+        raise _not_found(
+            f"{INCEPTION_V3_FILENAME} is not on disk and `requests` is not installed to download it"
+        ) from None
     try:
         head = requests.head(INCEPTION_V3_URL, timeout=timeout, allow_redirects=True)
         head.raise_for_status()
     except requests.RequestException as e:
-        raise _not_found(f"{INCEPTION_V3_FILENAME} is not on disk and the download host did not answer ({type(e).__name__})") from None
+        raise _not_found(
+            f"{INCEPTION_V3_FILENAME} is not on disk and the download host did not answer ({type(e).__name__})"
+        ) from None
 
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp = f"{dest}.{os.getpid()}.tmp"

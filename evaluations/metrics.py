@@ -72,8 +72,7 @@ def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"features must be a 2-D [N, D] array, got shape {features.shape}")
     if features.shape[0] < 2:
         raise ValueError(
-            f"a covariance needs at least 2 feature vectors, got {features.shape[0]}; "
-            "evaluate more images"
+            f"a covariance needs at least 2 feature vectors, got {features.shape[0]}; evaluate more images"
         )
     mu = np.mean(features, axis=0)
     sigma = np.cov(features, rowvar=False)
@@ -112,9 +111,7 @@ def frechet_distance(
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
-        warnings.warn(
-            f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates"
-        )
+        warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
 

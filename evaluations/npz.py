@@ -136,9 +136,7 @@ def check_value_range(path: str, name: str = "arr_0", chunk: int = 256) -> None:
             lo, hi = min(lo, batch.min()), max(hi, batch.max())
     if lo < 0 or hi > 255:
         hint = " (it looks like [-1, 1] model output: map with (x + 1) * 127.5)" if lo >= -1 and hi <= 1 else ""
-        raise NpzFormatError(
-            f"{path} ({name}) has values in [{lo}, {hi}]; images must lie in [0, 255]{hint}"
-        )
+        raise NpzFormatError(f"{path} ({name}) has values in [{lo}, {hi}]; images must lie in [0, 255]{hint}")
     if info.dtype.kind == "f" and hi <= 1.0:
         # Float pixels in [0, 1] would be scored as near-black 0-255 images: a wrong FID, not an error.
         raise NpzFormatError(

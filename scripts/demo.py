@@ -48,9 +48,15 @@ def sample(name: str, path: str, cfg: SampleConfig, respacing: str, out: str) ->
     stats = sampling.draw_shards(model, create_diffusion(diff_cfg), store, cfg, shape)
     images, _ = sampling.finish(store, cfg, output)
     print(f"{name}: {len(images)} images -> {output} ({stats.images_per_second:.0f} images/s)", flush=True)
-    return {"model": name, "checkpoint": os.path.relpath(path), "params": sum(p.numel() for p in model.parameters()),
-            "images_per_s": stats.images_per_second, "npz": output, "grid": output[:-4] + ".png",
-            **digits_metric.evaluate(images)}
+    return {
+        "model": name,
+        "checkpoint": os.path.relpath(path),
+        "params": sum(p.numel() for p in model.parameters()),
+        "images_per_s": stats.images_per_second,
+        "npz": output,
+        "grid": output[:-4] + ".png",
+        **digits_metric.evaluate(images),
+    }
 
 
 def main() -> int:
@@ -74,15 +80,24 @@ def main() -> int:
         return 1
     distill_s = time.time() - t0
     cfg = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
-    rows = [sample("teacher", sampling.TEACHER_PATH, cfg, args.timestep_respacing, args.out),
-            sample("student", newest_ema(student_dir), cfg, args.timestep_respacing, args.out)]
-    lines = ["| model | params | FD | IS | precision | recall | sampling images/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['fd']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | "
-              f"{r['recall']:.3f} | {r['images_per_s']:.0f} |" for r in rows]
-    note = (f"{args.num_samples} samples each, {args.timestep_respacing} IDDPM steps, seed {args.seed}, "
-            f"{torch.get_num_threads()} CPU threads; metrics against the 1,797 real digits "
-            f"(digits classifier features); distillation {distill_s:.0f} s, whole demo {time.time() - start:.0f} s")
+    rows = [
+        sample("teacher", sampling.TEACHER_PATH, cfg, args.timestep_respacing, args.out),
+        sample("student", newest_ema(student_dir), cfg, args.timestep_respacing, args.out),
+    ]
+    lines = [
+        "| model | params | FD | IS | precision | recall | sampling images/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['fd']:.2f} | {r['is']:.2f} | {r['precision']:.3f} | "
+        f"{r['recall']:.3f} | {r['images_per_s']:.0f} |"
+        for r in rows
+    ]
+    note = (
+        f"{args.num_samples} samples each, {args.timestep_respacing} IDDPM steps, seed {args.seed}, "
+        f"{torch.get_num_threads()} CPU threads; metrics against the 1,797 real digits "
+        f"(digits classifier features); distillation {distill_s:.0f} s, whole demo {time.time() - start:.0f} s"
+    )
     print("\n" + "\n".join(lines) + "\n\n" + note)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n\n" + note + "\n")

@@ -28,7 +28,9 @@ def main() -> int:
         for path in args.samples:
             images = read_images(path)[0]
             m = digits_metric.score(digits_metric.activations(images, classifier), ref)
-            print(f"{path:<40} {len(images):>6} {max(m['fd'], 0.0):>9.3f} {m['is']:>7.3f} {m['precision']:>10.4f} {m['recall']:>7.4f}")
+            print(
+                f"{path:<40} {len(images):>6} {max(m['fd'], 0.0):>9.3f} {m['is']:>7.3f} {m['precision']:>10.4f} {m['recall']:>7.4f}"
+            )
     except (SamplingError, ValueError, OSError) as e:
         print(f"digits_eval.py: error: {e}", file=sys.stderr)
         return 1

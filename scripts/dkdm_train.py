@@ -46,8 +46,14 @@ def resolve(argv: list[str]) -> tuple[dict, str]:
     """The resolved config groups and the teacher checkpoint path (no model is built)."""
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", DEFAULT_CONFIG, *argv]
-    groups = {"teacher": ModelConfig, "student": ModelConfig, "diffusion": DiffusionConfig,
-              "teacher_diffusion": DiffusionConfig, "train": TrainConfig, "distill": DistillConfig}
+    groups = {
+        "teacher": ModelConfig,
+        "student": ModelConfig,
+        "diffusion": DiffusionConfig,
+        "teacher_diffusion": DiffusionConfig,
+        "train": TrainConfig,
+        "distill": DistillConfig,
+    }
     parser = ConfigParser(__doc__, groups, plain=["student", "diffusion", "train", "distill"])
     parser.add_argument("--teacher_arch", default=None, help="teacher architecture: zoo name or model YAML")
     parser.add_argument("--student_arch", default=None, help="student architecture: zoo name or model YAML")
@@ -60,10 +66,13 @@ def resolve(argv: list[str]) -> tuple[dict, str]:
     t_base, d_base = None, DiffusionConfig()
     if not distill.teacher_path:  # the embedded teacher: its provenance gives its configs
         if args.overrides["teacher"].get("arch", "digits-teacher") != "digits-teacher":
-            raise ConfigError(f"the teacher is {args.overrides['teacher']['arch']}: pass its checkpoint with --teacher_path")
+            raise ConfigError(
+                f"the teacher is {args.overrides['teacher']['arch']}: pass its checkpoint with --teacher_path"
+            )
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"the embedded teacher {path} is missing; train it (configs/digits/teacher.yaml) "
-                                    "or pass --teacher_path")
+            raise FileNotFoundError(
+                f"the embedded teacher {path} is missing; train it (configs/digits/teacher.yaml) or pass --teacher_path"
+            )
         with open(os.path.join(ASSETS, "digits_teacher.json")) as f:
             meta = json.load(f)
         meta = meta.get("config", meta)
@@ -73,14 +82,23 @@ def resolve(argv: list[str]) -> tuple[dict, str]:
     student_cfg = model_config(args, "student", "digits-student", None)
     args.overrides["diffusion"].setdefault("learn_sigma", student_cfg.learn_sigma)
     diff_cfg = args.resolve("diffusion", d_base)
-    t_diff = dataclasses.replace(d_base if t_base else diff_cfg, learn_sigma=teacher_cfg.learn_sigma,
-                                 use_kl=False, timestep_respacing="")
+    t_diff = dataclasses.replace(
+        d_base if t_base else diff_cfg, learn_sigma=teacher_cfg.learn_sigma, use_kl=False, timestep_respacing=""
+    )
     t_diff_cfg = args.resolve("teacher_diffusion", t_diff)
     if diff_cfg.learn_sigma != student_cfg.learn_sigma or t_diff_cfg.learn_sigma != teacher_cfg.learn_sigma:
-        raise ConfigError("learn_sigma of a network and of its diffusion differ; set --learn_sigma (student) "
-                          "and --teacher.learn_sigma with --teacher_diffusion.learn_sigma together")
-    configs = {"teacher": teacher_cfg, "student": student_cfg, "diffusion": diff_cfg,
-               "teacher_diffusion": t_diff_cfg, "train": args.resolve("train"), "distill": distill}
+        raise ConfigError(
+            "learn_sigma of a network and of its diffusion differ; set --learn_sigma (student) "
+            "and --teacher.learn_sigma with --teacher_diffusion.learn_sigma together"
+        )
+    configs = {
+        "teacher": teacher_cfg,
+        "student": student_cfg,
+        "diffusion": diff_cfg,
+        "teacher_diffusion": t_diff_cfg,
+        "train": args.resolve("train"),
+        "distill": distill,
+    }
     return configs, path
 
 
@@ -89,17 +107,28 @@ def main(argv: list[str]) -> None:
     teacher_cfg, student_cfg, train = configs["teacher"], configs["student"], configs["train"]
     dist.setup_dist()
     run_dir = train.log_dir or dist.broadcast_object(
-        os.path.join("runs", f"dkdm-{student_cfg.name or student_cfg.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}"))
+        os.path.join("runs", f"dkdm-{student_cfg.name or student_cfg.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    )
     logger.configure(run_dir)
     seed_all(train.seed)
     student = create_model(student_cfg)
     teacher = load_checkpoint(create_model(teacher_cfg), path)
-    logger.log(f"teacher {teacher_cfg.name or teacher_cfg.arch} ({path}), student {student_cfg.name or student_cfg.arch}: "
-               f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; {dist.get_world_size()} process(es), "
-               f"run dir {run_dir}")
-    loop = DistillLoop(teacher, student, create_diffusion(configs["teacher_diffusion"]),
-                       create_diffusion(configs["diffusion"]), train=train, distill=configs["distill"],
-                       run_dir=run_dir, config_to_save=configs, teacher_key=teacher_id(path, teacher_cfg))
+    logger.log(
+        f"teacher {teacher_cfg.name or teacher_cfg.arch} ({path}), student {student_cfg.name or student_cfg.arch}: "
+        f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; {dist.get_world_size()} process(es), "
+        f"run dir {run_dir}"
+    )
+    loop = DistillLoop(
+        teacher,
+        student,
+        create_diffusion(configs["teacher_diffusion"]),
+        create_diffusion(configs["diffusion"]),
+        train=train,
+        distill=configs["distill"],
+        run_dir=run_dir,
+        config_to_save=configs,
+        teacher_key=teacher_id(path, teacher_cfg),
+    )
     loop.run()
     dist.cleanup()
 

@@ -49,18 +49,29 @@ def main(argv: list[str]) -> None:
     )
     logger.configure(run_dir)
     data = load_data(
-        dataset=train.dataset, data_dir=train.data_dir, batch_size=batch, image_size=model_cfg.image_size,
-        class_cond=model_cfg.class_cond, deterministic=train.deterministic, random_flip=train.random_flip,
-        num_workers=train.num_workers, seed=train.seed,
+        dataset=train.dataset,
+        data_dir=train.data_dir,
+        batch_size=batch,
+        image_size=model_cfg.image_size,
+        class_cond=model_cfg.class_cond,
+        deterministic=train.deterministic,
+        random_flip=train.random_flip,
+        num_workers=train.num_workers,
+        seed=train.seed,
     )
     seed_all(train.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = create_model(model_cfg)
     diffusion = create_diffusion(diff_cfg)
     sampler = create_named_schedule_sampler(train.schedule_sampler, diffusion)
-    logger.log(f"{model_cfg.name or model_cfg.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-               f"{dist.get_world_size()} process(es), run dir {run_dir}")
+    logger.log(
+        f"{model_cfg.name or model_cfg.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+        f"{dist.get_world_size()} process(es), run dir {run_dir}"
+    )
     trainer = Trainer(
-        model, diffusion, cfg=train, run_dir=run_dir,
+        model,
+        diffusion,
+        cfg=train,
+        run_dir=run_dir,
         config_to_save={"model": model_cfg, "diffusion": diff_cfg, "train": train},
         loop_state={"data": data, "schedule_sampler": sampler},
     )

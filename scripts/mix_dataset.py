@@ -18,15 +18,18 @@ from dkdm.sampling import SamplingError, read_images, save_npz
 Array = np.ndarray
 
 
-def mix(real: tuple[Array, Array | None], synthetic: tuple[Array, Array | None], real_fraction: float,
-        seed: int) -> tuple[Array, Array | None, int]:
+def mix(
+    real: tuple[Array, Array | None], synthetic: tuple[Array, Array | None], real_fraction: float, seed: int
+) -> tuple[Array, Array | None, int]:
     """Return (images, labels or None, number of real images) for the P% mix."""
     (xr, yr), (xs, ys) = real, synthetic
     if not 0.0 <= real_fraction <= 1.0:
         raise SamplingError(f"--real_fraction must lie in [0, 1], got {real_fraction}")
     if xr.shape[1:] != xs.shape[1:]:
-        raise SamplingError(f"real images are {xr.shape[1:]} but synthetic ones {xs.shape[1:]} (H, W, C); "
-                            "make the real set at the same size (e.g. make_reference.py --image_size)")
+        raise SamplingError(
+            f"real images are {xr.shape[1:]} but synthetic ones {xs.shape[1:]} (H, W, C); "
+            "make the real set at the same size (e.g. make_reference.py --image_size)"
+        )
     n = len(xs)
     n_real = int(np.floor(real_fraction * n + 0.5))
     if n_real > len(xr):
@@ -59,8 +62,10 @@ def main() -> int:
     except (SamplingError, OSError) as e:
         print(f"mix_dataset.py: error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.output}: {len(images)} images ({n_real} real, {len(images) - n_real} synthetic), "
-          f"{'with' if labels is not None else 'without'} labels")
+    print(
+        f"wrote {args.output}: {len(images)} images ({n_real} real, {len(images) - n_real} synthetic), "
+        f"{'with' if labels is not None else 'without'} labels"
+    )
     return 0
 
 

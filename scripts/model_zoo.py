@@ -1,7 +1,7 @@
 """The model zoo: parameter counts, or one YAML per architecture (configs/arch/ is made with this).
 
-    python scripts/model_zoo.py                        # name and parameter count of every entry
-    python scripts/model_zoo.py --export configs/arch  # write the YAMLs
+python scripts/model_zoo.py                        # name and parameter count of every entry
+python scripts/model_zoo.py --export configs/arch  # write the YAMLs
 """
 
 import argparse

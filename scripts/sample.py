@@ -43,9 +43,11 @@ def main(argv: list[str]) -> None:
     error = dist.broadcast_object(error)
     if error:
         raise sampling.SamplingError(error)
-    logger.log(f"sampling {path} ({model_cfg.name or model_cfg.arch}, config from {source}), "
-               f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps, "
-               f"{cfg.num_samples} images on {dist.get_world_size()} process(es) -> {output}")
+    logger.log(
+        f"sampling {path} ({model_cfg.name or model_cfg.arch}, config from {source}), "
+        f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps, "
+        f"{cfg.num_samples} images on {dist.get_world_size()} process(es) -> {output}"
+    )
     sizes = sampling.shard_sizes(cfg.num_samples, cfg.batch_size)
     mine = sum(sizes[dist.get_rank() :: dist.get_world_size()])
     bar = tqdm(total=mine, unit="img", desc="rank 0", disable=not dist.is_main())
@@ -56,9 +58,15 @@ def main(argv: list[str]) -> None:
         bar.update(n if drawn else 0)
 
     stats = sampling.draw_shards(
-        model, diffusion, store, cfg, shape,
+        model,
+        diffusion,
+        store,
+        cfg,
+        shape,
         num_classes=model_cfg.num_classes if model_cfg.class_cond else 0,
-        rank=dist.get_rank(), world_size=dist.get_world_size(), device=dist.dev(),
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        device=dist.dev(),
         on_shard=progress,
     )
     bar.close()
@@ -67,8 +75,10 @@ def main(argv: list[str]) -> None:
         if stats.shards_skipped:
             logger.log(f"resumed: {stats.shards_skipped} finished shard(s) on rank 0 were kept, not redrawn")
         images, _ = sampling.finish(store, cfg, output, keep_shards=cfg.keep_shards)
-        logger.log(f"saved {output} ({list(images.shape)} uint8) and {output[:-4]}.png; "
-                   f"rank 0 drew {stats.images_per_second:.1f} images/s")
+        logger.log(
+            f"saved {output} ({list(images.shape)} uint8) and {output[:-4]}.png; "
+            f"rank 0 drew {stats.images_per_second:.1f} images/s"
+        )
     dist.barrier()
     dist.cleanup()
 

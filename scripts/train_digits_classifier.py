@@ -60,18 +60,28 @@ def main() -> int:
             opt.step()
     model.eval()
     with torch.no_grad():
-        acc = {name: float((model(x[idx]).argmax(1) == y[idx]).double().mean())
-               for name, idx in (("train", train_idx), ("test", test_idx))}
-    print(f"{args.epochs} epochs in {time.time() - start:.0f}s: train accuracy {acc['train']:.4f}, "
-          f"held-out accuracy {acc['test']:.4f} ({len(test_idx)} digits)")
+        acc = {
+            name: float((model(x[idx]).argmax(1) == y[idx]).double().mean())
+            for name, idx in (("train", train_idx), ("test", test_idx))
+        }
+    print(
+        f"{args.epochs} epochs in {time.time() - start:.0f}s: train accuracy {acc['train']:.4f}, "
+        f"held-out accuracy {acc['test']:.4f} ({len(test_idx)} digits)"
+    )
     provenance = {
         "command": " ".join(["python", "scripts/train_digits_classifier.py"] + sys.argv[1:]),
-        "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
         "split": {"test_fraction": 0.2, "seed": args.seed, "train": len(train_idx), "test": len(test_idx)},
-        "train_accuracy": round(acc["train"], 4), "test_accuracy": round(acc["test"], 4),
-        "num_parameters": sum(p.numel() for p in model.parameters()), "config": model.config,
+        "train_accuracy": round(acc["train"], 4),
+        "test_accuracy": round(acc["test"], 4),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "config": model.config,
         "input": "uint8 NHWC 8x8x1 digits mapped to [-1, 1]; features = ReLU(fc1), the penultimate layer",
-        "torch": torch.__version__, "numpy": np.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_classifier(model, args.output, provenance)

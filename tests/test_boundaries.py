@@ -101,16 +101,30 @@ def test_a_kl_only_student_weighs_the_kl_by_T_when_rescaled():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 1, 4, 11, T - 1])
-    tout = torch.cat([torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64),
-                      torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 1], 1)
-    sout = torch.cat([torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64),
-                      torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 1], 1).requires_grad_()
+    tout = torch.cat(
+        [
+            torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64),
+            torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 1,
+        ],
+        1,
+    )
+    sout = torch.cat(
+        [
+            torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64),
+            torch.rand(5, 1, 3, 3, generator=g, dtype=torch.float64) * 2 - 1,
+        ],
+        1,
+    ).requires_grad_()
     teacher = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True)
     hand = _hand_kl_bits(teacher, tout, sout.detach(), x, t)
     rescaled = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True, use_kl=True)
     assert rescaled.loss_type == LossType.RESCALED_KL  # guided-diffusion's --use_kl
-    plain = GaussianDiffusion(betas=teacher.betas, model_mean_type=ModelMeanType.EPSILON,
-                              model_var_type=ModelVarType.LEARNED_RANGE, loss_type=LossType.KL)
+    plain = GaussianDiffusion(
+        betas=teacher.betas,
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=ModelVarType.LEARNED_RANGE,
+        loss_type=LossType.KL,
+    )
     for student, weight in ((plain, 1.0), (rescaled, float(T))):
         loss = DKDMObjective(teacher, student).terms(sout, tout, x, t)["loss"]
         np.testing.assert_allclose(loss.detach().numpy(), weight * hand, rtol=1e-9)
@@ -145,7 +159,9 @@ def test_a_restarted_pool_sample_draws_a_new_label():
 
 def test_teacher_precision_really_runs_the_teacher_in_bf16():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 2, 3, padding=1))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 2, 3, padding=1)
+    )
 
     class Teacher(torch.nn.Module):
         def __init__(self):
@@ -160,8 +176,9 @@ def test_teacher_precision_really_runs_the_teacher_in_bf16():
     t = torch.tensor([0, 3, 7, 19])
     outs = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        fake = types.SimpleNamespace(teacher=Teacher(), teacher_diffusion=d, teacher_dtype=dtype,
-                                     device=torch.device("cpu"))
+        fake = types.SimpleNamespace(
+            teacher=Teacher(), teacher_diffusion=d, teacher_dtype=dtype, device=torch.device("cpu")
+        )
         outs[name] = DistillLoop.teacher_forward(fake, x, t)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16 must mean: the teacher's ops in bfloat16
         want = Teacher()(x, d.model_timesteps(t)).float()

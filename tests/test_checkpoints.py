@@ -53,10 +53,7 @@ def test_ddp_prefix_and_dit_training_checkpoint(tmp_path):
     )
     sd = read_state_dict(str(dit))
     assert all(torch.equal(sd[k], ema[k]) for k in ema)
-    assert all(
-        torch.equal(v, live[k])
-        for k, v in read_state_dict(str(dit), key="model").items()
-    )
+    assert all(torch.equal(v, live[k]) for k, v in read_state_dict(str(dit), key="model").items())
     load_checkpoint(model, str(dit))
     assert torch.equal(model.blocks[0].attn.qkv.weight, ema["blocks.0.attn.qkv.weight"])
 
@@ -68,37 +65,21 @@ def test_mismatch_lists_keys_and_suggests_the_fitting_zoo_entry():
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(model, sd)
     msg = str(e.value)
-    assert (
-        "missing from the checkpoint:" in msg
-        and "unexpected in the checkpoint:" in msg
-        and "mis-shaped:" in msg
-    )
+    assert "missing from the checkpoint:" in msg and "unexpected in the checkpoint:" in msg and "mis-shaped:" in msg
     assert "time_embed.0.weight (checkpoint (512, 128), model (128, 32))" in msg
     assert "... and" in msg  # long lists are abbreviated
-    assert (
-        "128 channels, 3 res blocks" in msg
-        and "try cifar10-57M" in msg
-        and "imagenet32-57M" in msg
-    )
+    assert "128 channels, 3 res blocks" in msg and "try cifar10-57M" in msg and "imagenet32-57M" in msg
     # nothing was loaded
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_suggestion_names_flags_readable_from_shapes():
-    sd = _random_state(
-        create_model(
-            "digits-teacher", class_cond=True, num_classes=10, learn_sigma=False
-        )
-    )
+    sd = _random_state(create_model("digits-teacher", class_cond=True, num_classes=10, learn_sigma=False))
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(create_model("digits-teacher"), sd)
     msg = str(e.value)
     assert "unexpected in the checkpoint: label_emb.weight" in msg
-    assert (
-        "try digits-teacher with" in msg
-        and "--class_cond True" in msg
-        and "--num_classes 10" in msg
-    )
+    assert "try digits-teacher with" in msg and "--class_cond True" in msg and "--num_classes 10" in msg
     assert "--learn_sigma False" in msg
 
 
@@ -126,9 +107,7 @@ def test_truncated_file_gives_a_clear_error(tmp_path):
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
-@pytest.mark.parametrize(
-    "content", [b"", b"not a checkpoint at all\n" * 10, os.urandom(4096)]
-)
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n" * 10, os.urandom(4096)])
 def test_garbage_or_empty_file_gives_a_clear_error(tmp_path, content):
     path = tmp_path / "teacher.pt"
     path.write_bytes(content)

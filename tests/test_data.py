@@ -58,9 +58,7 @@ def test_digits_stream_matches_dataset():
         assert x.shape == (50, 1, 8, 8)
         assert not flip.any()  # digits are never mirrored
         assert torch.equal(x, x_all[idx]) and torch.equal(cond["y"], y_all[idx])
-    assert (
-        "y" not in next(load_data(batch_size=4, image_size=8, rank=0, world_size=1))[1]
-    )
+    assert "y" not in next(load_data(batch_size=4, image_size=8, rank=0, world_size=1))[1]
 
 
 def test_epochs_visit_every_example_once_and_reshuffle():
@@ -130,9 +128,7 @@ def test_npz_round_trip(tmp_path, compressed):
     path = str(tmp_path / "d.npz")
     arr, y = write_npz(path, compressed=compressed)
     images, _ = read_npz(path, want_labels=True)
-    assert (
-        isinstance(images, np.memmap) != compressed
-    )  # stored members are memory-mapped
+    assert isinstance(images, np.memmap) != compressed  # stored members are memory-mapped
     s = load_data(
         data_dir=path,
         batch_size=23,
@@ -163,9 +159,7 @@ def test_npz_flips_mirror_exactly(tmp_path):
 
 def test_npz_resume_is_bitwise_and_worker_independent(tmp_path):
     path = str(tmp_path / "d.npz")
-    write_npz(
-        path, n=30, size=12
-    )  # 12 -> 8 goes through decoding in DataLoader workers
+    write_npz(path, n=30, size=12)  # 12 -> 8 goes through decoding in DataLoader workers
     kw = {
         "data_dir": path,
         "batch_size": 8,
@@ -218,9 +212,7 @@ def make_folder(root):
     """Solid-colour images of uneven sizes in nested folders; the colour encodes the class."""
     colours = {"cat": (255, 0, 0), "dog": (0, 255, 0), "emu": (0, 0, 255)}
     files = {}
-    for i, (cls, sub) in enumerate(
-        [("cat", ""), ("dog", "a"), ("emu", "a/b"), ("cat", "a/b"), ("dog", "")]
-    ):
+    for i, (cls, sub) in enumerate([("cat", ""), ("dog", "a"), ("emu", "a/b"), ("cat", "a/b"), ("dog", "")]):
         d = os.path.join(root, sub)
         os.makedirs(d, exist_ok=True)
         ext = ".png" if i % 2 == 0 else ".jpg"
@@ -325,9 +317,7 @@ def test_unreadable_image(tmp_path):
         load_data(data_dir=str(tmp_path), batch_size=2, image_size=8)
 
 
-@pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads everything"
-)
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads everything")
 def test_unreadable_dir(tmp_path):
     d = tmp_path / "locked"
     d.mkdir()

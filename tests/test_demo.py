@@ -25,8 +25,14 @@ def test_make_demo_runs_the_demo_script():
 def test_whole_demo(tmp_path):
     start = time.time()
     out = tmp_path / "demo_out"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| model | params | FD | IS | precision | recall | sampling images/s |" in proc.stdout
     with open(out / "results.json") as f:

@@ -25,7 +25,9 @@ MEAN_TYPES = list(ModelMeanType)
 VAR_TYPES = list(ModelVarType)
 
 
-def make(steps=20, schedule="cosine", mean=ModelMeanType.EPSILON, var=ModelVarType.FIXED_LARGE, loss=LossType.MSE, **kw):
+def make(
+    steps=20, schedule="cosine", mean=ModelMeanType.EPSILON, var=ModelVarType.FIXED_LARGE, loss=LossType.MSE, **kw
+):
     return GaussianDiffusion(
         betas=get_named_beta_schedule(schedule, steps), model_mean_type=mean, model_var_type=var, loss_type=loss, **kw
     )
@@ -220,7 +222,9 @@ def test_variance_types_interpolate_as_iddpm_eq12():
 def test_mean_types_agree_on_the_same_prediction():
     """An eps-, an x0- and an x_{t-1}-model that say the same thing give the same p(x_{t-1} | x_t)."""
     kw = {"steps": 25, "var": ModelVarType.FIXED_SMALL}
-    d_eps, d_x0, d_prev = (make(mean=m, **kw) for m in (ModelMeanType.EPSILON, ModelMeanType.START_X, ModelMeanType.PREVIOUS_X))
+    d_eps, d_x0, d_prev = (
+        make(mean=m, **kw) for m in (ModelMeanType.EPSILON, ModelMeanType.START_X, ModelMeanType.PREVIOUS_X)
+    )
     x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     t = torch.tensor([1, 5, 12, 24])
     eps = torch.randn_like(x)
@@ -252,7 +256,10 @@ def test_p_sample_from_output_step_and_no_noise_at_t0():
     p = d.p_mean_variance_from_output(out, x, t)
     torch.testing.assert_close(step["mean"], p["mean"])
     torch.testing.assert_close(step["log_variance"], p["log_variance"])
-    want = p["mean"] + torch.tensor([0.0, 1, 0, 1], dtype=torch.float64).view(-1, 1, 1, 1) * (0.5 * p["log_variance"]).exp() * noise
+    want = (
+        p["mean"]
+        + torch.tensor([0.0, 1, 0, 1], dtype=torch.float64).view(-1, 1, 1, 1) * (0.5 * p["log_variance"]).exp() * noise
+    )
     torch.testing.assert_close(step["sample"], want, rtol=0, atol=0)
     # p_sample draws its own noise but otherwise is the same step.
     model = lambda x_, t_: out
@@ -320,10 +327,10 @@ def test_vb_gradient_reaches_only_variance_channels():
         out = (0.5 * torch.randn(B, 2 * C, 4, 4, dtype=torch.float64)).requires_grad_()
         terms = d.training_losses(lambda x_, t_, out=out: out, x0, t)
         assert set(terms) == {"loss", "mse", "vb"} and all(v.shape == (B,) for v in terms.values())
-        g_vb, = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)
+        (g_vb,) = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)
         assert torch.all(g_vb[:, :C] == 0)
         assert torch.all(g_vb[:, C:].abs().flatten(1).sum(1) > 0)
-        g_mse, = torch.autograd.grad(terms["mse"].sum(), out, retain_graph=True)
+        (g_mse,) = torch.autograd.grad(terms["mse"].sum(), out, retain_graph=True)
         assert torch.all(g_mse[:, C:] == 0) and torch.all(g_mse[:, :C].abs().flatten(1).sum(1) > 0)
         torch.testing.assert_close(terms["loss"], terms["mse"] + terms["vb"])
 

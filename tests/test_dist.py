@@ -118,9 +118,7 @@ def _check(results, tmp_path, launcher):
     for res in results:
         d = res["dump"]
         assert d["loss"] == pytest.approx(0.5) and d["only_rank1"] == pytest.approx(5.0)
-        assert d["mse"] == pytest.approx(
-            (1.0 + 4.0) / 2
-        )  # mean of per-rank batch means
+        assert d["mse"] == pytest.approx((1.0 + 4.0) / 2)  # mean of per-rank batch means
         assert d["mse_q0"] == pytest.approx(3.0) and d["mse_q3"] == pytest.approx(3.0)
         assert "mse_q1" not in d
     run = tmp_path / "run"
@@ -131,9 +129,7 @@ def _check(results, tmp_path, launcher):
 
 
 @pytest.mark.mpi
-@pytest.mark.skipif(
-    not os.path.exists(MPIEXEC), reason="mpiexec (pip install mpich) not installed"
-)
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec (pip install mpich) not installed")
 def test_mpiexec_two_ranks(tmp_path):
     _check(_run([MPIEXEC, "-n", "2", sys.executable], tmp_path), tmp_path, "mpi")
 
@@ -221,11 +217,23 @@ print("ok")
 
 def test_single_process():
     """In a fresh process, so no process group of an earlier test can make the checks vacuous."""
-    env = {k: v for k, v in _env().items() if k not in ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID",
-                                                        "OMPI_COMM_WORLD_RANK", "RANK", "WORLD_SIZE",
-                                                        "HYDRA_LAUNCHER")}
-    proc = subprocess.run([sys.executable, "-c", SINGLE], check=False, env=env, capture_output=True, text=True,
-                          timeout=120)
+    env = {
+        k: v
+        for k, v in _env().items()
+        if k
+        not in (
+            "PMI_RANK",
+            "PMI_SIZE",
+            "MPI_LOCALRANKID",
+            "OMPI_COMM_WORLD_RANK",
+            "RANK",
+            "WORLD_SIZE",
+            "HYDRA_LAUNCHER",
+        )
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SINGLE], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 

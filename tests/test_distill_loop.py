@@ -56,8 +56,16 @@ def tiny_student(seed=1):
 
 
 def make_loop(run_dir, teacher=None, student=None, steps=T, **overrides):
-    train_kw = {"batch_size": 16, "lr": 1e-3, "max_steps": 10, "log_interval": 5, "save_interval": 0, "ema_rate": "0.99",
-                    "seed": 0, "log_dir": str(run_dir)}
+    train_kw = {
+        "batch_size": 16,
+        "lr": 1e-3,
+        "max_steps": 10,
+        "log_interval": 5,
+        "save_interval": 0,
+        "ema_rate": "0.99",
+        "seed": 0,
+        "log_dir": str(run_dir),
+    }
     distill_kw = {"rho": 0.5, "teacher_batch": 64, "pool_cache_dir": str(run_dir / "cache")}
     for k, v in overrides.items():
         (train_kw if k in TrainConfig.__dataclass_fields__ else distill_kw)[k] = v

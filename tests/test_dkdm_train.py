@@ -42,8 +42,12 @@ def test_every_paper_experiment_has_a_config():
     expect = {f"cifar10_32/dkdm_{s}.yaml" for s in ("57M", "44M", "32M", "24M", "14M")}
     expect |= {f"cifar10_32/ablation_{v}.yaml" for v in ("iterative", "shuffled", "dynamic")}
     expect |= {f"cifar10_32/ablation_rho{r}.yaml" for r in ("0.01", "0.05", "0.1", "0.2", "0.3")}
-    expect |= {"cifar10_32/cross_vit19M_from_cnn57M.yaml", "cifar10_32/cross_cnn57M_from_vit19M.yaml",
-               "celeba_64/dkdm_57M.yaml", "imagenet_32/dkdm_14M.yaml"}
+    expect |= {
+        "cifar10_32/cross_vit19M_from_cnn57M.yaml",
+        "cifar10_32/cross_cnn57M_from_vit19M.yaml",
+        "celeba_64/dkdm_57M.yaml",
+        "imagenet_32/dkdm_14M.yaml",
+    }
     assert expect <= names, expect - names
 
 
@@ -61,10 +65,11 @@ def test_paper_config_resolves(path):
     bs, steps = {"cifar10_32": (128, 200000), "celeba_64": (256, 100000), "imagenet_32": (512, 500000)}[dataset]
     assert (train.batch_size, train.max_steps) == (bs, steps)
     name = os.path.basename(path)
-    want_rho = float(name[len("ablation_rho"):-5]) if name.startswith("ablation_rho") else 0.4
+    want_rho = float(name[len("ablation_rho") : -5]) if name.startswith("ablation_rho") else 0.4
     assert distill.rho == want_rho
-    assert distill.pool == (name[len("ablation_"):-5] if name in ("ablation_iterative.yaml", "ablation_shuffled.yaml")
-                            else "dynamic")
+    assert distill.pool == (
+        name[len("ablation_") : -5] if name in ("ablation_iterative.yaml", "ablation_shuffled.yaml") else "dynamic"
+    )
     sizes = {t.name: _params_meta(t), s.name: _params_meta(s)}
     for arch, n in sizes.items():
         want = float(arch.split("-")[-1][:-1]) * 1e6
@@ -81,14 +86,36 @@ def test_cross_architecture_configs_pair_cnn_and_vit():
     assert arch["cross_vit19M_from_cnn57M.yaml"] == ("unet", "vit")
     assert arch["cross_cnn57M_from_vit19M.yaml"] == ("vit", "unet")
     c, _ = _script().resolve(["--config", os.path.join(ROOT, "configs", "cifar10_32", "cross_vit19M_from_cnn57M.yaml")])
-    assert (c["student"].depth, c["student"].patch_size, c["student"].hidden_size, c["student"].num_heads) == (7, 2, 384, 6)
+    assert (c["student"].depth, c["student"].patch_size, c["student"].hidden_size, c["student"].num_heads) == (
+        7,
+        2,
+        384,
+        6,
+    )
 
 
 def test_flags_override_and_teacher_diffusion(tmp_path):
     cfg = os.path.join(ROOT, "configs", "cifar10_32", "dkdm_14M.yaml")
-    c, path = _script().resolve(["--config", cfg, "--rho", "0.1", "--pool", "shuffled", "--teacher_path", "x.pt",
-                                 "--teacher_diffusion.predict_xstart", "--student_arch", "cifar10-24M",
-                                 "--simple_only", "--discard_prob", "0.2", "--pool_device", "cpu"])
+    c, path = _script().resolve(
+        [
+            "--config",
+            cfg,
+            "--rho",
+            "0.1",
+            "--pool",
+            "shuffled",
+            "--teacher_path",
+            "x.pt",
+            "--teacher_diffusion.predict_xstart",
+            "--student_arch",
+            "cifar10-24M",
+            "--simple_only",
+            "--discard_prob",
+            "0.2",
+            "--pool_device",
+            "cpu",
+        ]
+    )
     assert path == "x.pt" and c["distill"].rho == 0.1 and c["distill"].pool == "shuffled"
     assert c["distill"].simple_only and c["distill"].discard_prob == 0.2 and c["distill"].pool_device == "cpu"
     assert c["teacher_diffusion"].predict_xstart and not c["diffusion"].predict_xstart
@@ -105,8 +132,16 @@ def test_non_digits_teacher_needs_a_checkpoint():
 # ------------------------------------------------------------------ whole runs
 
 
-TINY_T = {"arch": "vit", "image_size": 8, "in_channels": 1, "learn_sigma": True, "hidden_size": 48, "depth": 2, "num_heads": 2,
-              "patch_size": 2}
+TINY_T = {
+    "arch": "vit",
+    "image_size": 8,
+    "in_channels": 1,
+    "learn_sigma": True,
+    "hidden_size": 48,
+    "depth": 2,
+    "num_heads": 2,
+    "patch_size": 2,
+}
 TINY_S = dict(TINY_T, hidden_size=32)
 
 
@@ -124,10 +159,34 @@ def tiny(tmp_path):
 
 
 def _args(d, run="run", steps=4):
-    return ["--teacher_path", str(d / "teacher.pt"), "--teacher_arch", str(d / "teacher.yaml"),
-            "--student_arch", str(d / "student.yaml"), "--steps", "20", "--batch_size", "8", "--rho", "0.5",
-            "--teacher_batch", "32", "--max_steps", str(steps), "--save_interval", "2", "--log_interval", "2",
-            "--ema_rate", "0.99", "--lr", "1e-3", "--log_dir", str(d / run)]
+    return [
+        "--teacher_path",
+        str(d / "teacher.pt"),
+        "--teacher_arch",
+        str(d / "teacher.yaml"),
+        "--student_arch",
+        str(d / "student.yaml"),
+        "--steps",
+        "20",
+        "--batch_size",
+        "8",
+        "--rho",
+        "0.5",
+        "--teacher_batch",
+        "32",
+        "--max_steps",
+        str(steps),
+        "--save_interval",
+        "2",
+        "--log_interval",
+        "2",
+        "--ema_rate",
+        "0.99",
+        "--lr",
+        "1e-3",
+        "--log_dir",
+        str(d / run),
+    ]
 
 
 def _run(cmd, timeout=240):
@@ -156,9 +215,13 @@ def test_rerun_with_another_config_is_refused_and_the_saved_config_stays_the_tru
     saved = (run / "config.yaml").read_bytes()
     files = sorted(os.listdir(run))
     (tiny / "other_teacher.pt").write_bytes((tiny / "teacher.pt").read_bytes())
-    for flags, field in ((["--predict_xstart"], "diffusion.predict_xstart"), (["--batch_size", "4"], "train.batch_size"),
-                         (["--lr", "2e-3"], "train.lr"), (["--seed", "1"], "train.seed"),
-                         (["--teacher_path", str(tiny / "other_teacher.pt")], "distill.teacher_path")):
+    for flags, field in (
+        (["--predict_xstart"], "diffusion.predict_xstart"),
+        (["--batch_size", "4"], "train.batch_size"),
+        (["--lr", "2e-3"], "train.lr"),
+        (["--seed", "1"], "train.seed"),
+        (["--teacher_path", str(tiny / "other_teacher.pt")], "distill.teacher_path"),
+    ):
         p = _run([sys.executable, SCRIPT, *_args(tiny, steps=4), *flags])
         assert p.returncode == 1 and "dkdm_train.py: error:" in p.stderr and field in p.stderr, (flags, p.stderr)
         assert "different configuration" in p.stderr and "--log_dir" in p.stderr
@@ -177,12 +240,15 @@ def test_rerun_with_another_config_is_refused_and_the_saved_config_stays_the_tru
     assert {f: (run / f).stat().st_mtime_ns for f in os.listdir(run) if f.endswith(".pt")} == files
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--max_steps", "-1"], "--max_steps must be 0 or more"),
-    (["--save_interval", "-5"], "--save_interval must be 0 or more"),
-    (["--lr_anneal_steps", "-2"], "--lr_anneal_steps must be 0 or more"),
-    (["--max_steps", "3000"], "--max_steps 3000 lies past --lr_anneal_steps 1200.*--lr_anneal_steps 3000"),
-])
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--max_steps", "-1"], "--max_steps must be 0 or more"),
+        (["--save_interval", "-5"], "--save_interval must be 0 or more"),
+        (["--lr_anneal_steps", "-2"], "--lr_anneal_steps must be 0 or more"),
+        (["--max_steps", "3000"], "--max_steps 3000 lies past --lr_anneal_steps 1200.*--lr_anneal_steps 3000"),
+    ],
+)
 def test_step_limits_are_checked_before_anything_runs(flags, match):
     from dkdm.config import ConfigError
 
@@ -206,8 +272,22 @@ def test_safetensors_beside_the_pt_files_load_and_sample_the_same(tiny):
         assert read_state_dict(str(run / f"{name}.safetensors")).keys() == pt.keys()
     sample = os.path.join(ROOT, "scripts", "sample.py")
     for ext in ("pt", "safetensors"):
-        q = _run([sys.executable, sample, "--model_path", str(run / f"ema_0.99_000002.{ext}"), "--num_samples", "8",
-                  "--batch_size", "8", "--timestep_respacing", "4", "--output", str(tiny / f"s_{ext}.npz")])
+        q = _run(
+            [
+                sys.executable,
+                sample,
+                "--model_path",
+                str(run / f"ema_0.99_000002.{ext}"),
+                "--num_samples",
+                "8",
+                "--batch_size",
+                "8",
+                "--timestep_respacing",
+                "4",
+                "--output",
+                str(tiny / f"s_{ext}.npz"),
+            ]
+        )
         assert q.returncode == 0, q.stderr[-2000:]
     import numpy as np
 
@@ -222,10 +302,17 @@ def test_safetensors_beside_the_pt_files_load_and_sample_the_same(tiny):
 
 def test_one_run_per_directory_and_stale_locks(tiny):
     run = tiny / "run"
-    code = ("import sys, time; from dkdm.fileio import acquire_lock; "
-            "acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(run)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    code = (
+        "import sys, time; from dkdm.fileio import acquire_lock; "
+        "acquire_lock(sys.argv[1]); print('locked', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         p = _run([sys.executable, SCRIPT, *_args(tiny, steps=2)])
@@ -241,10 +328,13 @@ def test_one_run_per_directory_and_stale_locks(tiny):
     assert not (run / "run.lock").exists()  # released at the end
 
 
-@pytest.mark.parametrize("flags, match", [
-    (["--pool_device", "gpu"], "--pool_device must be auto"),
-    (["--teacher_precision", "fp8"], "--teacher_precision must be"),
-])
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--pool_device", "gpu"], "--pool_device must be auto"),
+        (["--teacher_precision", "fp8"], "--teacher_precision must be"),
+    ],
+)
 def test_bad_device_or_precision_is_a_one_line_error(flags, match, tmp_path):
     p = _run([sys.executable, SCRIPT, *flags, "--max_steps", "1", "--log_dir", str(tmp_path / "r")])
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -321,10 +411,26 @@ def test_two_slurm_tasks_on_two_nodes_over_loopback(tiny):
     procs = []
     for rank in (0, 1):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        env.update(OMP_NUM_THREADS="1", SLURM_PROCID=str(rank), SLURM_STEP_NUM_TASKS="2", SLURM_LOCALID="0",
-                   SLURM_STEP_NUM_NODES="2", SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(driver), *_args(tiny, steps=3)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env.update(
+            OMP_NUM_THREADS="1",
+            SLURM_PROCID=str(rank),
+            SLURM_STEP_NUM_TASKS="2",
+            SLURM_LOCALID="0",
+            SLURM_STEP_NUM_NODES="2",
+            SLURM_JOB_ID="4242",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(driver), *_args(tiny, steps=3)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "2 process(es)" in outs[0][0]

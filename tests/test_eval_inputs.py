@@ -52,8 +52,10 @@ def _save(path, arr=None, **kw):
         (lambda d: _save(d / "x.npz", np.full((8, 24, 24, 3), -0.5, np.float32)), r"\[-1, 1\]"),
         (lambda d: _save(d / "x.npz", np.full((8, 24, 24, 3), 300.0, np.float32)), "outside|must lie in"),
         (lambda d: _save(d / "x.npz", np.full((8, 24, 24, 3), np.nan, np.float32)), "NaN"),
-        (lambda d: _save(d / "x.npz", np.random.RandomState(0).rand(8, 24, 24, 3).astype(np.float32)),
-         r"look like \[0, 1\] images.*\* 255"),
+        (
+            lambda d: _save(d / "x.npz", np.random.RandomState(0).rand(8, 24, 24, 3).astype(np.float32)),
+            r"look like \[0, 1\] images.*\* 255",
+        ),
         (lambda d: _save(d / "x.npz", np.zeros((8, 32, 32, 3), np.uint8)), "image sizes differ"),
         (lambda d: _save(d / "x.npz", np.zeros((1, 24, 24, 3), np.uint8)), "1 image"),
         (lambda d: str(np.save(d / "x.npy", np.zeros((8, 24, 24, 3), np.uint8))) and str(d / "x.npy"), "not an .npz"),
@@ -92,12 +94,25 @@ def test_float_images_in_range_are_accepted(batches, tmp_path):
 def test_cli_bad_input_is_one_line_and_nonzero(batches, tmp_path):
     bad = _save(tmp_path / "nchw.npz", np.zeros((8, 3, 24, 24), np.uint8))
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluations", "evaluator.py"), batches[0], bad,
-         "--inception_path", str(tmp_path / "nonexistent.pb")],
-        check=False, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluations", "evaluator.py"),
+            batches[0],
+            bad,
+            "--inception_path",
+            str(tmp_path / "nonexistent.pb"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
-    assert proc.stderr.strip().startswith("error:") and "NCHW" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (
+        proc.stderr.strip().startswith("error:")
+        and "NCHW" in proc.stderr
+        and len(proc.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_missing_graph_message_names_file_url_and_place(batches, tmp_path, monkeypatch):

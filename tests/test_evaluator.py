@@ -51,7 +51,9 @@ def build_synthetic_inception_graph(path: str, seed: int = 0, resize: int = 35, 
         x = tf1.image.resize_bilinear(x, [resize, resize], name="ResizeBilinear")
         x = tf1.multiply(tf1.subtract(x, 128.0, name="Sub"), 1.0 / 128.0, name="Mul")
         x = tf1.nn.relu(tf1.nn.conv2d(x, const([3, 3, 3, 16], 0.4, "conv/w"), [1, 2, 2, 1], "VALID"))
-        spatial = tf1.nn.conv2d(x, const([1, 1, 16, channels], 0.3, "mixed_6/w"), [1, 1, 1, 1], "SAME", name="mixed_6/conv")
+        spatial = tf1.nn.conv2d(
+            x, const([1, 1, 16, channels], 0.3, "mixed_6/w"), [1, 1, 1, 1], "SAME", name="mixed_6/conv"
+        )
         x = tf1.nn.relu(spatial)
         x = tf1.nn.relu(tf1.nn.conv2d(x, const([3, 3, channels, 64], 0.1, "mixed_10/w"), [1, 2, 2, 1], "VALID"))
         x = tf1.nn.relu(tf1.nn.conv2d(x, const([1, 1, 64, pool_dim], 0.15, "mixed_10/join/w"), [1, 1, 1, 1], "SAME"))
@@ -137,8 +139,12 @@ def test_full_pipeline_matches_the_maths(evaluator, batches, tmp_path):
     res = ev.evaluate(ref, sample, evaluator=evaluator, cache_dir=None)
     ref_pool, ref_sp = evaluator.read_activations(ref)
     s_pool, s_sp = evaluator.read_activations(sample)
-    assert res["fid"] == pytest.approx(frechet_distance(*compute_statistics(s_pool), *compute_statistics(ref_pool)), rel=1e-6)
-    assert res["sfid"] == pytest.approx(frechet_distance(*compute_statistics(s_sp), *compute_statistics(ref_sp)), rel=1e-6)
+    assert res["fid"] == pytest.approx(
+        frechet_distance(*compute_statistics(s_pool), *compute_statistics(ref_pool)), rel=1e-6
+    )
+    assert res["sfid"] == pytest.approx(
+        frechet_distance(*compute_statistics(s_sp), *compute_statistics(ref_sp)), rel=1e-6
+    )
     assert res["fid"] > 1e-3 and res["sfid"] > 1e-3
     assert 0 <= res["precision"] <= 1 and 0 <= res["recall"] <= 1
     assert res["reference_statistics"] == "computed" and res["num_samples"] == 90
@@ -184,7 +190,9 @@ def test_reference_cache_is_written_and_reused(evaluator, batches, tmp_path, mon
     def boom(path):
         raise AssertionError(f"reference recomputed: {path}")
 
-    monkeypatch.setattr(evaluator, "read_activations", lambda p: boom(p) if p == ref else ev.Evaluator.read_activations(evaluator, p))
+    monkeypatch.setattr(
+        evaluator, "read_activations", lambda p: boom(p) if p == ref else ev.Evaluator.read_activations(evaluator, p)
+    )
     second = ev.evaluate(ref, sample, evaluator=evaluator, cache_dir=cache)
     assert second["reference_statistics"] == "cache"
     for k in ("inception_score", "fid", "sfid", "precision", "recall"):
@@ -196,9 +204,23 @@ def test_cli_prints_adm_lines_and_writes_json(graph_path, batches, tmp_path):
     out = tmp_path / "out.json"
     env = dict(os.environ, DKDM_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluations", "evaluator.py"), ref, sample,
-         "--inception_path", graph_path, "--json", str(out), "--batch_size", "32"],
-        check=False, capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluations", "evaluator.py"),
+            ref,
+            sample,
+            "--inception_path",
+            graph_path,
+            "--json",
+            str(out),
+            "--batch_size",
+            "32",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(": ", 1) for line in proc.stdout.strip().splitlines())

@@ -13,8 +13,15 @@ HARNESS = os.path.join(ROOT, "benchmarks", "fault_injection.py")
 
 def _harness(tmp_path, *flags, timeout=900):
     out = tmp_path / "faults.json"
-    p = subprocess.run([sys.executable, HARNESS, *flags, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT}, check=False)
+    p = subprocess.run(
+        [sys.executable, HARNESS, *flags, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": ROOT},
+        check=False,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(out.read_text())["results"]
 

@@ -14,8 +14,12 @@ def tiny_fs(tmp_path):
     """A 256 KiB tmpfs (needs root, as on the development machines and CI; skipped elsewhere)."""
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                                           capture_output=True, check=False).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, check=False
+        ).returncode
+    ):
         pytest.skip("cannot mount a small tmpfs here")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=False)

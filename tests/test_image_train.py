@@ -36,7 +36,9 @@ SMALL = ["--arch", "digits-student", "--batch_size", "4", "--num_workers", "0", 
 
 def run_script(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, SCRIPT, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_no_flags_means_the_digits_teacher(tmp_path):
@@ -69,8 +71,27 @@ def test_trains_on_an_npz_and_flags_reach_the_configs(image_train, tmp_path):
     npz = str(tmp_path / "imgs.npz")
     np.savez(npz, rng.integers(0, 256, size=(12, 8, 8, 3), dtype=np.uint8))
     run_dir = str(tmp_path / "run")
-    image_train.main([*SMALL, "--in_channels", "3", "--data_dir", npz, "--max_steps", "2", "--lr", "3e-4",
-                      "--ema_rate", "0.99", "--precision", "bf16", "--seed", "7", "--log_dir", run_dir])
+    image_train.main(
+        [
+            *SMALL,
+            "--in_channels",
+            "3",
+            "--data_dir",
+            npz,
+            "--max_steps",
+            "2",
+            "--lr",
+            "3e-4",
+            "--ema_rate",
+            "0.99",
+            "--precision",
+            "bf16",
+            "--seed",
+            "7",
+            "--log_dir",
+            run_dir,
+        ]
+    )
     cfg = load_yaml(os.path.join(run_dir, "config.yaml"))
     assert cfg["train"]["lr"] == 3e-4 and cfg["train"]["precision"] == "bf16" and cfg["train"]["seed"] == 7
     from dkdm.models import get_config

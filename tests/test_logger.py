@@ -75,9 +75,7 @@ def test_logkv_mean_tensors_stay_on_device_until_dump(tmp_path):
     logger.logkv_mean("x", x)
     logger.logkv_mean("x", torch.tensor(4.0, dtype=torch.bfloat16))
     s = logger.get_current()._sum["x"]
-    assert (
-        isinstance(s, torch.Tensor) and not s.requires_grad
-    )  # accumulated, not converted
+    assert isinstance(s, torch.Tensor) and not s.requires_grad  # accumulated, not converted
     assert logger.dumpkvs()["x"] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="scalar"):
         logger.logkv_mean("y", torch.ones(2))

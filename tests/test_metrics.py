@@ -148,7 +148,9 @@ def test_precision_recall_against_brute_force():
     cross = ((ref[:, None] - sample[None]) ** 2).sum(-1)  # [ref, sample]
     precision = np.mean(np.any(cross <= radii(ref)[:, None], axis=0))
     recall = np.mean(np.any(cross <= radii(sample)[None], axis=1))
-    got = metrics.precision_recall(ref.astype(np.float32), sample.astype(np.float32), row_batch_size=16, col_batch_size=9)
+    got = metrics.precision_recall(
+        ref.astype(np.float32), sample.astype(np.float32), row_batch_size=16, col_batch_size=9
+    )
     assert got == pytest.approx((precision, recall), abs=2 / 45)
     assert got[0] > got[1]
 

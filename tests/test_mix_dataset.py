@@ -67,15 +67,43 @@ def test_command_line_with_embedded_digits(tmp_path, monkeypatch, capsys):
     syn = tmp_path / "synthetic.npz"
     save_npz(str(syn), np.zeros((500, 8, 8, 1), np.uint8))
     out = tmp_path / "mix.npz"
-    monkeypatch.setattr(sys, "argv", ["mix_dataset.py", "--real", "digits", "--synthetic", str(syn),
-                                      "--real_fraction", "0.1", "--output", str(out), "--seed", "3"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "mix_dataset.py",
+            "--real",
+            "digits",
+            "--synthetic",
+            str(syn),
+            "--real_fraction",
+            "0.1",
+            "--output",
+            str(out),
+            "--seed",
+            "3",
+        ],
+    )
     assert SCRIPT["main"]() == 0
     assert "50 real, 450 synthetic" in capsys.readouterr().out
     with np.load(out) as z:
         assert z.files == ["arr_0"] and z["arr_0"].shape == (500, 8, 8, 1)
         assert (z["arr_0"].reshape(500, -1).max(1) > 0).sum() == 50  # real digits are the non-blank ones
-    monkeypatch.setattr(sys, "argv", ["mix_dataset.py", "--real", "digits", "--synthetic", str(tmp_path / "no.npz"),
-                                      "--real_fraction", "0.1", "--output", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "mix_dataset.py",
+            "--real",
+            "digits",
+            "--synthetic",
+            str(tmp_path / "no.npz"),
+            "--real_fraction",
+            "0.1",
+            "--output",
+            str(out),
+        ],
+    )
     assert SCRIPT["main"]() == 1
     assert "does not exist" in capsys.readouterr().err
 

@@ -113,18 +113,13 @@ def test_key_hash_is_sensitive_to_architecture():
         _key_hash(_meta("cifar10-57M", use_scale_shift_norm=False).state_dict())
         != GUIDED_DIFFUSION_KEY_HASHES["cifar10-57M"]
     )
-    assert (
-        _key_hash(_meta("cifar10-44M").state_dict())
-        != GUIDED_DIFFUSION_KEY_HASHES["cifar10-57M"]
-    )
+    assert _key_hash(_meta("cifar10-44M").state_dict()) != GUIDED_DIFFUSION_KEY_HASHES["cifar10-57M"]
 
 
 def test_arch_yaml_files_are_in_sync_with_zoo():
     files = sorted(glob.glob(os.path.join(ROOT, "configs", "arch", "*.yaml")))
     names = [os.path.basename(f)[: -len(".yaml")] for f in files]
-    assert sorted(names) == sorted(ZOO), (
-        "run: python scripts/model_zoo.py --export configs/arch"
-    )
+    assert sorted(names) == sorted(ZOO), "run: python scripts/model_zoo.py --export configs/arch"
     for name, path in zip(names, files):
         assert get_config(path) == ZOO[name], f"{path} is stale; re-export it"
 
@@ -134,15 +129,9 @@ def test_get_config_overrides_and_yaml_forms(tmp_path):
     assert cfg.num_channels == 64 and cfg.class_cond and cfg.name == "cifar10-57M"
     assert ZOO["cifar10-57M"].num_channels == 128  # the zoo itself is untouched
     flat = tmp_path / "flat.yaml"
-    flat.write_text(
-        "image_size: 8\nin_channels: 1\nchannel_mult: 1,2\nnum_channels: 32\nattention_resolutions: '4'\n"
-    )
+    flat.write_text("image_size: 8\nin_channels: 1\nchannel_mult: 1,2\nnum_channels: 32\nattention_resolutions: '4'\n")
     model = create_model(str(flat))
-    assert (
-        isinstance(model, UNetModel)
-        and model.config.image_size == 8
-        and model.channel_mult == (1, 2)
-    )
+    assert isinstance(model, UNetModel) and model.config.image_size == 8 and model.channel_mult == (1, 2)
     with pytest.raises(ConfigError, match="num_channel"):
         get_config("cifar10-57M", num_channel=3)
 
@@ -160,10 +149,7 @@ def test_create_model_sets_config_and_translates_like_guided_diffusion():
     assert default_mult.channel_mult == (1, 2, 3, 4)
     cond = _meta("digits-teacher", class_cond=True, num_classes=10, learn_sigma=False)
     assert cond.label_emb.weight.shape == (10, 128) and cond.out_channels == 1
-    assert (
-        create_model(ModelConfig(**vars(ZOO["digits-student"]))).config.name
-        == "digits-student"
-    )
+    assert create_model(ModelConfig(**vars(ZOO["digits-student"]))).config.name == "digits-student"
 
 
 # --------------------------------------------------------------------------- bad input
@@ -184,13 +170,9 @@ def test_indivisible_image_size_is_refused_with_numbers():
 
 
 def test_inconsistent_heads_are_refused_with_numbers():
-    with pytest.raises(
-        ConfigError, match=r"256 channels, not divisible by num_head_channels 48"
-    ):
+    with pytest.raises(ConfigError, match=r"256 channels, not divisible by num_head_channels 48"):
         _meta("cifar10-57M", num_head_channels=48)
-    with pytest.raises(
-        ConfigError, match=r"256 channels, not divisible by num_heads 3"
-    ):
+    with pytest.raises(ConfigError, match=r"256 channels, not divisible by num_heads 3"):
         _meta("cifar10-57M", num_head_channels=-1, num_heads=3)
 
 
@@ -214,15 +196,11 @@ def test_digits_forward_shapes(name, learn_sigma):
     x, t = torch.randn(5, 1, 8, 8), torch.randint(0, 100, (5,))
     with torch.no_grad():
         out = model(x, t)
-    assert (
-        out.shape == (5, 2 if learn_sigma else 1, 8, 8) and out.dtype == torch.float32
-    )
+    assert out.shape == (5, 2 if learn_sigma else 1, 8, 8) and out.dtype == torch.float32
 
 
 def test_unet_class_conditioning_uses_labels():
-    model = _randomise(
-        create_model("digits-student", class_cond=True, num_classes=10)
-    ).eval()
+    model = _randomise(create_model("digits-student", class_cond=True, num_classes=10)).eval()
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 3])
     with torch.no_grad():
         a, b = model(x, t, torch.tensor([1, 1])), model(x, t, torch.tensor([1, 2]))
@@ -252,9 +230,7 @@ def test_vit_forward_shapes(num_classes, dropout, learn_sigma):
     assert out.shape == (3, 6 if learn_sigma else 3, 8, 8)
     if num_classes is not None:
         # DiT keeps one extra "null class" row for classifier-free guidance when dropping labels.
-        assert model.y_embedder.embedding_table.num_embeddings == num_classes + (
-            dropout > 0
-        )
+        assert model.y_embedder.embedding_table.num_embeddings == num_classes + (dropout > 0)
     else:
         assert not hasattr(model, "y_embedder")
     out.square().mean().backward()
@@ -279,9 +255,7 @@ def test_vit_unpatchify_inverts_patch_layout():
 
 
 def test_vit_pos_embed_is_fixed_sincos():
-    model = ViT(
-        image_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2
-    )
+    model = ViT(image_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2)
     pos = model.pos_embed[0]  # [16 tokens, 16]
     assert pos.shape == (16, 16) and "pos_embed" in model.state_dict()
     # first quarter: sin of the column index at frequency 1; token 5 is row 1, column 1.
@@ -316,9 +290,7 @@ def test_sdpa_attention_matches_reference_layout(legacy):
 def test_legacy_and_new_attention_order_both_run_and_differ():
     legacy = _randomise(_small_unet(use_new_attention_order=False)).eval()
     new = _small_unet(use_new_attention_order=True).eval()
-    new.load_state_dict(
-        legacy.state_dict(), strict=True
-    )  # same keys, different qkv meaning
+    new.load_state_dict(legacy.state_dict(), strict=True)  # same keys, different qkv meaning
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 7])
     with torch.no_grad():
         a, b = legacy(x, t), new(x, t)
@@ -350,10 +322,7 @@ def test_convert_to_fp16_keeps_norms_in_fp32():
     assert torso_convs and all(m.weight.dtype == torch.float16 for m in torso_convs)
     norms = [m for m in model.modules() if isinstance(m, GroupNorm32)]
     assert norms and all(m.weight.dtype == torch.float32 for m in norms)
-    assert (
-        model.time_embed[0].weight.dtype == torch.float32
-        and model.out[2].weight.dtype == torch.float32
-    )
+    assert model.time_embed[0].weight.dtype == torch.float32 and model.out[2].weight.dtype == torch.float32
     # GroupNorm computes in float32 but hands back the input's dtype.
     h = torch.randn(2, 32, 4, 4, dtype=torch.float16) * 300
     assert norms[0](h).dtype == torch.float16 and torch.isfinite(norms[0](h)).all()
@@ -364,9 +333,7 @@ def test_convert_to_fp16_keeps_norms_in_fp32():
     model.convert_to_fp32()
     assert all(m.weight.dtype == torch.float32 for m in torso_convs)
     with torch.no_grad():
-        assert torch.allclose(
-            model(x, t), ref, atol=0.05 * ref.abs().max().item() + 1e-3
-        )
+        assert torch.allclose(model(x, t), ref, atol=0.05 * ref.abs().max().item() + 1e-3)
 
 
 @pytest.mark.parametrize("name", ["digits-teacher", "digits-vit"])
@@ -407,13 +374,7 @@ def test_gradient_checkpointing_gives_same_grads(arch):
     for model in (plain, ckpt):
         model.zero_grad()
         model(x, t).square().mean().backward()
-        grads.append(
-            {
-                n: p.grad.clone()
-                for n, p in model.named_parameters()
-                if p.grad is not None
-            }
-        )
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n

@@ -274,8 +274,9 @@ def test_interrupted_preparation_resumes(tmp_path):
 
     a, _ = _make(batch_size=16, teacher_batch=16)
     with pytest.raises(KeyboardInterrupt):
-        a.prepare(GaussTeacher(d, fail_after=7), teacher_id="k", cache_dir=str(tmp_path),
-                  checkpoint_every=3, progress=False)
+        a.prepare(
+            GaussTeacher(d, fail_after=7), teacher_id="k", cache_dir=str(tmp_path), checkpoint_every=3, progress=False
+        )
     partial = [f.name for f in tmp_path.iterdir()]
     assert len(partial) == 1 and partial[0].endswith(".partial.pt")
 
@@ -363,8 +364,9 @@ def test_stale_temporaries_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_pa
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     stale = tmp_path / f".pool_abc.pt.tmp-{int(dead.stdout)}"
     live = tmp_path / f".pool_abc.pt.tmp-{os.getppid()}"  # a live process (the test runner's parent)
     stale.write_bytes(b"half a pool")

@@ -74,8 +74,21 @@ def test_image_folder_with_resize_and_subset(tmp_path, monkeypatch):
     assert ref.shape == (6, 16, 16, 3) and ref.dtype == np.uint8
     # Sorted file order: cls0_0, cls0_2, cls0_4, cls1_1, ...; colours survive the resize.
     assert [round(int(v) / 40) for v in ref[:, 8, 8, 0]] == [0, 2, 4, 1, 3, 5]
-    assert _run(monkeypatch, "--source", str(tmp_path / "imgs"), "--image_size", "16", "--num", "4",
-                "--labels", "--output", str(out)) == 0
+    assert (
+        _run(
+            monkeypatch,
+            "--source",
+            str(tmp_path / "imgs"),
+            "--image_size",
+            "16",
+            "--num",
+            "4",
+            "--labels",
+            "--output",
+            str(out),
+        )
+        == 0
+    )
     with np.load(out) as z:
         assert z["arr_0"].shape == (4, 16, 16, 3) and set(z["arr_1"].tolist()) <= {0, 1}
 

@@ -15,8 +15,17 @@ from dkdm.models import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = runpy.run_path(os.path.join(ROOT, "scripts", "sample.py"))["main"]
-TINY = ModelConfig(arch="unet", image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1",
-                   attention_resolutions="", learn_sigma=True, num_heads=1)
+TINY = ModelConfig(
+    arch="unet",
+    image_size=8,
+    in_channels=1,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1",
+    attention_resolutions="",
+    learn_sigma=True,
+    num_heads=1,
+)
 DIFF = DiffusionConfig(steps=4, noise_schedule="cosine", learn_sigma=True)
 
 
@@ -128,8 +137,11 @@ def test_shards_of_another_run_are_refused(ckpt, tmp_path, counter):
     shard = tmp_path / "s.shards" / "shard_000000.npz"
     data = shard.read_bytes()
     counter["calls"], counter["fail_after"] = 0, None
-    for flags, word in ((["--seed", "1"], "seed"), (["--timestep_respacing", "2"], "timestep_respacing"),
-                        (["--batch_size", "4"], "batch_size")):
+    for flags, word in (
+        (["--seed", "1"], "seed"),
+        (["--timestep_respacing", "2"], "timestep_respacing"),
+        (["--batch_size", "4"], "batch_size"),
+    ):
         with pytest.raises(sampling.SamplingError, match=f"different sampling run.*{word}"):
             _sample(ckpt, tmp_path / "s.npz", *flags)
     assert counter["calls"] == 0 and shard.read_bytes() == data
@@ -212,8 +224,12 @@ def test_mpiexec_two_ranks_match_one_process(ckpt, tmp_path):
         pytest.skip("mpiexec not installed")
     script = os.path.join(ROOT, "scripts", "sample.py")
     common = ["--model_path", ckpt, "--num_samples", "20", "--batch_size", "8"]
-    subprocess.run([mpiexec, "-n", "2", sys.executable, script, *common, "--output", str(tmp_path / "m.npz")],
-                   check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        [mpiexec, "-n", "2", sys.executable, script, *common, "--output", str(tmp_path / "m.npz")],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     _sample(ckpt, tmp_path / "s.npz")
     assert _load(tmp_path / "m.npz")["arr_0"].tobytes() == _load(tmp_path / "s.npz")["arr_0"].tobytes()
 
@@ -224,10 +240,18 @@ def test_configs_of_a_distilled_student_and_of_a_provenance_json(tmp_path):
     run.mkdir()
     big = ModelConfig(**{**to_dict(TINY), "num_channels": 64})
     with open(run / "config.yaml", "w") as f:
-        yaml.safe_dump({"teacher": to_dict(big), "student": to_dict(TINY), "diffusion": to_dict(DIFF),
-                        "teacher_diffusion": to_dict(DiffusionConfig(steps=1000, learn_sigma=True))}, f)
-    model_cfg, diff_cfg, source = sampling.resolve_configs(str(run / "ema_0.9999_000100.pt"),
-                                                           {"diffusion": {"timestep_respacing": "2"}})
+        yaml.safe_dump(
+            {
+                "teacher": to_dict(big),
+                "student": to_dict(TINY),
+                "diffusion": to_dict(DIFF),
+                "teacher_diffusion": to_dict(DiffusionConfig(steps=1000, learn_sigma=True)),
+            },
+            f,
+        )
+    model_cfg, diff_cfg, source = sampling.resolve_configs(
+        str(run / "ema_0.9999_000100.pt"), {"diffusion": {"timestep_respacing": "2"}}
+    )
     assert model_cfg == TINY and source.endswith("config.yaml")
     assert diff_cfg.steps == 4 and diff_cfg.timestep_respacing == "2"
     # A checkpoint with a provenance .json beside it (the embedded teacher's layout).

@@ -84,7 +84,14 @@ def plain_loss(model, batch):
 
 
 def make(tmp_path, name="run", model=None, pool=None, stream=None, **kw):
-    defaults = {"lr": 1e-2, "batch_size": 8, "ema_rate": "0.9,0.5", "log_interval": 2, "save_interval": 2, "max_steps": 6}
+    defaults = {
+        "lr": 1e-2,
+        "batch_size": 8,
+        "ema_rate": "0.9,0.5",
+        "log_interval": 2,
+        "save_interval": 2,
+        "max_steps": 6,
+    }
     cfg = TrainConfig(**{**defaults, **kw})
     torch.manual_seed(0)
     model = model or Tiny()
@@ -219,8 +226,17 @@ def test_fp16_skips_overflowing_steps_and_shrinks_the_scale(tmp_path):
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every operator that reads a tensor's value back to the host (``.item()`` and friends)."""
 
-    READS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
-             "aten::_unique2", "aten::equal", "aten::is_nonzero"})
+    READS = frozenset(
+        {
+            "aten::_local_scalar_dense",
+            "aten::nonzero",
+            "aten::masked_select",
+            "aten::unique",
+            "aten::_unique2",
+            "aten::equal",
+            "aten::is_nonzero",
+        }
+    )
 
     def __init__(self, host_tensors=()):
         super().__init__()
@@ -228,8 +244,9 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         self.host = {t.data_ptr() for t in host_tensors}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.READS and not (args and getattr(args[0], "data_ptr", None)
-                                                     and args[0].data_ptr() in self.host):
+        if func._schema.name in self.READS and not (
+            args and getattr(args[0], "data_ptr", None) and args[0].data_ptr() in self.host
+        ):
             self.seen.append(func._schema.name)
         return func(*args, **(kwargs or {}))
 
@@ -238,8 +255,11 @@ def _host_resident(opt):
     """The foreach AdamW keeps its ``step`` counters on the CPU even for CUDA parameters (torch's
     design), so reading them costs no device sync; on this CPU-only machine they are the only
     tensors whose reads are not a device-to-host wait on a GPU."""
-    return [st["step"] for st in opt.state.values() if "step" in st and st["step"].device.type == "cpu"
-            and not opt.defaults.get("fused")]
+    return [
+        st["step"]
+        for st in opt.state.values()
+        if "step" in st and st["step"].device.type == "cpu" and not opt.defaults.get("fused")
+    ]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
@@ -267,7 +287,9 @@ def test_fused_adamw_matches_the_foreach_one():
     params = {k: [torch.randn(64, 32, requires_grad=True) for _ in range(2)] for k in ("fused", "foreach")}
     for a, b in zip(params["fused"], params["foreach"]):
         b.data.copy_(a.data)
-    opts = {k: torch.optim.AdamW(v, lr=1e-2, weight_decay=0.01, fused=(k == "fused") or None) for k, v in params.items()}
+    opts = {
+        k: torch.optim.AdamW(v, lr=1e-2, weight_decay=0.01, fused=(k == "fused") or None) for k, v in params.items()
+    }
     for step in range(20):
         grads = [torch.randn(64, 32, generator=torch.Generator().manual_seed(step * 10 + i)) for i in range(2)]
         for k, opt in opts.items():
@@ -302,8 +324,13 @@ def test_checkpoint_layout_and_logs(tmp_path):
     d = tr.run_dir
     names = set(os.listdir(d))
     for step in (2, 4):
-        for f in (f"model{step:06d}.pt", f"ema_0.9_{step:06d}.pt", f"ema_0.5_{step:06d}.pt",
-                  f"opt{step:06d}.pt", f"pool{step:06d}.pt"):
+        for f in (
+            f"model{step:06d}.pt",
+            f"ema_0.9_{step:06d}.pt",
+            f"ema_0.5_{step:06d}.pt",
+            f"opt{step:06d}.pt",
+            f"pool{step:06d}.pt",
+        ):
             assert f in names, f
     assert {"config.yaml", "log.txt", "progress.csv"} <= names
     assert not [n for n in names if n.startswith(".")], "no temporary files left"
@@ -423,7 +450,9 @@ def test_failed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", failing_save)
     tr.run_step(stream, noisy_loss)
     tr.run_step(stream, noisy_loss)
-    with pytest.raises(OSError, match="disk full while writing .*ema.*checkpoint of step 4 is incomplete.*step 2.* is intact"):
+    with pytest.raises(
+        OSError, match="disk full while writing .*ema.*checkpoint of step 4 is incomplete.*step 2.* is intact"
+    ):
         tr.save()
     monkeypatch.setattr(torch, "save", real_save)
     names = os.listdir(tr.run_dir)
@@ -451,8 +480,9 @@ def test_atomic_save_replaces_or_keeps(tmp_path, monkeypatch):
 def test_stale_temporaries_are_removed_and_bad_files_named(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     (d / f".model000002.pt{TMP_MARK}{int(dead.stdout)}").write_bytes(b"junk")
     (d / "opt000002.pt").write_bytes(b"junk")
     make(tmp_path, "run", max_steps=2, resume_checkpoint="")  # opt without model: not complete

@@ -47,8 +47,22 @@ image_train.main(sys.argv[1:])
 """
 
 # The small digits UNet, with dropout (so the RNG state matters), a few steps.
-ARGS = ["--arch", "digits-student", "--batch_size", "8", "--save_interval", "2", "--log_interval", "2",
-        "--ema_rate", "0.9,0.99", "--lr", "1e-3", "--num_workers", "0"]
+ARGS = [
+    "--arch",
+    "digits-student",
+    "--batch_size",
+    "8",
+    "--save_interval",
+    "2",
+    "--log_interval",
+    "2",
+    "--ema_rate",
+    "0.9,0.99",
+    "--lr",
+    "1e-3",
+    "--num_workers",
+    "0",
+]
 
 
 def driver(tmp_path):

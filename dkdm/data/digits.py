@@ -32,15 +32,11 @@ def load_digits(image_size: int = NATIVE_SIZE) -> tuple[torch.Tensor, torch.Tens
     modify.
     """
     if not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(
-            f"digits: image_size must be a positive integer, got {image_size!r}"
-        )
+        raise ValueError(f"digits: image_size must be a positive integer, got {image_size!r}")
     images, labels = _raw()
     x = torch.from_numpy(images).unsqueeze(1) * (2.0 / 16.0) - 1.0
     if image_size < NATIVE_SIZE:
         x = F.interpolate(x, size=(image_size, image_size), mode="area")
     elif image_size > NATIVE_SIZE:
-        x = F.interpolate(
-            x, size=(image_size, image_size), mode="bilinear", align_corners=False
-        )
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return x.clamp_(-1.0, 1.0).contiguous(), torch.from_numpy(labels.copy())

@@ -69,9 +69,7 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     while min(image.size) >= 2 * image_size:
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = image_size / min(image.size)
-    image = image.resize(
-        tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC
-    )
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
     arr = np.asarray(image)
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
@@ -89,9 +87,7 @@ def list_image_files(data_dir: str) -> list[str]:
     if not os.path.exists(data_dir):
         raise DataError(f"data_dir '{data_dir}' does not exist")
     if not os.access(data_dir, os.R_OK | os.X_OK):
-        raise DataError(
-            f"data_dir '{data_dir}' is not readable (check its permissions)"
-        )
+        raise DataError(f"data_dir '{data_dir}' is not readable (check its permissions)")
 
     def fail(err: OSError) -> None:
         raise DataError(f"cannot list '{err.filename}' under data_dir: {err.strerror}")
@@ -99,11 +95,7 @@ def list_image_files(data_dir: str) -> list[str]:
     files = []
     for root, dirs, names in os.walk(data_dir, onerror=fail, followlinks=True):
         dirs.sort()
-        files.extend(
-            os.path.join(root, n)
-            for n in sorted(names)
-            if n.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        files.extend(os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise DataError(
             f"data_dir '{data_dir}' holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
@@ -190,24 +182,18 @@ def read_npz(path: str, want_labels: bool) -> tuple[np.ndarray, np.ndarray | Non
         hint = ""
         if images.ndim == 4 and images.shape[1] in (1, 3):
             hint = " - it looks like N x C x H x W; transpose it with x.transpose(0, 2, 3, 1)"
-        raise DataError(
-            f"{path}: arr_0 has shape {tuple(images.shape)}, expected N x H x W x C with C = 1 or 3{hint}"
-        )
+        raise DataError(f"{path}: arr_0 has shape {tuple(images.shape)}, expected N x H x W x C with C = 1 or 3{hint}")
     if images.shape[0] == 0:
         raise DataError(f"{path}: arr_0 holds no images")
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.shape != (images.shape[0],) or not np.issubdtype(
-            labels.dtype, np.integer
-        ):
+        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(
                 f"{path}: arr_1 (labels) must be {images.shape[0]} integers, got {labels.dtype} of shape {labels.shape}"
             )
         labels = labels.astype(np.int64)
     if want_labels and labels is None:
-        raise DataError(
-            f"{path} has no labels (arr_1) but class_cond is on; add arr_1 or turn class_cond off"
-        )
+        raise DataError(f"{path} has no labels (arr_1) but class_cond is on; add arr_1 or turn class_cond off")
     return images, labels
 
 
@@ -223,25 +209,15 @@ class ArraySource:
 
     direct = True
 
-    def __init__(
-        self, images: Any, labels: np.ndarray | torch.Tensor | None, uint8: bool
-    ) -> None:
-        self.images = (
-            images  # uint8 NHWC (array / memmap) or float NCHW tensor in [-1, 1]
-        )
-        self.labels = (
-            None
-            if labels is None
-            else torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        )
+    def __init__(self, images: Any, labels: np.ndarray | torch.Tensor | None, uint8: bool) -> None:
+        self.images = images  # uint8 NHWC (array / memmap) or float NCHW tensor in [-1, 1]
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.uint8 = uint8
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def batch(
-        self, idx: np.ndarray, flip: np.ndarray
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def batch(self, idx: np.ndarray, flip: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.uint8:
             x = _to_unit_range(self.images[idx])
         else:
@@ -302,9 +278,7 @@ class DecodedSource(torch.utils.data.Dataset):
 
 
 def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    state = np.random.SeedSequence([seed % (1 << 63), rank, epoch]).generate_state(
-        2, np.uint32
-    )
+    state = np.random.SeedSequence([seed % (1 << 63), rank, epoch]).generate_state(2, np.uint32)
     return int(state[0]) << 32 | int(state[1])
 
 
@@ -329,14 +303,8 @@ class _Plan:
         if e not in self._epochs:
             n = len(self.local)
             g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.rank, e))
-            order = (
-                torch.randperm(n, generator=g).numpy() if self.shuffle else np.arange(n)
-            )
-            flips = (
-                (torch.rand(n, generator=g) < 0.5).numpy()
-                if self.random_flip
-                else np.zeros(n, bool)
-            )
+            order = torch.randperm(n, generator=g).numpy() if self.shuffle else np.arange(n)
+            flips = (torch.rand(n, generator=g) < 0.5).numpy() if self.random_flip else np.zeros(n, bool)
             if len(self._epochs) >= 3:
                 self._epochs.pop(min(self._epochs))
             # flips[j] belongs to the j-th local example, whatever position it is visited at.
@@ -404,9 +372,7 @@ class DataStream:
         n = len(source)
         self.local = np.arange(rank, n, world_size, dtype=np.int64)
         if len(self.local) == 0:
-            raise DataError(
-                f"the dataset has {n} examples, fewer than the {world_size} processes sharing it"
-            )
+            raise DataError(f"the dataset has {n} examples, fewer than the {world_size} processes sharing it")
         if class_cond and source.labels is None:
             raise DataError("class_cond is on but the dataset has no labels")
         self.source = source
@@ -466,9 +432,7 @@ class DataStream:
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         changed = [
-            k
-            for k in ("batch_size", "world_size", "num_examples", "seed", "shuffle")
-            if state.get(k) != mine[k]
+            k for k in ("batch_size", "world_size", "num_examples", "seed", "shuffle") if state.get(k) != mine[k]
         ]
         if changed:
             from dkdm import logger
@@ -489,16 +453,12 @@ class DataStream:
 # --------------------------------------------------------------------------- entry point
 
 
-def open_source(
-    dataset: str, data_dir: str, image_size: int, class_cond: bool
-) -> tuple[Any, bool]:
+def open_source(dataset: str, data_dir: str, image_size: int, class_cond: bool) -> tuple[Any, bool]:
     """The dataset behind ``load_data``'s arguments, and whether random flips suit it."""
     if data_dir:
         if os.path.isfile(data_dir):
             if not data_dir.lower().endswith(".npz"):
-                raise DataError(
-                    f"data_dir '{data_dir}' is a file but not an .npz; give an image folder or an .npz"
-                )
+                raise DataError(f"data_dir '{data_dir}' is a file but not an .npz; give an image folder or an .npz")
             images, labels = read_npz(data_dir, class_cond)
             if images.shape[1] == images.shape[2] == image_size:
                 return ArraySource(images, labels, uint8=True), True
@@ -517,9 +477,7 @@ def open_source(
         images, labels = load_digits(image_size)
         # A mirrored 2, 3, 4, 7 or 9 is not a digit: flipping would teach wrong shapes.
         return ArraySource(images, labels, uint8=False), False
-    raise DataError(
-        f"unknown dataset '{dataset}'; use 'digits' or give data_dir (an image folder or .npz)"
-    )
+    raise DataError(f"unknown dataset '{dataset}'; use 'digits' or give data_dir (an image folder or .npz)")
 
 
 def load_data(

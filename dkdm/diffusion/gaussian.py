@@ -188,7 +188,9 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process
 
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def q_mean_variance(
+        self, x_start: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The distribution q(x_t | x_0): ``(mean, variance, log_variance)``, each of x_start's shape."""
         mean = self._coef("sqrt_alphas_cumprod", t, x_start) * x_start
         variance = self._coef("one_minus_alphas_cumprod", t, x_start).expand(x_start.shape)
@@ -235,7 +237,9 @@ class GaussianDiffusion:
         clamps it to [-1, 1]; ``model_kwargs`` go to the model (e.g. ``y``).
         """
         model_output = model(x, self._scale_timesteps(t), **(model_kwargs or {}))
-        return self.p_mean_variance_from_output(model_output, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn)
+        return self.p_mean_variance_from_output(
+            model_output, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn
+        )
 
     def p_mean_variance_from_output(
         self,
@@ -313,7 +317,10 @@ class GaussianDiffusion:
 
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t): the image an epsilon prediction implies."""
-        return self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        return (
+            self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
 
     def predict_xstart_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
         """x_0 from a posterior-mean prediction: inverts mean = coef1 * x_0 + coef2 * x_t."""
@@ -357,7 +364,12 @@ class GaussianDiffusion:
         # A multiplicative mask keeps t == 0 (no noise) on the device without a branch.
         nonzero = (t != 0).to(out["mean"].dtype).view(-1, *([1] * (x.ndim - 1)))
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"], "mean": out["mean"], "log_variance": out["log_variance"]}
+        return {
+            "sample": sample,
+            "pred_xstart": out["pred_xstart"],
+            "mean": out["mean"],
+            "log_variance": out["log_variance"],
+        }
 
     def p_sample(
         self,
@@ -445,12 +457,26 @@ class GaussianDiffusion:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``p_sample_loop``, yielding ``p_sample``'s dict at every step (t = T-1 down to 0)."""
         yield from self._progressive(
-            self.p_sample, model, shape, noise, device, progress,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
+            self.p_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
         )
 
     def _progressive(
-        self, step: Callable, model: Model, shape: Any, noise: torch.Tensor | None, device: Any, progress: bool,
+        self,
+        step: Callable,
+        model: Model,
+        shape: Any,
+        noise: torch.Tensor | None,
+        device: Any,
+        progress: bool,
         **step_kwargs: Any,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Walk ``step`` (p_sample or ddim_sample) from t = T-1 down to 0, yielding each result."""
@@ -588,8 +614,17 @@ class GaussianDiffusion:
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Like ``ddim_sample_loop``, yielding ``ddim_sample``'s dict at every step."""
         yield from self._progressive(
-            self.ddim_sample, model, shape, noise, device, progress,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
+            self.ddim_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
         )
 
     # ------------------------------------------------------------------ likelihood and losses

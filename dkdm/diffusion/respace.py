@@ -30,7 +30,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | Iterable[int]) -> 
             try:
                 desired = int(spec[len("ddim") :])
             except ValueError:
-                raise ValueError(f"timestep respacing '{section_counts}': expected 'ddim' followed by a number, e.g. ddim50") from None
+                raise ValueError(
+                    f"timestep respacing '{section_counts}': expected 'ddim' followed by a number, e.g. ddim50"
+                ) from None
             for stride in range(1, num_timesteps + 1):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))

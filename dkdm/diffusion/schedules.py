@@ -33,9 +33,7 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
-        return betas_for_alpha_bar(
-            num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-        )
+        return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown noise schedule '{schedule_name}'; choose one of: {', '.join(SCHEDULES)}")
 
 

@@ -31,7 +31,6 @@ from dkdm.training.precision import autocast_dtype
 __all__ = ["DistillLoop", "teacher_id"]
 
 
-
 def teacher_id(checkpoint: str | torch.nn.Module, model_config: Any = None) -> str:
     """Identity of a teacher for the pool cache: checkpoint sha256 plus its model config."""
     desc = {"weights": teacher_fingerprint(checkpoint), "model": to_dict(model_config) if model_config else None}
@@ -105,8 +104,12 @@ class DistillLoop:
 
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.teacher_diffusion, self.student_diffusion = teacher_diffusion, student_diffusion
-        self.objective = DKDMObjective(teacher_diffusion, student_diffusion, simple_only=distill.simple_only,
-                                       clip_teacher_mean=distill.clip_teacher_mean)
+        self.objective = DKDMObjective(
+            teacher_diffusion,
+            student_diffusion,
+            simple_only=distill.simple_only,
+            clip_teacher_mean=distill.clip_teacher_mean,
+        )
         for w in self.objective.warnings:
             logger.warn(w)
 

@@ -134,8 +134,9 @@ class DKDMObjective:
     ``L*_simple`` target is the raw prediction either way.
     """
 
-    def __init__(self, teacher_diffusion: Any, student_diffusion: Any, simple_only: bool = False,
-                 clip_teacher_mean: bool = False) -> None:
+    def __init__(
+        self, teacher_diffusion: Any, student_diffusion: Any, simple_only: bool = False, clip_teacher_mean: bool = False
+    ) -> None:
         self.warnings = check_compatible(teacher_diffusion, student_diffusion, simple_only)
         self.teacher_diffusion = teacher_diffusion
         self.student_diffusion = student_diffusion
@@ -171,7 +172,8 @@ class DKDMObjective:
         The teacher's mean is clipped only under ``clip_teacher_mean`` (the official release).
         """
         tout = self.teacher_diffusion.p_mean_variance_from_output(
-            teacher_output, x_t, t, clip_denoised=self.clip_teacher_mean)
+            teacher_output, x_t, t, clip_denoised=self.clip_teacher_mean
+        )
         sout = self.student_diffusion.p_mean_variance_from_output(student_output, x_t, t, clip_denoised=False)
         kl = normal_kl(tout["mean"], tout["log_variance"], sout["mean"], sout["log_variance"])
         return mean_flat(kl) / math.log(2.0)

@@ -131,8 +131,10 @@ def available_memory(device: torch.device) -> tuple[int, int]:
 
 def _check_fits(need: int, device: torch.device, what: str, options: str) -> None:
     free, margin = available_memory(device)
-    logger.log(f"pool: {what} needs {need / _GiB:.3f} GiB on {device} ({free / _GiB:.2f} GiB free, "
-               f"{margin / _GiB:.2f} GiB kept for models)")
+    logger.log(
+        f"pool: {what} needs {need / _GiB:.3f} GiB on {device} ({free / _GiB:.2f} GiB free, "
+        f"{margin / _GiB:.2f} GiB kept for models)"
+    )
     if need > free - margin:
         raise PoolMemoryError(
             f"the batch pool needs {need / _GiB:.2f} GiB for {what} on {device}, but only "
@@ -321,7 +323,11 @@ class DynamicPool:
         self.prep_stats: dict[str, float] = {}
 
         self.memory = estimate_pool_bytes(
-            self.size, self.sample_shape, batch_size, teacher_batch, num_classes is not None,
+            self.size,
+            self.sample_shape,
+            batch_size,
+            teacher_batch,
+            num_classes is not None,
             prepare=variant != "iterative",
         )
         self._check_memory()
@@ -358,8 +364,7 @@ class DynamicPool:
             "a smaller --teacher_batch (preparation buffers), or a smaller per-rank batch (more ranks)"
         )
         if self.pool_device.type == "cuda":
-            options += (", or --pool_device cpu (keeps the pool in pinned host memory and moves only the "
-                        "drawn batches)")
+            options += ", or --pool_device cpu (keeps the pool in pinned host memory and moves only the drawn batches)"
         if self.pool_device == self.device:
             _check_fits(m["pool"] + m["buffers"], self.device, f"{self.size} samples + step buffers", options + ".")
         else:
@@ -394,8 +399,12 @@ class DynamicPool:
         if self.y is not None:
             batch["y"] = self.y.index_select(0, idx)
         if self.pool_device != self.device:
-            batch = {k: v.pin_memory().to(self.device, non_blocking=True) if v.device.type == "cpu"
-                     and self.device.type == "cuda" else v.to(self.device) for k, v in batch.items()}
+            batch = {
+                k: v.pin_memory().to(self.device, non_blocking=True)
+                if v.device.type == "cpu" and self.device.type == "cuda"
+                else v.to(self.device)
+                for k, v in batch.items()
+            }
         self._last = (idx, batch)
         return batch
 
@@ -562,8 +571,14 @@ class DynamicPool:
             if not part_path:
                 return
             atomic_save(
-                {"iter": k, "pool": self.state_dict(), "x_act": x_act.cpu(), "t_act": t_act.cpu(),
-                 "e_act": e_act.cpu(), "y_act": y_act.cpu() if y_act is not None else None},
+                {
+                    "iter": k,
+                    "pool": self.state_dict(),
+                    "x_act": x_act.cpu(),
+                    "t_act": t_act.cpu(),
+                    "e_act": e_act.cpu(),
+                    "y_act": y_act.cpu() if y_act is not None else None,
+                },
                 part_path,
             )
 
@@ -640,8 +655,10 @@ class DynamicPool:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; refuses a pool of another variant, size or schedule."""
         x = state["x"]
-        if state.get("variant") != self.variant or state.get("num_timesteps") != self.T or tuple(x.shape) != tuple(
-            self.x.shape
+        if (
+            state.get("variant") != self.variant
+            or state.get("num_timesteps") != self.T
+            or tuple(x.shape) != tuple(self.x.shape)
         ):
             raise ValueError(
                 f"saved pool ({state.get('variant')}, T={state.get('num_timesteps')}, x {tuple(x.shape)}) does not "

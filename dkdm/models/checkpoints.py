@@ -33,9 +33,7 @@ class CheckpointError(ValueError):
 
 def _abbreviate(items: list, limit: int = 8) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
-    return shown + (
-        f", ... and {len(items) - limit} more" if len(items) > limit else ""
-    )
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _strip_prefixes(sd: dict) -> dict:
@@ -54,17 +52,11 @@ def _is_state_dict(obj: object) -> bool:
     )
 
 
-def unwrap_state_dict(
-    obj: object, source: str = "checkpoint", key: str | None = None
-) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: object, source: str = "checkpoint", key: str | None = None) -> dict[str, torch.Tensor]:
     """The model state dict inside a loaded checkpoint object (see the module docstring)."""
     if key is not None:
         if not isinstance(obj, Mapping) or key not in obj:
-            have = (
-                ", ".join(map(str, obj))
-                if isinstance(obj, Mapping)
-                else type(obj).__name__
-            )
+            have = ", ".join(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
             raise CheckpointError(f"{source}: has no entry '{key}' (it has: {have})")
         obj = obj[key]
     elif isinstance(obj, Mapping) and not _is_state_dict(obj):
@@ -92,13 +84,9 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, torch.Tensor
     non-checkpoint file raises ``CheckpointError`` naming the file and what to do.
     """
     if not os.path.isfile(path):
-        raise CheckpointError(
-            f"checkpoint file not found: {path}; check the path (and the run directory)"
-        )
+        raise CheckpointError(f"checkpoint file not found: {path}; check the path (and the run directory)")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(
-            f"checkpoint file {path} is empty (0 bytes); the save was interrupted, use another file"
-        )
+        raise CheckpointError(f"checkpoint file {path} is empty (0 bytes); the save was interrupted, use another file")
     if path.endswith(".safetensors"):
         return _read_safetensors(path)
     try:
@@ -216,19 +204,13 @@ def suggest_architecture(sd: Mapping[str, torch.Tensor]) -> str | None:
                     desc = f"{c.num_channels} channels, {c.num_res_blocks} res blocks, channel_mult {c.channel_mult}"
                 else:
                     desc = f"a ViT with hidden size {c.hidden_size}, depth {c.depth}, patch size {c.patch_size}"
-                extra = "".join(
-                    f" --{k} {val}" for k, val in v.items() if getattr(cfg, k) != val
-                )
+                extra = "".join(f" --{k} {val}" for k, val in v.items() if getattr(cfg, k) != val)
                 found.append((name, desc, extra))
                 break
     if not found:
         return None
     name, desc, extra = found[0]
-    also = (
-        f" (same tensors: {', '.join(n for n, _, _ in found[1:])})"
-        if len(found) > 1
-        else ""
-    )
+    also = f" (same tensors: {', '.join(n for n, _, _ in found[1:])})" if len(found) > 1 else ""
     return f"this looks like {desc}: try {name}{' with' + extra if extra else ''}{also}"
 
 
@@ -259,9 +241,7 @@ def load_checkpoint(
         if k in sd and sd[k].shape != own[k].shape
     ]
     if missing or unexpected or shapes:
-        name = (
-            getattr(getattr(model, "config", None), "name", "") or type(model).__name__
-        )
+        name = getattr(getattr(model, "config", None), "name", "") or type(model).__name__
         lines = [
             (
                 f"{source} does not fit the model '{name}': it has {len(sd)} tensors, the model expects "

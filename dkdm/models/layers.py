@@ -16,9 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 
-def timestep_embedding(
-    timesteps: torch.Tensor, dim: int, max_period: int = 10000
-) -> torch.Tensor:
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` of (possibly fractional) timesteps.
 
     ``timesteps`` is a 1-D tensor of raw step indices (guided-diffusion and DiT both feed
@@ -27,11 +25,7 @@ def timestep_embedding(
     trained there see the same features here.
     """
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period)
-        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
-        / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -49,9 +43,7 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Autocast keeps group_norm in float32 (it is on every backend's fp32 list), so
         # float32 inputs stay float32 inside an autocast region too.
-        return F.group_norm(
-            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
-        ).to(x.dtype)
+        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
 def normalization(channels: int) -> GroupNorm32:
@@ -62,18 +54,14 @@ def normalization(channels: int) -> GroupNorm32:
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     """A 1-D, 2-D or 3-D convolution."""
     if dims not in (1, 2, 3):
-        raise ValueError(
-            f"unsupported number of spatial dimensions: {dims} (use 1, 2 or 3)"
-        )
+        raise ValueError(f"unsupported number of spatial dimensions: {dims} (use 1, 2 or 3)")
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
 
 
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     """A 1-D, 2-D or 3-D average pooling."""
     if dims not in (1, 2, 3):
-        raise ValueError(
-            f"unsupported number of spatial dimensions: {dims} (use 1, 2 or 3)"
-        )
+        raise ValueError(f"unsupported number of spatial dimensions: {dims} (use 1, 2 or 3)")
     return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
 
 
@@ -111,9 +99,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tens
     else:
         q, k, v = qkv.reshape(b, 3, num_heads, ch, length).unbind(1)
     # SDPA wants [B, H, T, ch].
-    out = F.scaled_dot_product_attention(
-        q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
-    )
+    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
     return out.transpose(-1, -2).reshape(b, num_heads * ch, length)
 
 
@@ -125,9 +111,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     DiT checkpoints equals a freshly built one.
     """
     if embed_dim % 4:
-        raise ValueError(
-            f"hidden size {embed_dim} must be divisible by 4 for 2-D sin-cos positions"
-        )
+        raise ValueError(f"hidden size {embed_dim} must be divisible by 4 for 2-D sin-cos positions")
     coords = np.arange(grid_size, dtype=np.float64)
     gw, gh = np.meshgrid(coords, coords)  # gw varies along columns
 
@@ -136,6 +120,4 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
         out = pos.reshape(-1)[:, None] * omega[None]
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    return np.concatenate(
-        [one_d(embed_dim // 2, gw), one_d(embed_dim // 2, gh)], axis=1
-    )
+    return np.concatenate([one_d(embed_dim // 2, gw), one_d(embed_dim // 2, gh)], axis=1)

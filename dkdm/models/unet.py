@@ -29,9 +29,7 @@ from .layers import (
 class TimestepBlock(nn.Module):
     """A module whose forward takes the timestep embedding as a second argument."""
 
-    def forward(
-        self, x: torch.Tensor, emb: torch.Tensor
-    ) -> torch.Tensor:  # pragma: no cover
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -69,9 +67,7 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dims == 3:
-            x = F.interpolate(
-                x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest"
-            )
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
         else:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         return x if self.conv is None else self.conv(x)
@@ -92,9 +88,7 @@ class Downsample(nn.Module):
         self.out_channels = out_channels or channels
         stride = (1, 2, 2) if dims == 3 else 2
         if use_conv:
-            self.op = conv_nd(
-                dims, channels, self.out_channels, 3, stride=stride, padding=1
-            )
+            self.op = conv_nd(dims, channels, self.out_channels, 3, stride=stride, padding=1)
         else:
             if self.out_channels != channels:
                 raise ValueError(
@@ -152,25 +146,19 @@ class ResBlock(TimestepBlock):
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
             nn.SiLU(),
-            nn.Linear(
-                emb_channels, (2 if use_scale_shift_norm else 1) * self.out_channels
-            ),
+            nn.Linear(emb_channels, (2 if use_scale_shift_norm else 1) * self.out_channels),
         )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
-            zero_module(
-                conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)
-            ),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
         )
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
             k = 3 if use_conv else 1
-            self.skip_connection = conv_nd(
-                dims, channels, self.out_channels, k, padding=k // 2
-            )
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, k, padding=k // 2)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return maybe_checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
@@ -206,9 +194,7 @@ class AttentionBlock(nn.Module):
     ):
         super().__init__()
         self.channels = channels
-        self.num_heads = (
-            channels // num_head_channels if num_head_channels != -1 else num_heads
-        )
+        self.num_heads = channels // num_head_channels if num_head_channels != -1 else num_heads
         self.use_checkpoint = use_checkpoint
         self.legacy = not use_new_attention_order
         self.norm = normalization(channels)
@@ -259,13 +245,9 @@ def check_unet_args(
             f"use a shorter channel_mult or another image size"
         )
     if num_head_channels == -1 and num_heads <= 0:
-        raise ValueError(
-            f"num_heads must be positive when num_head_channels is -1, not {num_heads}"
-        )
+        raise ValueError(f"num_heads must be positive when num_head_channels is -1, not {num_heads}")
     if num_head_channels != -1 and num_head_channels <= 0:
-        raise ValueError(
-            f"num_head_channels must be positive or -1, not {num_head_channels}"
-        )
+        raise ValueError(f"num_head_channels must be positive or -1, not {num_head_channels}")
     up_heads = num_heads if num_heads_upsample == -1 else num_heads_upsample
     attention = set(attention_resolutions)
     widths = [int(model_channels * m) for m in channel_mult]
@@ -289,9 +271,7 @@ def check_unet_args(
                         f"not divisible by num_head_channels {num_head_channels}"
                     )
             elif ch % heads:
-                raise ValueError(
-                    f"attention at {ds}x downsampling has {ch} channels, not divisible by {where} {heads}"
-                )
+                raise ValueError(f"attention at {ds}x downsampling has {ch} channels, not divisible by {where} {heads}")
 
 
 class UNetModel(nn.Module):
@@ -359,9 +339,7 @@ class UNetModel(nn.Module):
         self.num_heads_upsample = num_heads_upsample
 
         emb_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, emb_dim)
 
@@ -388,9 +366,7 @@ class UNetModel(nn.Module):
 
         ch = int(channel_mult[0] * model_channels)
         first_ch = ch
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
-        )
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
         skip_chans = [ch]
         ds = 1
         for level, mult in enumerate(channel_mult):
@@ -403,18 +379,12 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(channel_mult) - 1:
-                down = (
-                    res(ch, ch, down=True)
-                    if resblock_updown
-                    else Downsample(ch, conv_resample, dims, ch)
-                )
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, dims, ch)
                 self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(
-            res(ch), attn(ch, num_heads), res(ch)
-        )
+        self.middle_block = TimestepEmbedSequential(res(ch), attn(ch, num_heads), res(ch))
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -425,11 +395,7 @@ class UNetModel(nn.Module):
                 if ds in attention_resolutions:
                     layers.append(attn(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
-                    layers.append(
-                        res(ch, ch, up=True)
-                        if resblock_updown
-                        else Upsample(ch, conv_resample, dims, ch)
-                    )
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
@@ -463,9 +429,7 @@ class UNetModel(nn.Module):
                         m.bias.data = m.bias.data.to(dtype)
         self.dtype = dtype
 
-    def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict from noisy ``x`` [N, C, ...] at integer (or fractional) ``timesteps`` [N].
 
         ``y`` [N] are class labels, required exactly when the model is class-conditional.

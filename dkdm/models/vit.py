@@ -15,9 +15,7 @@ from torch import nn
 from .layers import get_2d_sincos_pos_embed, maybe_checkpoint, timestep_embedding
 
 
-def _modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -26,9 +24,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(
-            in_channels, hidden_size, kernel_size=patch_size, stride=patch_size
-        )
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -58,9 +54,7 @@ class LabelEmbedder(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.embedding_table = nn.Embedding(
-            num_classes + int(dropout_prob > 0), hidden_size
-        )
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout_prob > 0:
@@ -80,11 +74,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (
-            self.qkv(x)
-            .reshape(b, n, 3, self.num_heads, d // self.num_heads)
-            .permute(2, 0, 3, 1, 4)
-        )
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -111,9 +101,7 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)
-        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -128,9 +116,7 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size)
-        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
@@ -161,17 +147,11 @@ class ViT(nn.Module):
     ):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(
-                f"image size {image_size} is not divisible by patch size {patch_size}"
-            )
+            raise ValueError(f"image size {image_size} is not divisible by patch size {patch_size}")
         if hidden_size % num_heads:
-            raise ValueError(
-                f"hidden size {hidden_size} is not divisible by num_heads {num_heads}"
-            )
+            raise ValueError(f"hidden size {hidden_size} is not divisible by num_heads {num_heads}")
         if hidden_size % 4:
-            raise ValueError(
-                f"hidden size {hidden_size} must be divisible by 4 for 2-D sin-cos positions"
-            )
+            raise ValueError(f"hidden size {hidden_size} must be divisible by 4 for 2-D sin-cos positions")
         self.image_size = image_size
         self.in_channels = in_channels
         self.learn_sigma = learn_sigma
@@ -185,17 +165,11 @@ class ViT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         if num_classes is not None:
-            self.y_embedder = LabelEmbedder(
-                num_classes, hidden_size, class_dropout_prob
-            )
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # A frozen parameter, not a buffer: DiT checkpoints store it under this name.
-        pos = torch.tensor(
-            get_2d_sincos_pos_embed(hidden_size, self.grid), dtype=torch.float32
-        )
+        pos = torch.tensor(get_2d_sincos_pos_embed(hidden_size, self.grid), dtype=torch.float32)
         self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
-        )
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -228,9 +202,7 @@ class ViT(nn.Module):
         x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(n, c, g * p, g * p)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict from noisy ``x`` at raw timestep indices ``t`` (and labels ``y`` when conditional)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(

@@ -189,23 +189,16 @@ def _parse_numbers(text: str, what: str, cast=float) -> tuple:
     try:
         return tuple(cast(v) for v in text.replace(" ", "").split(",") if v)
     except ValueError:
-        raise ConfigError(
-            f"{what} must be comma-separated numbers, not {text!r}"
-        ) from None
+        raise ConfigError(f"{what} must be comma-separated numbers, not {text!r}") from None
 
 
 def unet_kwargs(cfg: ModelConfig) -> dict:
     """``UNetModel`` keyword arguments for a UNet ``ModelConfig`` (guided-diffusion's rules)."""
     if cfg.channel_mult:
-        mult = tuple(
-            int(m) if float(m).is_integer() else m
-            for m in _parse_numbers(cfg.channel_mult, "channel_mult")
-        )
+        mult = tuple(int(m) if float(m).is_integer() else m for m in _parse_numbers(cfg.channel_mult, "channel_mult"))
     else:
         mult = default_channel_mult(cfg.image_size)
-    resolutions = _parse_numbers(
-        cfg.attention_resolutions, "attention_resolutions", int
-    )
+    resolutions = _parse_numbers(cfg.attention_resolutions, "attention_resolutions", int)
     valid = [cfg.image_size // 2**i for i in range(len(mult))]
     bad = [r for r in resolutions if r not in valid]
     if bad:

@@ -70,7 +70,11 @@ def complete_steps(run_dir: str) -> list[int]:
     steps = []
     for p in glob.glob(os.path.join(run_dir, "opt*.pt")):
         step = parse_step(p)
-        if step is not None and os.path.basename(p) == f"opt{step:06d}.pt" and os.path.isfile(model_path(run_dir, step)):
+        if (
+            step is not None
+            and os.path.basename(p) == f"opt{step:06d}.pt"
+            and os.path.isfile(model_path(run_dir, step))
+        ):
             steps.append(step)
     return sorted(steps)
 

@@ -43,10 +43,20 @@ from dkdm.training.precision import Precision, growth_interval_from_rate
 # Fields a rerun on an existing run directory may change: they decide when the run stops, how
 # often it logs and saves, and where things go, never what a step computes. Any other change
 # is refused, since the resumed run would silently be half one configuration, half another.
-SAFE_TO_CHANGE = frozenset({
-    "train.max_steps", "train.save_interval", "train.log_interval", "train.log_dir", "train.num_workers",
-    "train.resume_checkpoint", "train.trust_checkpoints", "train.save_safetensors", "distill.prep_checkpoint_s", "distill.pool_cache_dir",
-})
+SAFE_TO_CHANGE = frozenset(
+    {
+        "train.max_steps",
+        "train.save_interval",
+        "train.log_interval",
+        "train.log_dir",
+        "train.num_workers",
+        "train.resume_checkpoint",
+        "train.trust_checkpoints",
+        "train.save_safetensors",
+        "distill.prep_checkpoint_s",
+        "distill.pool_cache_dir",
+    }
+)
 
 Batch = dict[str, Any]
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -199,7 +209,9 @@ class Trainer:
         if not own or not os.path.isfile(path):
             return []
         saved = load_yaml(path)
-        defaults = {g: to_dict(type(v)()) for g, v in (self._config_objs or {}).items() if hasattr(v, "__dataclass_fields__")}
+        defaults = {
+            g: to_dict(type(v)()) for g, v in (self._config_objs or {}).items() if hasattr(v, "__dataclass_fields__")
+        }
         changes = []
         for key, old, new in differences(saved, self.config):
             group, _, name = key.partition(".")
@@ -225,8 +237,10 @@ class Trainer:
             while os.path.exists(keep):
                 keep, n = os.path.join(self.run_dir, f"config.step{self.step:06d}.{n}.yaml"), n + 1
             os.replace(path, keep)
-            logger.log(f"resuming at step {self.step} with {', '.join(f'{k} {a!r} -> {b!r}' for k, a, b in changes)}; "
-                       f"the previous config is kept as {os.path.basename(keep)}")
+            logger.log(
+                f"resuming at step {self.step} with {', '.join(f'{k} {a!r} -> {b!r}' for k, a, b in changes)}; "
+                f"the previous config is kept as {os.path.basename(keep)}"
+            )
         dump_yaml(self.config, path)
 
     def _resume_path(self) -> str | None:
@@ -320,8 +334,10 @@ class Trainer:
         except fileio.DiskFullError as e:
             last = f"step {self._last_saved}" if self._last_saved >= 0 else "none yet"
             raise fileio.DiskFullError(
-                e.errno, f"{e.strerror}. The checkpoint of step {self.step} is incomplete and is ignored on resume; "
-                f"the last complete checkpoint ({last}) is intact") from None
+                e.errno,
+                f"{e.strerror}. The checkpoint of step {self.step} is incomplete and is ignored on resume; "
+                f"the last complete checkpoint ({last}) is intact",
+            ) from None
 
     def _save(self) -> None:
         step, d = self.step, self.run_dir
@@ -366,7 +382,9 @@ class Trainer:
     def done(self) -> bool:
         """True once ``max_steps`` or ``lr_anneal_steps`` (whichever is set and smaller) is reached."""
         c = self.cfg
-        return bool((c.max_steps and self.step >= c.max_steps) or (c.lr_anneal_steps and self.step >= c.lr_anneal_steps))
+        return bool(
+            (c.max_steps and self.step >= c.max_steps) or (c.lr_anneal_steps and self.step >= c.lr_anneal_steps)
+        )
 
     def current_lr(self) -> float:
         """guided-diffusion's anneal: ``lr * (1 - step / lr_anneal_steps)``, constant when 0."""
@@ -384,8 +402,10 @@ class Trainer:
         """
         c = self.cfg
         if self.done() and self.step > 0:
-            logger.log(f"{self.run_dir} already finished at step {self.step} (max_steps {c.max_steps}, "
-                       f"lr_anneal_steps {c.lr_anneal_steps}): nothing to train; raise --max_steps to go on")
+            logger.log(
+                f"{self.run_dir} already finished at step {self.step} (max_steps {c.max_steps}, "
+                f"lr_anneal_steps {c.lr_anneal_steps}): nothing to train; raise --max_steps to go on"
+            )
             if dist.is_main():
                 fileio.release_lock(self.run_dir)
             return self.step
@@ -410,7 +430,9 @@ class Trainer:
         batch = next_batch()
         sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
         if len(sizes) != 1:
-            raise ValueError(f"next_batch() must return tensors sharing their first dimension, got sizes {sorted(sizes)}")
+            raise ValueError(
+                f"next_batch() must return tensors sharing their first dimension, got sizes {sorted(sizes)}"
+            )
         bs = sizes.pop()
         micro = self.cfg.microbatch if self.cfg.microbatch > 0 else bs
         self.opt.zero_grad(set_to_none=True)
@@ -493,7 +515,9 @@ def _cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------- data-based training
 
 
-def batches_from_stream(stream: Any, device: torch.device, expect: tuple[int, int, int] | None = None) -> Callable[[], Batch]:
+def batches_from_stream(
+    stream: Any, device: torch.device, expect: tuple[int, int, int] | None = None
+) -> Callable[[], Batch]:
     """``next_batch`` for :meth:`Trainer.run` from an iterator of ``(x, cond)`` pairs.
 
     The batch dict holds ``x`` plus every entry of ``cond`` (e.g. ``y``), moved to
