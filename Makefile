@@ -32,7 +32,8 @@ paper: install
 	$(PY) benchmarks/paper_tables.py --jobs 2
 
 lint: install
-	$(VENV)/bin/ruff check dkdm scripts evaluations tests benchmarks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: install
 	$(PY) scripts/demo.py --out demo_out
