@@ -27,6 +27,7 @@ from typing import Any, TextIO
 import torch
 
 from dkdm import dist
+from dkdm.fileio import atomic_write
 
 DEFAULT_FORMATS = ("stdout", "log", "csv", "tensorboard")
 
@@ -103,13 +104,14 @@ class CSVOutput:
                 with open(self.path, newline="") as f:
                     rows = list(csv.reader(f))[1:]
             self.keys.extend(new)
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", newline="") as f:
+
+            def rewrite(f: Any) -> None:
                 w = csv.writer(f)
                 w.writerow(self.keys)
                 for r in rows:
                     w.writerow(r + [""] * (len(self.keys) - len(r)))
-            os.replace(tmp, self.path)
+
+            atomic_write(self.path, rewrite, mode="w")
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow(["" if kvs.get(k) is None else kvs[k] for k in self.keys])
 

@@ -36,7 +36,7 @@ import torch
 
 from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, differences, to_dict
 from dkdm.fileio import atomic_write, file_sha256  # noqa: F401  (file_sha256: the scripts' manifest id)
-from dkdm.training.precision import AUTOCAST_DTYPES
+from dkdm.training.precision import AUTOCAST_DTYPES, autocast
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -348,10 +348,9 @@ class _Precision(torch.nn.Module):
         self.dtype = AUTOCAST_DTYPES[precision]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if self.dtype is None:
-            return self.model(x, t, **kwargs)
-        with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x, t, **kwargs).float()
+        with autocast(x.device.type, self.dtype):
+            out = self.model(x, t, **kwargs)
+        return out if self.dtype is None else out.float()
 
 
 def draw_shard(

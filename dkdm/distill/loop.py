@@ -26,7 +26,7 @@ from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
 from dkdm.distill.pool import DynamicPool, teacher_fingerprint
 from dkdm.training import Trainer
-from dkdm.training.precision import autocast_dtype
+from dkdm.training.precision import autocast, autocast_dtype
 
 __all__ = ["DistillLoop", "teacher_id"]
 
@@ -178,10 +178,9 @@ class DistillLoop:
         """The teacher's output at step indices ``t`` (no grad; autocast if fp16/bf16)."""
         kwargs = {"y": y} if y is not None else {}
         ts = self.teacher_diffusion.model_timesteps(t)
-        if self.teacher_dtype is None:
-            return self.teacher(x, ts, **kwargs)
-        with torch.autocast(self.device.type, dtype=self.teacher_dtype):
-            return self.teacher(x, ts, **kwargs).float()
+        with autocast(self.device.type, self.teacher_dtype):
+            out = self.teacher(x, ts, **kwargs)
+        return out if self.teacher_dtype is None else out.float()
 
     def prepare_pool(self, progress: bool = True) -> None:
         """Shuffle-denoise the pool (or load it from the cache); every rank its own pool."""

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from dkdm import logger
-from dkdm.fileio import atomic_save, remove_stale_temporaries
+from dkdm.fileio import atomic_save, file_sha256, remove_stale_temporaries
 from dkdm.training.checkpoint import load_file
 
 __all__ = [
@@ -148,12 +148,9 @@ def _check_fits(need: int, device: torch.device, what: str, options: str) -> Non
 
 def teacher_fingerprint(source: str | torch.nn.Module | dict) -> str:
     """sha256 of a teacher checkpoint file, or of a module's / state dict's tensors."""
-    h = hashlib.sha256()
     if isinstance(source, str):
-        with open(source, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return file_sha256(source)
+    h = hashlib.sha256()
     sd = source.state_dict() if isinstance(source, torch.nn.Module) else source
     for k in sorted(sd):
         h.update(k.encode())

@@ -16,6 +16,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 
+def check_labels(y: torch.Tensor | None, num_classes: int | None) -> None:
+    """Refuse labels ``y`` unless the model is class-conditional (``num_classes`` set), and their absence if it is."""
+    if (y is not None) != (num_classes is not None):
+        raise ValueError(
+            "class labels y must be given if and only if the model is class-conditional "
+            f"(num_classes={num_classes}, y {'given' if y is not None else 'missing'})"
+        )
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` of (possibly fractional) timesteps.
 

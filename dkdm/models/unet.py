@@ -17,6 +17,7 @@ from torch import nn
 
 from .layers import (
     avg_pool_nd,
+    check_labels,
     conv_nd,
     maybe_checkpoint,
     normalization,
@@ -435,11 +436,7 @@ class UNetModel(nn.Module):
         ``y`` [N] are class labels, required exactly when the model is class-conditional.
         The output has ``x``'s dtype even inside an autocast region.
         """
-        if (y is not None) != (self.num_classes is not None):
-            raise ValueError(
-                "class labels y must be given if and only if the model is class-conditional "
-                f"(num_classes={self.num_classes}, y {'given' if y is not None else 'missing'})"
-            )
+        check_labels(y, self.num_classes)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if y is not None:
             emb = emb + self.label_emb(y)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import get_2d_sincos_pos_embed, maybe_checkpoint, timestep_embedding
+from .layers import check_labels, get_2d_sincos_pos_embed, maybe_checkpoint, timestep_embedding
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -204,11 +204,7 @@ class ViT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict from noisy ``x`` at raw timestep indices ``t`` (and labels ``y`` when conditional)."""
-        if (y is not None) != (self.num_classes is not None):
-            raise ValueError(
-                "class labels y must be given if and only if the model is class-conditional "
-                f"(num_classes={self.num_classes}, y {'given' if y is not None else 'missing'})"
-            )
+        check_labels(y, self.num_classes)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t)
         if y is not None:

@@ -30,6 +30,13 @@ def autocast_dtype(mode: str, what: str = "precision") -> torch.dtype | None:
     return AUTOCAST_DTYPES[mode]
 
 
+def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device_type``; a no-op context when ``dtype`` is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
 class Precision:
     """Autocast, loss scaling, gradient unscaling and clipping for one precision mode.
 
@@ -52,9 +59,7 @@ class Precision:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the forward pass (model and loss) runs in."""
-        if self.mode == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return autocast(self.device.type, autocast_dtype(self.mode))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` (scaled in fp16)."""
