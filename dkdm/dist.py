@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -245,24 +244,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 @torch.no_grad()
-def broadcast_params(params: Iterable[torch.Tensor], src: int = 0) -> None:
-    """Overwrite ``params`` (tensors or parameters, in place) with rank ``src``'s values.
-
-    Used once at start and after resuming, so every rank begins from identical weights
-    without reading checkpoints through MPI.
-    """
-    if not _active():
-        return
-    for p in params:
-        t = p.data if isinstance(p, torch.nn.Parameter) else p
-        if t.device.type == comm_device().type:
-            dist.broadcast(t, src)
-        else:
-            buf = t.to(comm_device())
-            dist.broadcast(buf, src)
-            t.copy_(buf)
-
-
 def all_gather_object(obj: Any) -> list:
     """Every rank's picklable ``obj``, as a list indexed by rank, on every rank."""
     if not _active():
@@ -284,24 +265,6 @@ def gather(obj: Any, dst: int = 0) -> list | None:
     out = [None] * dist.get_world_size() if rank == dst else None
     dist.gather_object(obj, out, dst=dst)
     return out
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The element-wise mean of ``tensor`` over ranks, as a new float tensor.
-
-    The input is left untouched. Integer inputs come back as float32.
-    """
-    out = tensor.detach().clone()
-    if not out.is_floating_point():
-        out = out.float()
-    if not _active():
-        return out
-    device = out.device
-    if device.type != comm_device().type:
-        out = out.to(comm_device())
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    out /= dist.get_world_size()
-    return out.to(device)
 
 
 def cleanup() -> None:

@@ -30,16 +30,9 @@ WORKER = textwrap.dedent(
     res = {"rank": rank, "world": world, "launcher": dist.launcher(), "local_rank": dist.local_rank(),
            "env": [os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")],
            "is_main": dist.is_main(), "device": str(dist.dev())}
-    x = torch.tensor([float(rank), 10.0 * rank + 1])
-    res["mean"] = dist.all_reduce_mean(x).tolist()
-    res["input_untouched"] = x.tolist() == [float(rank), 10.0 * rank + 1]
     res["bcast"] = dist.broadcast_object({"from": rank, "list": [rank] * 3})
     res["gathered"] = dist.all_gather_object(("r", rank))
     res["gather0"] = dist.gather(rank * 7)
-    torch.manual_seed(rank)  # different weights per rank until broadcast
-    net = torch.nn.Linear(3, 2)
-    dist.broadcast_params(net.parameters())
-    res["params"] = [p.detach().flatten().tolist() for p in net.parameters()]
     dist.barrier()
 
     logger.configure(os.path.join(out, "run"), format_strs="csv,log")
@@ -109,12 +102,10 @@ def _check(results, tmp_path, launcher):
         assert res["rank"] == r and res["world"] == 2 and res["launcher"] == launcher
         assert res["local_rank"] == r and res["env"] == [str(r), "2", str(r)]
         assert res["is_main"] == (r == 0) and res["device"] == "cpu"
-        assert res["mean"] == [0.5, 6.0] and res["input_untouched"]
         assert res["bcast"] == {"from": 0, "list": [0, 0, 0]}
         assert res["gathered"] == [["r", 0], ["r", 1]]
         assert res["shard"] == list(range(r, 16, 2))  # every world_size-th example
     assert r0["gather0"] == [0, 7] and r1["gather0"] is None
-    assert r0["params"] == r1["params"]
     for res in results:
         d = res["dump"]
         assert d["loss"] == pytest.approx(0.5) and d["only_rank1"] == pytest.approx(5.0)
@@ -200,15 +191,12 @@ assert dist.all_gather_object(3) == [3] and dist.gather(3) == [3]
 dist.setup_dist()
 assert torch.distributed.is_initialized() and dist.get_world_size() == 1 and dist.is_main()
 assert dist.launcher() == "single"
-x = torch.tensor([1, 2])
-assert torch.equal(dist.all_reduce_mean(x), torch.tensor([1.0, 2.0]))
 assert dist.broadcast_object("a") == "a"
 net = torch.nn.Linear(2, 2)
 ddp = torch.nn.parallel.DistributedDataParallel(net)  # usable with one rank
 ddp(torch.ones(1, 2)).sum().backward()
 assert net.weight.grad is not None
 dist.barrier()
-dist.broadcast_params(net.parameters())
 dist.cleanup()
 assert not torch.distributed.is_initialized()
 print("ok")

@@ -212,11 +212,6 @@ class AttentionBlock(nn.Module):
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 
-def _heads(channels: int, num_heads: int, num_head_channels: int) -> int:
-    """The head count an attention block on ``channels`` would use (guided-diffusion's rule)."""
-    return channels // num_head_channels if num_head_channels != -1 else num_heads
-
-
 def check_unet_args(
     image_size: int,
     model_channels: int,
