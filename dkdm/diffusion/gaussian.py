@@ -335,6 +335,17 @@ class GaussianDiffusion:
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
 
+    def ddim_jump_from_xstart(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor, t_next: torch.Tensor
+    ) -> torch.Tensor:
+        """Deterministic DDIM (eta = 0) from ``x_t`` at ``t`` to any earlier step ``t_next`` given an x_0 prediction.
+
+        x_{t_next} = sqrt(abar_{t_next}) x_0 + sqrt(1 - abar_{t_next}) eps, with eps implied by ``pred_xstart``.
+        """
+        eps = self.predict_eps_from_xstart(x_t, t, pred_xstart)
+        ab = self._coef("alphas_cumprod", t_next, x_t)
+        return ab.sqrt() * pred_xstart + (1 - ab).sqrt() * eps
+
     # ------------------------------------------------------------------ guidance
 
     def condition_mean(

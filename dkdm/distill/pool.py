@@ -534,7 +534,6 @@ class DynamicPool:
         ev_item = torch.from_numpy(plan["item"]).to(self.pool_device)
         ev_next = torch.from_numpy(np.maximum(plan["next"], 0)).to(dev)
         first = torch.from_numpy(np.maximum(plan["first"], 0)).to(dev)
-        abar = torch.as_tensor(np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64), device=dev)
         y_dev = self.y.to(dev) if self.y is not None else None
 
         start = 0
@@ -599,10 +598,7 @@ class DynamicPool:
             else:
                 s_next = _next_step(ta, e_act[:n], self.warmup_grid, self.warmup_exact)
                 exact = (s_next == ta - 1).view(-1, *([1] * len(self.sample_shape)))
-                x0 = step["pred_xstart"]
-                eps = self.diffusion.predict_eps_from_xstart(xa, ta, x0)
-                ab = abar.index_select(0, s_next).float().view(-1, *([1] * len(self.sample_shape)))
-                ddim = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+                ddim = self.diffusion.ddim_jump_from_xstart(xa, ta, step["pred_xstart"], s_next)
                 x_act[:n] = torch.where(exact, step["sample"], ddim)
                 t_act[:n] = s_next
             a, b = int(offsets[k + 1]), int(offsets[k + 2])
