@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -152,15 +151,11 @@ def activations(images: np.ndarray, classifier: DigitsClassifier | None = None, 
 
 
 def _metrics_module() -> Any:
-    """``evaluations.metrics``; the repository root is added to the path for editable installs."""
+    """``evaluations.metrics`` (installed beside ``dkdm`` by setup.py; imported late: it is numpy/scipy only)."""
     try:
         from evaluations import metrics
-    except ImportError:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if not os.path.isfile(os.path.join(root, "evaluations", "metrics.py")):
-            raise
-        sys.path.insert(0, root)
-        from evaluations import metrics
+    except ImportError as e:
+        raise ImportError(f"{e}; install the repository (make install, or pip install -e .) to get evaluations") from e
     return metrics
 
 
