@@ -467,7 +467,7 @@ def table(rows: dict[str, list[dict]], title: str, extra_cost: dict[str, float] 
     return out
 
 
-def report(results: dict[str, dict], s: Settings, docs: str, elapsed: float, planned: int | None = None) -> dict:
+def report(results: dict[str, dict], s: Settings, docs: str, elapsed: float | None, planned: int | None = None) -> dict:
     """Write docs/paper_tables.md and the figures; return the summary that is printed as JSON.
 
     ``planned`` is the number of tasks the plan holds; a report written from fewer finished
@@ -484,8 +484,13 @@ def report(results: dict[str, dict], s: Settings, docs: str, elapsed: float, pla
         "# The paper's evidence at small scale (embedded digits)",
         "",
         (
-            f"Regenerate with `make paper` (`python benchmarks/paper_tables.py`); this report took "
-            f"{elapsed / 60:.0f} min of wall time for the runs that were not already done. Every student: "
+            "Regenerate with `make paper` (`python benchmarks/paper_tables.py`)"
+            + (
+                f"; this report took {elapsed / 60:.0f} min of wall time for the runs not already done"
+                if elapsed
+                else ""
+            )
+            + ". Every student: "
             f"digits-student unless stated, {s.steps} steps at batch {s.batch} (configs/digits/dkdm.yaml's "
             f"optimiser), scored on {s.num_samples} samples drawn with {s.respacing} IDDPM steps against the "
             f"1,797 real digits (digits classifier features). Numbers are mean ± std over the seeds listed in "
@@ -751,7 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             print(f"paper_tables.py: error: {e}", file=sys.stderr)
             return 1
-    summary = report(results, settings, args.docs, time.time() - start, planned=len(tasks))
+    elapsed = None if args.report_only else time.time() - start
+    summary = report(results, settings, args.docs, elapsed, planned=len(tasks))
     print(json.dumps(summary, indent=1, default=float))
     return 0
 
