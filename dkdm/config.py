@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from dkdm.fileio import atomic_write
+
 
 class ConfigError(ValueError):
     """A configuration a user wrote is wrong; the message says what and how to fix it."""
@@ -274,8 +276,6 @@ def load_yaml(path: str) -> dict:
 
 def dump_yaml(groups: Mapping[str, Any], path: str) -> None:
     """Write resolved configs (group name -> dataclass or dict) to ``path`` as YAML."""
-    from dkdm.fileio import atomic_write
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     text = yaml.safe_dump(to_dict(groups), sort_keys=False)
     atomic_write(path, lambda f: f.write(text), mode="w")  # a reader never sees half a file

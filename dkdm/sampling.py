@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, differences, to_dict
-from dkdm.fileio import atomic_write, file_sha256  # noqa: F401  (file_sha256: the scripts' manifest id)
+from dkdm.fileio import atomic_write
 from dkdm.training.precision import AUTOCAST_DTYPES, autocast
 
 MANIFEST = "manifest.json"

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from dkdm import digits_metric, sampling
+from dkdm import digits_metric, fileio, sampling
 from dkdm.config import SampleConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.models import create_model, load_checkpoint
@@ -42,7 +42,7 @@ def sample(name: str, path: str, cfg: SampleConfig, respacing: str, out: str) ->
     model = load_checkpoint(create_model(model_cfg), path)
     shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     output = sampling.resolve_output(os.path.join(out, name), cfg.num_samples, shape)
-    manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, sampling.file_sha256(path), "cpu")
+    manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), "cpu")
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
     store.prepare()
     stats = sampling.draw_shards(model, create_diffusion(diff_cfg), store, cfg, shape)

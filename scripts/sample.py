@@ -15,7 +15,7 @@ import sys
 
 from tqdm import tqdm
 
-from dkdm import dist, logger, sampling
+from dkdm import dist, fileio, logger, sampling
 from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.models import create_model, load_checkpoint
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
     diffusion = create_diffusion(diff_cfg)  # validate everything before the manifest binds the output
     shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
-    manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, sampling.file_sha256(path), dist.dev().type)
+    manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), dist.dev().type)
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
     error = None
     if dist.is_main():

@@ -401,29 +401,30 @@ class Trainer:
         is detected at the next log or save, before anything is written.
         """
         c = self.cfg
-        if self.done() and self.step > 0:
-            logger.log(
-                f"{self.run_dir} already finished at step {self.step} (max_steps {c.max_steps}, "
-                f"lr_anneal_steps {c.lr_anneal_steps}): nothing to train; raise --max_steps to go on"
-            )
+        try:
+            if self.done() and self.step > 0:
+                logger.log(
+                    f"{self.run_dir} already finished at step {self.step} (max_steps {c.max_steps}, "
+                    f"lr_anneal_steps {c.lr_anneal_steps}): nothing to train; raise --max_steps (not past "
+                    "--lr_anneal_steps) to go on"
+                )
+                return self.step
+            self._tick = time.perf_counter()
+            self._steps_since_dump = 0
+            while not self.done():
+                self.run_step(next_batch, loss_fn)
+                if c.log_interval > 0 and self.step % c.log_interval == 0:
+                    self.dump_logs()
+                if c.save_interval > 0 and self.step % c.save_interval == 0:
+                    self.save()
+            if self._steps_since_dump:
+                self.dump_logs()
+            if self._last_saved != self.step:
+                self.save()
+            return self.step
+        finally:
             if dist.is_main():
                 fileio.release_lock(self.run_dir)
-            return self.step
-        self._tick = time.perf_counter()
-        self._steps_since_dump = 0
-        while not self.done():
-            self.run_step(next_batch, loss_fn)
-            if c.log_interval > 0 and self.step % c.log_interval == 0:
-                self.dump_logs()
-            if c.save_interval > 0 and self.step % c.save_interval == 0:
-                self.save()
-        if self._steps_since_dump:
-            self.dump_logs()
-        if self._last_saved != self.step:
-            self.save()
-        if dist.is_main():
-            fileio.release_lock(self.run_dir)
-        return self.step
 
     def run_step(self, next_batch: Callable[[], Batch], loss_fn: LossFn) -> None:
         """One optimizer step on ``next_batch()`` (no host synchronisation inside)."""
