@@ -344,6 +344,9 @@ def test_draw_and_update_never_sync_on_cuda(pool_device):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_a_corrupt_cache_is_named_set_aside_and_rebuilt(tmp_path, damage, capsys):
+    from dkdm import logger
+
+    logger.reset()  # to stdout, whatever an earlier test configured
     ref, d = _make(batch_size=8)
     ref.prepare(GaussTeacher(d), teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
     (cache,) = tmp_path.iterdir()
@@ -357,6 +360,7 @@ def test_a_corrupt_cache_is_named_set_aside_and_rebuilt(tmp_path, damage, capsys
     assert names[0] == cache.name and names[1].startswith(cache.name + ".corrupt-") and len(names) == 2
     assert cache.read_bytes() == data
     out = capsys.readouterr()
+    logger.reset()
     assert str(cache) in out.out + out.err and "set aside" in out.out + out.err
 
 
