@@ -83,6 +83,7 @@ class DiffusionConfig:
     sigma_small: bool = False
     use_kl: bool = False
     predict_xstart: bool = False
+    predict_v: bool = False  # v-prediction (Salimans & Ho); exclusive with predict_xstart
     rescale_timesteps: bool = False
     rescale_learned_sigmas: bool = False
     timestep_respacing: str = ""
