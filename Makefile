@@ -13,7 +13,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[mpi,eval,dev,paper]"
+	$(PY) -m pip install -q -e ".[mpi,eval,dev,paper,latent]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -259,8 +259,12 @@ def create_model(name_or_config: str | ModelConfig, **overrides) -> nn.Module:
             model: nn.Module = UNetModel(**unet_kwargs(cfg))
         elif cfg.arch == "vit":
             model = ViT(**vit_kwargs(cfg))
+        elif cfg.arch == "diffusers":
+            from dkdm.models import foreign
+
+            model = foreign.load(cfg)
         else:
-            raise ConfigError(f"unknown arch '{cfg.arch}'; valid: unet, vit")
+            raise ConfigError(f"unknown arch '{cfg.arch}'; valid: unet, vit, diffusers")
     except ConfigError:
         raise
     except ValueError as e:
