@@ -354,8 +354,10 @@ def test_mse_targets_per_mean_type():
     for mean_type in MEAN_TYPES:
         d = make(steps=20, mean=mean_type, var=ModelVarType.FIXED_SMALL)
         xt = d.q_sample(x0, t, noise=noise)
+        abar = torch.from_numpy(np.cumprod(1 - np.asarray(d.betas)))[t].view(-1, 1, 1, 1)
         target = {
             ModelMeanType.EPSILON: noise,
+            ModelMeanType.VELOCITY: abar.sqrt() * noise - (1 - abar).sqrt() * x0,
             ModelMeanType.START_X: x0,
             ModelMeanType.PREVIOUS_X: d.q_posterior_mean_variance(x0, xt, t)[0],
         }[mean_type]
