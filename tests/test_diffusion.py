@@ -203,8 +203,15 @@ def test_variance_types_interpolate_as_iddpm_eq12():
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
     t = torch.tensor([0, 10, 29])
     eps = torch.zeros_like(x)
-    lo = torch.from_numpy(d.posterior_log_variance_clipped)[t].view(-1, 1, 1, 1).expand_as(x)
-    hi = torch.from_numpy(np.log(d.betas))[t].view(-1, 1, 1, 1).expand_as(x)
+    # beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), written from the betas; at t = 0 it is
+    # 0, and IDDPM clips its log to beta~_1's.
+    betas = np.asarray(d.betas)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    beta_tilde = betas * (1 - abar_prev) / (1 - abar)
+    clipped = np.log(np.append(beta_tilde[1], beta_tilde[1:]))
+    lo = torch.from_numpy(clipped)[t].view(-1, 1, 1, 1).expand_as(x)
+    hi = torch.from_numpy(np.log(betas))[t].view(-1, 1, 1, 1).expand_as(x)
     for v, want in ((-1.0, lo), (1.0, hi), (0.0, 0.5 * (lo + hi))):
         out = d.p_mean_variance_from_output(torch.cat([eps, torch.full_like(x, v)], 1), x, t)
         torch.testing.assert_close(out["log_variance"], want)
