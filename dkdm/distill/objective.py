@@ -141,11 +141,9 @@ class DKDMObjective:
         self.warnings = check_compatible(teacher_diffusion, student_diffusion, simple_only)
         self.teacher_diffusion = teacher_diffusion
         self.student_diffusion = student_diffusion
-        self.simple_only = simple_only
         self.clip_teacher_mean = clip_teacher_mean
         self.num_timesteps = student_diffusion.num_timesteps
         self.student_learns_var = student_diffusion.model_var_type in _LEARNED
-        self.teacher_learns_var = teacher_diffusion.model_var_type in _LEARNED
         lt = student_diffusion.loss_type
         self.use_kl = lt in (LossType.KL, LossType.RESCALED_KL)
         if self.use_kl and simple_only:
@@ -156,8 +154,7 @@ class DKDMObjective:
     # ------------------------------------------------------------------ conversions
     def teacher_target(self, teacher_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The teacher's prediction in the student's target space (epsilon, x_0 or v), [B, C, ...]."""
-        C = x_t.shape[1]
-        pred = teacher_output[:, :C] if self.teacher_learns_var else teacher_output
+        pred = teacher_output[:, : x_t.shape[1]]  # the mean channels (a learned variance follows them)
         tm, sm = self.teacher_diffusion.model_mean_type, self.student_diffusion.model_mean_type
         return self.teacher_diffusion.convert_prediction(x_t, t, pred, tm, sm)
 
