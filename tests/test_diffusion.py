@@ -445,3 +445,132 @@ def test_presets_load_and_build(name):
     if name == "digits":
         assert (cfg.steps, cfg.noise_schedule, cfg.learn_sigma) == (100, "cosine", True)
         assert d.model_var_type == ModelVarType.LEARNED_RANGE
+
+
+# ----------------------------------------------------------------------------- found by mutation testing
+# Every entry point must forward its options (labels, clipping, denoised_fn, eta) to each step.
+# References are written with the one-step building blocks and the DDIM formulas, not the loops.
+
+
+class LabelModel(torch.nn.Module):
+    """Needs its labels (a missing y is an error) and predicts large x_0, so clipping matters."""
+
+    def forward(self, x, t, y):
+        tt = t.to(x.dtype).view(-1, 1, 1, 1)
+        shift = y.to(x.dtype).view(-1, 1, 1, 1)
+        eps = -3.0 * torch.tanh(x) + 0.1 * shift + 0.001 * tt
+        return torch.cat([eps, torch.tanh(x + shift)], 1)
+
+
+def _halve(x0):
+    return 0.5 * x0
+
+
+def _ddim_reference(d, model, x, t, y, eta, noise, clip, denoised_fn):
+    out = d.p_mean_variance_from_output(model(x, t, y), x, t, clip_denoised=clip, denoised_fn=denoised_fn)
+    abar = np.cumprod(1 - np.asarray(d.betas))
+    ab, abp = abar[t.numpy()], np.append(1.0, abar[:-1])[t.numpy()]
+    ab, abp = (torch.from_numpy(a).view(-1, 1, 1, 1) for a in (ab, abp))
+    eps = (x - ab.sqrt() * out["pred_xstart"]) / (1 - ab).sqrt()
+    sigma = eta * ((1 - abp) / (1 - ab)).sqrt() * (1 - ab / abp).sqrt()
+    mean = out["pred_xstart"] * abp.sqrt() + (1 - abp - sigma**2).sqrt() * eps
+    return mean + (t != 0).view(-1, 1, 1, 1) * sigma * noise, out["pred_xstart"]
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_loops_forward_labels_clipping_and_denoised_fn(clip):
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    model = LabelModel()
+    y = torch.tensor([0, 3])
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kw = {"clip_denoised": clip, "denoised_fn": _halve, "model_kwargs": {"y": y}}
+    # Ancestral: the loop equals p_sample_from_output stepped by hand with the same draws.
+    torch.manual_seed(5)
+    got = d.p_sample_loop(model, start.shape, noise=start, **kw)
+    torch.manual_seed(5)
+    x = start
+    for i in range(5, -1, -1):
+        t = torch.full((2,), i)
+        out = model(x, t, y)
+        x = d.p_sample_from_output(out, x, t, clip_denoised=clip, noise=torch.randn_like(x), denoised_fn=_halve)
+        x = x["sample"]
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12)
+    # DDIM with eta: the loop, and each step's pred_xstart, equal the DDIM formulas.
+    torch.manual_seed(6)
+    got = d.ddim_sample_loop(model, start.shape, noise=start, eta=0.5, **kw)
+    torch.manual_seed(6)
+    x = start
+    for i in range(5, -1, -1):
+        t = torch.full((2,), i)
+        step = d.ddim_sample(model, x, t, eta=0.5, **kw)
+        torch.manual_seed(100 + i)
+        x_ref, x0_ref = _ddim_reference(d, model, x, t, y, 0.5, torch.randn_like(x), clip, _halve)
+        torch.manual_seed(100 + i)
+        step = d.ddim_sample(model, x, t, eta=0.5, **kw)
+        torch.testing.assert_close(step["sample"], x_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(step["pred_xstart"], x0_ref, rtol=1e-12, atol=1e-12)
+        x = x_ref
+    assert got.shape == start.shape
+    # DDIM reversed: x_{t+1} = sqrt(abar_{t+1}) x_0 + sqrt(1 - abar_{t+1}) eps.
+    t = torch.tensor([1, 4])
+    rev = d.ddim_reverse_sample(model, start, t, **kw)
+    out = d.p_mean_variance_from_output(model(start, t, y), start, t, clip_denoised=clip, denoised_fn=_halve)
+    abar = torch.from_numpy(np.cumprod(1 - np.asarray(d.betas)))
+    ab, an = abar[t].view(-1, 1, 1, 1), abar[t + 1].view(-1, 1, 1, 1)
+    eps = (start - ab.sqrt() * out["pred_xstart"]) / (1 - ab).sqrt()
+    torch.testing.assert_close(rev["sample"], out["pred_xstart"] * an.sqrt() + (1 - an).sqrt() * eps)
+    torch.testing.assert_close(rev["pred_xstart"], out["pred_xstart"])
+
+
+def test_the_loops_really_use_their_options():
+    """The options change the result (so the test above could see them dropped)."""
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    model, y = LabelModel(), torch.tensor([0, 3])
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for kw in ({}, {"clip_denoised": False}, {"denoised_fn": _halve}, {"model_kwargs": {"y": y + 1}}):
+        torch.manual_seed(5)
+        args = {"model_kwargs": {"y": y}, **kw}
+        steps = d.ddim_sample_loop_progressive(model, start.shape, noise=start, **args)
+        results.append(torch.stack([o["sample"] for o in steps]))
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.allclose(results[a], results[b])
+    with pytest.raises(TypeError):
+        d.p_sample_loop(model, start.shape, noise=start)  # the labels are required
+
+
+@pytest.mark.parametrize("loss", [LossType.MSE, LossType.KL])
+def test_training_losses_forward_labels_and_keep_the_vb_unclipped_in_bits(loss):
+    d = make(steps=10, var=ModelVarType.LEARNED_RANGE, loss=loss)
+    model, y = LabelModel(), torch.tensor([1, 2, 0])
+    x0 = torch.rand(3, 1, 3, 3, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([1, 5, 9])
+    noise = torch.randn_like(x0)
+    terms = d.training_losses(model, x0, t, model_kwargs={"y": y}, noise=noise)
+    # KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) / log 2 by formula, with the model's x_0 unclipped.
+    betas = np.asarray(d.betas)
+    abar = np.cumprod(1 - betas)
+    abp = np.append(1.0, abar[:-1])
+    bt = betas * (1 - abp) / (1 - abar)
+    lo, hi = np.log(np.append(bt[1], bt[1:])), np.log(betas)
+    c1, c2 = betas * np.sqrt(abp) / (1 - abar), np.sqrt(1 - betas) * (1 - abp) / (1 - abar)
+
+    def col(a):
+        return torch.from_numpy(a[t.numpy()]).view(-1, 1, 1, 1)
+
+    x_t = col(np.sqrt(abar)) * x0 + col(np.sqrt(1 - abar)) * noise
+    out = model(x_t, t, y)
+    eps, v = out[:, :1], out[:, 1:]
+    x0_hat = (x_t - col(np.sqrt(1 - abar)) * eps) / col(np.sqrt(abar))
+    m_true, m_model = col(c1) * x0 + col(c2) * x_t, col(c1) * x0_hat + col(c2) * x_t
+    lv_true, lv_model = col(lo), (v + 1) / 2 * col(hi) + (1 - v) / 2 * col(lo)
+    kl = 0.5 * (
+        -1 + lv_model - lv_true + torch.exp(lv_true - lv_model) + (m_true - m_model) ** 2 * torch.exp(-lv_model)
+    )
+    want = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+    if loss == LossType.KL:
+        torch.testing.assert_close(terms["loss"], want, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(terms["vb"], want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(terms["mse"], ((eps - noise) ** 2).mean(dim=(1, 2, 3)))
