@@ -447,3 +447,92 @@ def test_stale_temporaries_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_pa
     a, d = _make(batch_size=8)
     a.prepare(GaussTeacher(d), teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
     assert not stale.exists() and live.exists()
+
+
+# ------------------------------------------------------------------ found by mutation testing
+
+
+def test_every_input_of_the_preparation_changes_the_cache_key():
+    base = {"batch_size": 8, "rho": 0.5, "teacher_batch": 64, "seed": 3}
+    ref, _ = _make(**base)
+    key = ref.cache_key("teacher-a")
+    assert key == _make(**base)[0].cache_key("teacher-a")  # deterministic
+    changes = [
+        {"rho": 0.25},
+        {"batch_size": 4},
+        {"seed": 4},
+        {"rank": 1, "world_size": 2},
+        {"world_size": 2},
+        {"num_classes": 10},
+        {"variant": "shuffled"},
+        {"warmup": "respaced"},
+        {"clip_denoised": False},
+        {"diffusion": create_diffusion(steps=T, noise_schedule="linear:0.001,0.2", learn_sigma=True)},
+    ]
+    keys = {_make(**{**base, **c})[0].cache_key("teacher-a") for c in changes}
+    keys.add(ref.cache_key("teacher-b"))
+    keys.add(_make(**{**base, "warmup": "respaced", "warmup_jumps": 5})[0].cache_key("teacher-a"))
+    bigger = DynamicPool(_diffusion(), (1, 8, 8), 8, rho=0.5, teacher_batch=64, seed=3)
+    keys.add(bigger.cache_key("teacher-a"))
+    assert key not in keys and len(keys) == len(changes) + 3
+
+
+def test_labels_and_the_prepared_flag_survive_a_round_trip():
+    a, d = _make(batch_size=8, num_classes=5)
+    a.prepare(GaussTeacher(d), progress=False)
+    assert a.prepared and a.prep_stats["iterations"] > 0
+    b, _ = _make(batch_size=8, num_classes=5, seed=42)
+    assert not b.prepared and not torch.equal(a.y, b.y)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.y, b.y) and b.prepared
+    fresh, _ = _make(batch_size=8, num_classes=5)
+    state = fresh.state_dict()
+    assert state["prepared"] is False
+    b.load_state_dict(state)
+    assert not b.prepared
+    del state["prepared"]  # a pool saved before the flag existed was always prepared
+    b.load_state_dict(state)
+    assert b.prepared
+    unconditional, _ = _make(batch_size=8)
+    with pytest.raises(ValueError, match="saved pool has labels but this run's has no labels"):
+        unconditional.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"^saved pool \(dynamic, T=20, x \(80, 1, 4, 4\)\) does not match"):
+        _make(batch_size=4)[0].load_state_dict(unconditional.state_dict())
+    iterative, _ = _make(batch_size=8, variant="iterative")
+    iterative.prepare(GaussTeacher(d), progress=False)
+    assert iterative.prepared
+
+
+def test_a_cached_preparation_reports_itself_and_no_cache_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, d = _make(batch_size=8)
+    a.prepare(GaussTeacher(d), progress=False)
+    assert list(tmp_path.iterdir()) == []  # no cache_dir: nothing on disk
+    cache = tmp_path / "cache"
+    _make(batch_size=8)[0].prepare(GaussTeacher(d), teacher_id="k", cache_dir=str(cache), progress=False)
+    b, _ = _make(batch_size=8)
+    b.prepare(GaussTeacher(d), teacher_id="k", cache_dir=str(cache), progress=False)
+    assert b.prep_stats == {"cached": 1.0} and b.prepared and torch.equal(a.x, b.x)
+
+
+def test_update_uses_the_batch_of_its_own_indices_and_the_pools_clipping():
+    pool, d = _make(batch_size=8, clip_denoised=False)
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    first, second = pool.draw(), pool.draw()
+    pool.gather(first)  # gathered, then another draw is the one updated
+    pool.x[second] = 8 * pool.x[second]  # far out, where clipping x_0 would change the step
+    x, t = pool.x[second].clone(), pool.t[second].clone()
+    state = pool._noise_gen.get_state()
+    pool.update(second, teacher(x, t))
+    noise = torch.randn((8, *SHAPE), generator=torch.Generator().set_state(state))
+    for i in range(8):
+        if int(t[i]) == 0:
+            continue
+        want = _reference_step(d, x[i].numpy(), int(t[i]), noise[i].numpy(), clip=False)
+        np.testing.assert_allclose(pool.x[second[i]].double().numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_the_histogram_has_four_bins_by_default():
+    pool, _ = _make(batch_size=8)
+    assert pool.t_histogram().shape == (4,) and float(pool.t_histogram().sum()) == pytest.approx(1.0)
