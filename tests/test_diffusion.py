@@ -574,3 +574,87 @@ def test_training_losses_forward_labels_and_keep_the_vb_unclipped_in_bits(loss):
     else:
         torch.testing.assert_close(terms["vb"], want, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(terms["mse"], ((eps - noise) ** 2).mean(dim=(1, 2, 3)))
+
+
+def _cond_fn(x, t, y):
+    return 0.2 * torch.ones_like(x) * (1 + y.view(-1, 1, 1, 1))
+
+
+def test_loops_forward_the_guidance_function():
+    d = make(steps=5, var=ModelVarType.LEARNED_RANGE)
+    model, y = LabelModel(), torch.tensor([0, 2])
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = {"model_kwargs": {"y": y}, "clip_denoised": False}
+    for loop, step in ((d.p_sample_loop, d.p_sample), (d.ddim_sample_loop, d.ddim_sample)):
+        torch.manual_seed(1)
+        guided = loop(model, start.shape, noise=start, cond_fn=_cond_fn, **kw)
+        torch.manual_seed(1)
+        x = start
+        for i in range(4, -1, -1):
+            x = step(model, x, torch.full((2,), i), cond_fn=_cond_fn, **kw)["sample"]
+        torch.testing.assert_close(guided, x, rtol=1e-12, atol=1e-12)
+        torch.manual_seed(1)
+        assert not torch.allclose(guided, loop(model, start.shape, noise=start, **kw))
+
+
+def test_calc_bpd_loop_terms_against_their_formulas():
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    model, y = LabelModel(), torch.tensor([1, 0])
+    x0 = torch.rand(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    torch.manual_seed(9)
+    got = d.calc_bpd_loop(model, x0, clip_denoised=False, model_kwargs={"y": y})
+    assert got["vb"].shape == got["mse"].shape == got["xstart_mse"].shape == (2, 6)
+    abar = torch.from_numpy(np.cumprod(1 - np.asarray(d.betas)))
+    torch.manual_seed(9)
+    for col, i in enumerate(range(5, -1, -1)):  # columns run from t = T-1 down to 0
+        noise = torch.randn_like(x0)
+        ab = abar[i]
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        eps = model(x_t, torch.full((2,), i), y)[:, :1]
+        x0_hat = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()  # unclipped, as asked
+        torch.testing.assert_close(got["xstart_mse"][:, col], ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3)))
+        torch.testing.assert_close(got["mse"][:, col], ((eps - noise) ** 2).mean(dim=(1, 2, 3)))
+    prior = 0.5 * (-1 - (1 - abar[-1]).log() + (1 - abar[-1]) + abar[-1] * x0**2)  # KL(q(x_T|x_0) || N(0, 1))
+    torch.testing.assert_close(got["prior_bpd"], prior.mean(dim=(1, 2, 3)) / math.log(2.0))
+    torch.testing.assert_close(got["total_bpd"], got["vb"].sum(1) + got["prior_bpd"])
+    torch.manual_seed(9)
+    clipped = d.calc_bpd_loop(model, x0, clip_denoised=True, model_kwargs={"y": y})
+    assert not torch.allclose(clipped["vb"], got["vb"])  # clipping reaches the VB terms
+
+
+def test_schedule_validation_and_tables_in_float64():
+    for bad in (np.zeros(5), np.array([0.1, 1.5]), np.array([]), np.array([[0.1, 0.2]])):
+        with pytest.raises(ValueError, match="betas must"):
+            GaussianDiffusion(betas=bad, model_mean_type="epsilon", model_var_type="fixed_small", loss_type="mse")
+    for ok in (np.array([0.5]), np.array([0.1, 1.0]), np.array([0.1, 0.2], dtype=np.float32)):
+        d = GaussianDiffusion(betas=ok, model_mean_type="epsilon", model_var_type="fixed_small", loss_type="mse")
+        assert d.betas.dtype == d.alphas_cumprod.dtype == np.float64
+    # IDDPM clips the log of beta~_0 (= 0) to beta~_1; a 2-step chain still has a beta~_1.
+    d = make(steps=2)
+    b = np.asarray(d.betas)
+    beta_tilde_1 = b[1] * (1 - (1 - b[0])) / (1 - (1 - b[0]) * (1 - b[1]))
+    assert d.posterior_log_variance_clipped[0] == pytest.approx(math.log(beta_tilde_1), rel=1e-12)
+    # DDIM reversed from the last step goes to abar = 0: pure noise, x_T = eps.
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    x, t = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.tensor([5, 5])
+    rev = d.ddim_reverse_sample(LabelModel(), x, t, clip_denoised=False, model_kwargs={"y": torch.tensor([0, 1])})
+    ab = float(np.cumprod(1 - np.asarray(d.betas))[5])
+    eps = (x - math.sqrt(ab) * rev["pred_xstart"]) / math.sqrt(1 - ab)
+    torch.testing.assert_close(rev["sample"], eps)
+
+
+def test_wrong_channel_counts_say_what_was_expected():
+    x, t = torch.zeros(1, 2, 2, 2), torch.tensor([1])
+    with pytest.raises(ValueError, match="the variance is learned, so 2C channels are expected"):
+        make(var=ModelVarType.LEARNED_RANGE).p_mean_variance_from_output(torch.zeros(1, 2, 2, 2), x, t)
+    with pytest.raises(ValueError, match="the variance is fixed"):
+        make().p_mean_variance_from_output(torch.zeros(1, 4, 2, 2), x, t)
+
+
+def test_the_output_level_step_applies_denoised_fn():
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    x, t = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.tensor([2, 4])
+    out = LabelModel()(x, t, torch.tensor([0, 1]))
+    plain = d.p_mean_variance_from_output(out, x, t, clip_denoised=False)
+    halved = d.p_sample_from_output(out, x, t, clip_denoised=False, noise=torch.zeros_like(x), denoised_fn=_halve)
+    torch.testing.assert_close(halved["pred_xstart"], 0.5 * plain["pred_xstart"])
