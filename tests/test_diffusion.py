@@ -645,9 +645,9 @@ def test_schedule_validation_and_tables_in_float64():
 
 def test_wrong_channel_counts_say_what_was_expected():
     x, t = torch.zeros(1, 2, 2, 2), torch.tensor([1])
-    with pytest.raises(ValueError, match="the variance is learned, so 2C channels are expected"):
+    with pytest.raises(ValueError, match=r"\(the variance is learned, so 2C channels are expected\)"):
         make(var=ModelVarType.LEARNED_RANGE).p_mean_variance_from_output(torch.zeros(1, 2, 2, 2), x, t)
-    with pytest.raises(ValueError, match="the variance is fixed"):
+    with pytest.raises(ValueError, match=r"\(the variance is fixed\)"):
         make().p_mean_variance_from_output(torch.zeros(1, 4, 2, 2), x, t)
 
 
@@ -658,3 +658,70 @@ def test_the_output_level_step_applies_denoised_fn():
     plain = d.p_mean_variance_from_output(out, x, t, clip_denoised=False)
     halved = d.p_sample_from_output(out, x, t, clip_denoised=False, noise=torch.zeros_like(x), denoised_fn=_halve)
     torch.testing.assert_close(halved["pred_xstart"], 0.5 * plain["pred_xstart"])
+
+
+def test_guidance_shifts_by_the_stated_formulas():
+    """condition_mean: mean + variance * grad (Sohl-Dickstein et al.); condition_score:
+    eps - sqrt(1 - abar) * grad, then x_0 and the posterior mean from it (Song et al.)."""
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    x, t, y = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.tensor([1, 4]), torch.tensor([0, 2])
+
+    def grad(x_, t_, y):  # depends on t, so a wrong t shows
+        return 0.1 * (1 + t_.view(-1, 1, 1, 1).to(x_.dtype)) * (1 + y.view(-1, 1, 1, 1)) * torch.ones_like(x_)
+
+    out = d.p_mean_variance(LabelModel(), x, t, clip_denoised=False, model_kwargs={"y": y})
+    g = grad(x, t, y)
+    torch.testing.assert_close(d.condition_mean(grad, out, x, t, {"y": y}), out["mean"] + out["variance"] * g)
+    abar = torch.from_numpy(np.cumprod(1 - np.asarray(d.betas)))[t].view(-1, 1, 1, 1)
+    eps = (x - abar.sqrt() * out["pred_xstart"]) / (1 - abar).sqrt() - (1 - abar).sqrt() * g
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    got = d.condition_score(grad, out, x, t, {"y": y})
+    torch.testing.assert_close(got["pred_xstart"], x0)
+    torch.testing.assert_close(got["mean"], d.q_posterior_mean_variance(x0, x, t)[0])
+    torch.manual_seed(0)
+    a = d.p_sample(LabelModel(), x, t, clip_denoised=False, cond_fn=grad, model_kwargs={"y": y})["mean"]
+    torch.testing.assert_close(a, out["mean"] + out["variance"] * g)
+
+
+def test_the_deterministic_ddim_loop_is_its_steps():
+    d = make(steps=5, var=ModelVarType.LEARNED_RANGE)
+    model, y = LabelModel(), torch.tensor([1, 3])
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for clip in (True, False):
+        kw = {"clip_denoised": clip, "denoised_fn": _halve, "model_kwargs": {"y": y}}
+        x = start
+        for i in range(4, -1, -1):
+            x, _ = _ddim_reference(d, model, x, torch.full((2,), i), y, 0.0, torch.zeros_like(x), clip, _halve)
+        torch.testing.assert_close(d.ddim_sample_loop(model, start.shape, noise=start, **kw), x)
+        steps = list(d.ddim_sample_loop_progressive(model, start.shape, noise=start, **kw))  # eta defaults to 0
+        torch.testing.assert_close(steps[-1]["sample"], x)
+
+
+def test_public_sampling_defaults_are_guided_diffusions():
+    import inspect
+
+    d = make()
+    for name in (
+        "p_sample",
+        "p_sample_loop",
+        "p_sample_loop_progressive",
+        "ddim_sample",
+        "ddim_reverse_sample",
+        "ddim_sample_loop",
+        "ddim_sample_loop_progressive",
+        "calc_bpd_loop",
+        "_vb_terms_bpd",
+    ):
+        params = inspect.signature(getattr(d, name)).parameters
+        assert params["clip_denoised"].default is True, name
+        if "progress" in params:
+            assert params["progress"].default is False, name
+        if "eta" in params:
+            assert params["eta"].default == 0.0, name
+
+
+def test_unknown_enum_names_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown ModelMeanType 'bogus'"):
+        GaussianDiffusion(
+            betas=np.array([0.1, 0.2]), model_mean_type="bogus", model_var_type="fixed_small", loss_type="mse"
+        )

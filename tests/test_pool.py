@@ -353,6 +353,7 @@ def test_interrupted_preparation_resumes(tmp_path):
     teacher = GaussTeacher(d)
     b.prepare(teacher, teacher_id="k", cache_dir=str(tmp_path), progress=False)
     assert teacher.calls == ref.prep_stats["iterations"] - 7  # resumed at the batch where it was interrupted
+    assert b.prep_stats["iterations"] == teacher.calls and np.isnan(b.prep_stats["evals_per_s"])
     assert torch.equal(b.x, ref.x) and torch.equal(b.t, ref.t)
     assert [f.name for f in tmp_path.iterdir()] == [partial[0].replace(".partial", "")]
 
@@ -536,3 +537,67 @@ def test_update_uses_the_batch_of_its_own_indices_and_the_pools_clipping():
 def test_the_histogram_has_four_bins_by_default():
     pool, _ = _make(batch_size=8)
     assert pool.t_histogram().shape == (4,) and float(pool.t_histogram().sum()) == pytest.approx(1.0)
+
+
+def test_the_memory_model_is_the_documented_one():
+    """x at 4 bytes per value plus an 8-byte step (and an 8-byte label); step buffers of five
+    batch-sized tensors, preparation buffers of eight slot-sized tensors: 12 KB per 32x32 sample."""
+    per = 3 * 32 * 32 * 4
+    m = estimate_pool_bytes(1000, (3, 32, 32), 16, 64, class_cond=True)
+    assert m == {"pool": 1000 * (per + 16), "buffers": max(16 * per * 5, 64 * per * 8), "per_sample": per + 16}
+    m = estimate_pool_bytes(1000, (3, 32, 32), 256, 64, prepare=False)
+    assert m == {"pool": 1000 * (per + 8), "buffers": 256 * per * 5, "per_sample": per + 8}
+    assert estimate_pool_bytes(10, (3, 32, 32), 256, 64)["buffers"] == 256 * per * 5  # step > 10 prep slots
+    pool, _ = _make(batch_size=8, num_classes=3)
+    assert pool.memory["per_sample"] == 16 * 4 + 16 and pool.prep_stats == {} and not pool.prepared
+    assert _make(batch_size=8, variant="iterative")[0].memory["buffers"] == 8 * 16 * 4 * 5
+
+
+def test_free_memory_is_read_from_proc_meminfo_with_a_one_gib_margin():
+    with open("/proc/meminfo") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    free, margin = pool_mod.available_memory(torch.device("cpu"))
+    assert margin == 1 << 30 and abs(free - kb * 1024) < 0.2 * kb * 1024  # memory moves a little meanwhile
+
+
+def test_fitting_is_need_against_free_minus_margin_and_the_message_has_the_numbers(monkeypatch, capsys):
+    gib = 1 << 30
+    monkeypatch.setattr(pool_mod, "available_memory", lambda device: (10 * gib, 2 * gib))
+    pool_mod._check_fits(8 * gib, torch.device("cpu"), "the samples", "fewer")  # exactly fits
+    with pytest.raises(pool_mod.PoolMemoryError) as e:
+        pool_mod._check_fits(8 * gib + 1, torch.device("cpu"), "the samples", "fewer")
+    assert "needs 8.00 GiB for the samples on cpu, but only 10.00 GiB are free and 2.00 GiB are kept" in str(e.value)
+    assert str(e.value).endswith("Options: fewer")
+
+
+def test_pool_arguments_are_checked_and_defaulted_to_the_papers():
+    import inspect
+
+    params = inspect.signature(DynamicPool).parameters
+    defaults = {k: params[k].default for k in ("rho", "teacher_batch", "warmup_jumps", "warmup_exact", "seed")}
+    assert defaults == {"rho": 0.4, "teacher_batch": 1024, "warmup_jumps": 20, "warmup_exact": 10, "seed": 0}
+    for bad in ({"discard_prob": 1.0}, {"discard_prob": -0.1}, {"teacher_batch": 0}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            _make(**{"batch_size": 8, **bad})
+    assert _make(batch_size=1)[0].size == 10  # one sample per batch is allowed
+    with pytest.raises(ValueError, match=r"round\(rho\*T\)=0 batches in the pool; use rho >= 0.025"):
+        pool_size("dynamic", 0.02, 20, 8)
+    one, _ = _make(batch_size=8, warmup="respaced", warmup_jumps=1, warmup_exact=1)
+    assert (one.warmup_grid, one.warmup_exact) == (T, 1)
+    other_t, _ = _make(batch_size=8, diffusion=_diffusion(40), rho=0.25)  # same size, other T
+    with pytest.raises(ValueError, match="does not match"):
+        other_t.load_state_dict(_make(batch_size=8)[0].state_dict())
+
+
+def test_preparation_statistics():
+    import inspect
+
+    params = inspect.signature(DynamicPool.prepare).parameters
+    assert (params["checkpoint_every_s"].default, params["checkpoint_every"].default) == (300.0, 0)
+    assert params["cache_dir"].default == "" and params["teacher_id"].default == ""
+    pool, d = _make(batch_size=16, teacher_batch=16)
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    s = pool.prep_stats
+    assert 0 < s["seconds"] < 60 and s["evals_per_s"] == pytest.approx(s["useful_evals"] / s["seconds"])
+    assert s["slots"] == 16 and s["iterations"] == teacher.calls
