@@ -571,15 +571,22 @@ def test_fitting_is_need_against_free_minus_margin_and_the_message_has_the_numbe
 
 
 def test_pool_arguments_are_checked_and_defaulted_to_the_papers():
-    import inspect
-
-    params = inspect.signature(DynamicPool).parameters
-    defaults = {k: params[k].default for k in ("rho", "teacher_batch", "warmup_jumps", "warmup_exact", "seed")}
-    assert defaults == {"rho": 0.4, "teacher_batch": 1024, "warmup_jumps": 20, "warmup_exact": 10, "seed": 0}
-    for bad in ({"discard_prob": 1.0}, {"discard_prob": -0.1}, {"teacher_batch": 0}, {"batch_size": 0}):
-        with pytest.raises(ValueError):
+    d = _diffusion(100)
+    plain = DynamicPool(d, SHAPE, 200)  # rho 0.4 (the paper's), 1024 preparation slots, seed 0
+    assert plain.size == 40 * 200 and plain.memory["buffers"] == 1024 * 16 * 4 * 8
+    assert torch.equal(plain.x, DynamicPool(d, SHAPE, 200, seed=0).x)
+    respaced = DynamicPool(d, SHAPE, 8, warmup="respaced")
+    assert (respaced.warmup_grid, respaced.warmup_exact) == (5, 10)  # 20 jumps, 10 exact steps
+    for bad, msg in (
+        ({"discard_prob": 1.0}, r"discard_prob must be in \[0, 1\), got 1.0"),
+        ({"discard_prob": -0.1}, "discard_prob must be in"),
+        ({"teacher_batch": 0}, "batch_size and teacher_batch must be positive, got 8, 0"),
+        ({"batch_size": 0}, "batch_size and teacher_batch must be positive"),
+    ):
+        with pytest.raises(ValueError, match=msg):
             _make(**{"batch_size": 8, **bad})
     assert _make(batch_size=1)[0].size == 10  # one sample per batch is allowed
+    assert pool_size("dynamic", 0.05, 20, 8) == 8  # round(rho * T) = 1 batch is allowed
     with pytest.raises(ValueError, match=r"round\(rho\*T\)=0 batches in the pool; use rho >= 0.025"):
         pool_size("dynamic", 0.02, 20, 8)
     one, _ = _make(batch_size=8, warmup="respaced", warmup_jumps=1, warmup_exact=1)

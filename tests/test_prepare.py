@@ -144,8 +144,8 @@ def test_one_lane_replays_as_separate_chains_with_their_labels():
         x = torch.randn((1, 1, 2, 2), generator=gen)  # the lane's next sample starts from fresh noise
 
 
-@pytest.mark.parametrize("every_s", [0.0, 300.0])
-def test_progress_is_saved_every_n_batches_and_no_path_writes_nothing(tmp_path, monkeypatch, every_s):
+@pytest.mark.parametrize("every_s, every_n", [(0.0, 2), (300.0, 2), (300.0, 1)])
+def test_progress_is_saved_every_n_batches_and_no_path_writes_nothing(tmp_path, monkeypatch, every_s, every_n):
     d = create_diffusion(steps=20, noise_schedule="cosine", learn_sigma=True)
     part = str(tmp_path / "prep.partial.pt")
     seen = []
@@ -157,9 +157,10 @@ def test_progress_is_saved_every_n_batches_and_no_path_writes_nothing(tmp_path, 
             seen.append(load_file(part)["iter"] if os.path.exists(part) else None)
             return super().__call__(x, t)
 
-    prep = ShuffleDenoise(_pool(d), part, every_s=every_s, every_n=2, progress=False)
+    prep = ShuffleDenoise(_pool(d), part, every_s=every_s, every_n=every_n, progress=False)
     prep.run(Watch(d))
-    assert seen == [None if k < 2 else 2 * (k // 2) for k in range(prep.iters)]  # saved after batches 2, 4, ...
+    n = every_n  # saved after batches n, 2n, ...
+    assert seen == [None if k < n else n * (k // n) for k in range(prep.iters)]
     monkeypatch.chdir(tmp_path / "..")
     before = set(os.listdir("."))
     ShuffleDenoise(_pool(d), progress=False).run(_Teacher(d))
