@@ -1,10 +1,12 @@
 """Summarise a mutmut run (``make mutation``) into benchmarks/results/mutation.{json,md}.
 
 Reads ``mutmut results --all true`` in the directory the run used, counts each module's
-mutants by outcome, and lists every surviving mutant with its explanation from
-``benchmarks/mutation_equivalent.yaml`` (a glob over mutant names -> why the mutant cannot
-change a result, e.g. it edits an error message), or UNEXPLAINED. Exit status 1 when an
-unexplained survivor remains, so the habit has teeth:
+mutants by outcome, and lists every surviving mutant with its change (``mutmut show``) and
+its explanation from ``benchmarks/mutation_equivalent.yaml``, or UNEXPLAINED. A rule there
+is a reason plus a glob over mutant names (``mutant``) and/or a regular expression searched
+in the mutant's change (``change``: its removed and added lines, ``- old`` / ``+ new``), so
+a rule keeps naming the same kind of change when mutmut renumbers the mutants of an edited
+function. Exit status 1 when an unexplained survivor remains, so the habit has teeth:
 
     make mutation                      # mutmut run, then this script
     python benchmarks/mutation_summary.py --mutants_dir . --out benchmarks/results
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import datetime
 import fnmatch
 import json
@@ -52,10 +55,38 @@ def module_and_function(name: str) -> tuple[str, str]:
     return mod.replace(".", "/") + ".py", func
 
 
-def explain(name: str, rules: dict[str, str]) -> str | None:
-    for pattern, reason in rules.items():
-        if fnmatch.fnmatchcase(name, pattern):
-            return reason
+def read_change(directory: str, mutmut: str, name: str) -> str:
+    """The mutant's removed and added lines (``- old`` / ``+ new``), one per line."""
+    out = subprocess.run([mutmut, "show", name], cwd=directory, capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    return "\n".join(
+        line[0] + " " + line[1:].strip() for line in lines if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    )
+
+
+def load_rules(path: str) -> list[dict]:
+    """The YAML's rules, each checked: a ``reason`` and at least one of ``mutant`` / ``change``."""
+    with open(path) as f:
+        rules = yaml.safe_load(f) or []
+    if not isinstance(rules, list):
+        raise SystemExit(f"mutation_summary.py: error: {path} must be a list of rules (reason, mutant, change)")
+    for i, rule in enumerate(rules):
+        unknown = set(rule) - {"reason", "mutant", "change"}
+        if "reason" not in rule or not ({"mutant", "change"} & set(rule)) or unknown:
+            raise SystemExit(
+                f"mutation_summary.py: error: rule {i} of {path} needs a reason and a mutant glob "
+                f"and/or a change regex (unknown keys: {sorted(unknown)})"
+            )
+        if "change" in rule:
+            re.compile(rule["change"])
+    return rules
+
+
+def explain(name: str, change: str, rules: list[dict]) -> str | None:
+    """The first rule whose glob matches the name and whose regex is found in the change."""
+    for rule in rules:
+        if fnmatch.fnmatchcase(name, rule.get("mutant", "*")) and re.search(rule.get("change", ""), change):
+            return rule["reason"]
     return None
 
 
@@ -70,27 +101,36 @@ def main() -> int:
     if not results:
         print("mutation_summary.py: error: no mutants found; run `mutmut run` first", file=sys.stderr)
         return 2
-    with open(args.rules) as f:
-        rules = yaml.safe_load(f) or {}
+    rules = load_rules(args.rules)
     counts: dict = collections.defaultdict(collections.Counter)
+    for name, status in results.items():
+        counts[module_and_function(name)[0]][status] += 1
+    # A timeout is a detected mutant (the tests did not finish: mutmut's own convention); every
+    # other outcome that is not "killed" (survived, suspicious, no tests, interrupted) must be explained.
+    alive = sorted(n for n, s in results.items() if s not in ("killed", "timeout"))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        changes = dict(zip(alive, pool.map(lambda n: read_change(args.mutants_dir, args.mutmut, n), alive)))
     survivors = []
-    for name, status in sorted(results.items()):
+    for name in alive:
         module, func = module_and_function(name)
-        counts[module][status] += 1
-        if status in ("survived", "suspicious", "timeout", "no tests"):
-            survivors.append(
-                {
-                    "mutant": name,
-                    "module": module,
-                    "function": func,
-                    "status": status,
-                    "explanation": explain(name, rules),
-                }
-            )
+        survivors.append(
+            {
+                "mutant": name,
+                "module": module,
+                "function": func,
+                "status": results[name],
+                "change": changes[name],
+                "explanation": explain(name, changes[name], rules),
+            }
+        )
     unexplained = [s for s in survivors if s["explanation"] is None]
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], check=False, cwd=args.mutants_dir, capture_output=True, text=True
+    )
     summary = {
         "command": "make mutation  (mutmut run --max-children 2 with setup.cfg's [mutmut]; then this script)",
         "date": datetime.date.today().isoformat(),
+        "commit": commit.stdout.strip() or None,
         "modules": {m: dict(c) for m, c in sorted(counts.items())},
         "survivors": survivors,
         "unexplained": len(unexplained),
@@ -102,8 +142,9 @@ def main() -> int:
     lines = [
         "# Mutation testing: the modules where a wrong sign is a silent FID loss",
         "",
-        f"Command: `make mutation` ({summary['date']}). mutmut mutates every covered line of the modules",
-        "below and runs the test files listed in `setup.cfg` against each mutant.",
+        f"Command: `make mutation` ({summary['date']}, commit {str(summary['commit'])[:10]}). mutmut mutates",
+        "every covered line of the modules below and runs the test files listed in `setup.cfg`",
+        "against each mutant. A timeout counts as detected (the tests did not finish).",
         "",
         "| module | " + " | ".join(statuses) + " |",
         "|---|" + "---:|" * len(statuses),
