@@ -453,3 +453,50 @@ def test_sample_script_guidance_scale(tmp_path, capsys):
         main(
             ["--model_path", plain, "--num_samples", "2", "--output", str(tmp_path / "x.npz"), "--guidance_scale", "2"]
         )
+
+
+# --------------------------------------------------------------------------- user-given labels
+
+
+def test_training_labels_outside_the_classes_are_refused(tmp_path):
+    from dkdm.data import load_data
+    from dkdm.data.images import DataError
+
+    with pytest.raises(DataError, match=r"labels run from 0 to 9, outside \[0, 5\).*set --num_classes 10"):
+        load_data(dataset="digits", batch_size=4, image_size=8, class_cond=True, num_classes=5, rank=0, world_size=1)
+    load_data(dataset="digits", batch_size=4, image_size=8, class_cond=True, num_classes=10, rank=0, world_size=1)
+    np.savez(tmp_path / "d.npz", arr_0=np.zeros((3, 8, 8, 1), np.uint8), arr_1=np.array([0, -1, 2]))
+    with pytest.raises(DataError, match="labels must be >= 0"):
+        load_data(data_dir=str(tmp_path / "d.npz"), batch_size=1, image_size=8, class_cond=True, num_classes=3)
+
+
+# --------------------------------------------------------------------------- the shipped teacher
+
+
+def test_embedded_class_conditional_teacher_follows_labels_and_guidance():
+    from dkdm import digits_metric
+    from dkdm.data.arrays import to_uint8
+    from dkdm.resolve import ASSETS, resolve
+
+    path = os.path.join(ASSETS, "digits_teacher_cond.pt")
+    assert os.path.getsize(path) <= 2 * 2**20
+    net = resolve({}, {"timestep_respacing": "ddim10"}, checkpoint=path)
+    model = net.build().eval()
+    assert model.num_classes == 10 and model.null_class == 10
+    diffusion = net.create_diffusion()
+    classifier = digits_metric.load_classifier()
+    y = torch.arange(100) % 10
+    acc = {}
+    for w in (0.0, 1.0, 3.0):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            x = diffusion.ddim_sample_loop(
+                for_sampling(model, w),
+                (100, 1, 8, 8),
+                noise=torch.randn(100, 1, 8, 8, generator=g),
+                model_kwargs={"y": y},
+            )
+        probs = digits_metric.activations(to_uint8(x), classifier).probs
+        acc[w] = float((probs.argmax(1) == y.numpy()).mean())
+    # Unconditional (w = 0): chance level; conditional: the requested digit; guided: more so.
+    assert acc[0.0] < 0.35 and acc[1.0] > 0.85 and acc[3.0] >= acc[1.0] - 0.02, acc
