@@ -500,3 +500,28 @@ def test_embedded_class_conditional_teacher_follows_labels_and_guidance():
         acc[w] = float((probs.argmax(1) == y.numpy()).mean())
     # Unconditional (w = 0): chance level; conditional: the requested digit; guided: more so.
     assert acc[0.0] < 0.35 and acc[1.0] > 0.85 and acc[3.0] >= acc[1.0] - 0.02, acc
+
+
+def test_class_weights_flag_reaches_the_pool(tmp_path):
+    np.save(tmp_path / "w.npy", np.array([0.0, 1.0, 0.0, 3.0, 0.0]))
+    loop = _loop(tmp_path, _unet(**COND), _vit(**COND), class_weights=str(tmp_path / "w.npy"))
+    np.testing.assert_allclose(loop.pool.class_weights, [0, 0.25, 0, 0.75, 0])
+    assert set(loop.pool.y.tolist()) <= {1, 3}
+    with pytest.raises(ValueError, match="holds 5 weights but the teacher has 7 classes"):
+        _loop(
+            tmp_path / "b",
+            _unet(class_cond=True, num_classes=7),
+            _vit(class_cond=True, num_classes=7),
+            class_weights=str(tmp_path / "w.npy"),
+        )
+
+
+def test_the_sampling_manifest_records_the_guidance_scale():
+    from dkdm import sampling
+    from dkdm.config import SampleConfig
+
+    a = sampling.make_manifest(TINY, DiffusionConfig(), SampleConfig(num_samples=4, batch_size=4), "x", "cpu")
+    b = sampling.make_manifest(
+        TINY, DiffusionConfig(), SampleConfig(num_samples=4, batch_size=4, guidance_scale=3.0), "x", "cpu"
+    )
+    assert a["sample"]["guidance_scale"] == 1.0 and b["sample"]["guidance_scale"] == 3.0
