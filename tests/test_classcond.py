@@ -247,6 +247,19 @@ def test_guided_output_matches_a_float64_reference(learn_sigma):
         )
 
 
+def test_half_precision_outputs_are_combined_in_float32():
+    class Half(LabelNet):
+        def forward(self, x, t, y):
+            return super().forward(x, t, y).to(torch.bfloat16)
+
+    m = Half(True)
+    x, t, y = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])
+    got = Guided(m, 4.0)(x, t, y)
+    both = m(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 5)])).float()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, guide(both, 4.0, 1), rtol=0, atol=0)
+
+
 def test_guide_commutes_with_the_x0_conversion():
     d = _diffusion()
     x, t = torch.randn(4, 1, 4, 4, dtype=torch.float64), torch.tensor([1, 3, 5, 8])

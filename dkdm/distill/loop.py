@@ -31,7 +31,7 @@ from dkdm.config import DistillConfig, TrainConfig, to_dict
 from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
 from dkdm.distill.pool import DynamicPool, read_class_weights, teacher_fingerprint
-from dkdm.models.guidance import Guided
+from dkdm.models.guidance import Guided, check_guidable
 from dkdm.training import Trainer
 from dkdm.training.precision import autocast, autocast_dtype
 
@@ -92,8 +92,6 @@ def check_conditioning(
             "--guidance_scale for a student of one w"
         )
     if w_cond or distill.guidance_scale != 1.0:
-        from dkdm.models.guidance import check_guidable
-
         check_guidable(teacher, "teacher", "--w_min/--w_max" if w_cond else "--guidance_scale")
     return t_classes, ((distill.w_min, distill.w_max) if w_cond else None)
 

@@ -84,6 +84,8 @@ class Guided(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor, w: Tensor | float | None = None) -> Tensor:
         null = torch.full_like(y, self.null)
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]))
+        # Combined in float32 at least: w (c - u) amplifies the rounding of a half-precision output.
+        out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
         return guide(out, self.scale if w is None else w, x.shape[1])
 
 
