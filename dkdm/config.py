@@ -38,13 +38,15 @@ class ConfigError(ValueError):
 class ModelConfig:
     """A network of the zoo. Field names follow guided-diffusion's flags.
 
-    ``arch`` picks the family (``unet`` or ``vit``); the UNet fields are guided-diffusion's
+    ``arch`` picks the family (``unet``, ``vit``, or ``diffusers`` for a model of that library
+    loaded from the folder ``pretrained``); the UNet fields are guided-diffusion's
     ``create_model`` arguments, the ViT fields DiT's. ``name`` records the zoo entry the
     config came from (informational; the fields are what is built).
     """
 
     name: str = ""
     arch: str = "unet"
+    pretrained: str = ""  # arch diffusers: the pipeline or model folder the network and weights come from
     image_size: int = 32
     in_channels: int = 3
     learn_sigma: bool = False
@@ -86,6 +88,7 @@ class DiffusionConfig:
     sigma_small: bool = False
     use_kl: bool = False
     predict_xstart: bool = False
+    predict_v: bool = False  # v-prediction (Salimans & Ho); exclusive with predict_xstart
     rescale_timesteps: bool = False
     rescale_learned_sigmas: bool = False
     timestep_respacing: str = ""

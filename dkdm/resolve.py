@@ -8,7 +8,8 @@ answers it. A description is any mix of:
 - field overrides from ``--config`` YAML files and flags (the caller's :class:`ParsedArgs`
   has already merged them, flags winning over YAML);
 - a checkpoint, with the ``config.yaml`` our runs write beside it, or a provenance
-  ``.json`` of the same stem (the embedded teacher's layout), or neither.
+  ``.json`` of the same stem (the embedded teacher's layout), or neither; or a diffusers
+  pipeline/model folder, which describes itself (``dkdm.models.foreign``).
 
 Precedence, highest first: **flags > YAML > the config found beside the checkpoint > the
 zoo default**. An ``arch`` naming a zoo entry or YAML replaces the found config as the
@@ -31,10 +32,10 @@ from typing import Any
 
 import torch
 
-from dkdm.config import ConfigError, DiffusionConfig, ModelConfig, from_dict, load_yaml, update
-from dkdm.models import create_model, get_config, load_checkpoint
+from dkdm.config import ConfigError, DiffusionConfig, ModelConfig, from_dict, load_yaml, to_dict, update
+from dkdm.models import create_model, foreign, get_config, load_checkpoint
 
-FAMILIES = ("unet", "vit")
+FAMILIES = ("unet", "vit", "diffusers")
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 EMBEDDED_TEACHER = os.path.join(ASSETS, "digits_teacher.pt")  # provenance in digits_teacher.json beside it
 DEFAULT_TEACHER = "digits-teacher"  # the zoo entry of the embedded teacher
@@ -83,8 +84,7 @@ class Resolved:
 
     def build(self) -> torch.nn.Module:
         """The network, with the checkpoint's weights loaded strictly when there is one."""
-        net = create_model(self.model)
-        return load_checkpoint(net, self.checkpoint) if self.checkpoint else net
+        return build_network(self.model, self.checkpoint)
 
     def create_diffusion(self) -> Any:
         from dkdm.diffusion import create_diffusion
@@ -92,13 +92,32 @@ class Resolved:
         return create_diffusion(self.diffusion)
 
 
+def build_network(model: ModelConfig, checkpoint: str = "") -> torch.nn.Module:
+    """``model``'s network with ``checkpoint``'s weights (strict); a diffusers folder brings its own."""
+    net = create_model(model)
+    if checkpoint and model.arch != "diffusers":
+        net = load_checkpoint(net, checkpoint)
+    return net
+
+
 def configs_beside(checkpoint: str) -> tuple[dict | None, dict | None, str]:
     """The model and diffusion configs recorded beside ``checkpoint``, and the file they came from.
 
     Looks for the run directory's ``config.yaml``, then for a ``.json`` of the same stem
     (provenance, possibly nesting the configs under ``config``). ``(None, None, "")`` when
-    neither exists.
+    neither exists. A diffusers folder describes itself: its model's ``config.json`` and its
+    scheduler's config.
     """
+    if foreign.is_diffusers_folder(checkpoint):
+        _, sched = foreign.locate(checkpoint)
+        model = to_dict(foreign.model_config(checkpoint))
+        diffusion = to_dict(update(DiffusionConfig(), foreign.scheduler_to_diffusion(sched))) if sched else None
+        if diffusion is not None and diffusion["learn_sigma"] != model["learn_sigma"]:
+            raise ConfigError(
+                f"{checkpoint}: the model has {'2x' if model['learn_sigma'] else '1x'} in_channels outputs but the "
+                f"scheduler's variance_type {'is not' if model['learn_sigma'] else 'is'} learned_range; they disagree"
+            )
+        return model, diffusion, checkpoint
     run_yaml = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
     side_json = os.path.splitext(checkpoint)[0] + ".json"
     if os.path.isfile(run_yaml):
@@ -124,6 +143,16 @@ def _model_from_dict(values: Mapping[str, Any], source: str) -> ModelConfig:
     if named not in (None, *FAMILIES):  # a zoo name left unresolved in a hand-written config
         return update(get_config(named), {k: v for k, v in values.items() if k != "arch"}, source)
     return from_dict(ModelConfig, values, source)
+
+
+_PROCESS_FIELDS = {"steps", "noise_schedule"}  # what a user must state when nothing records the process
+
+
+def _no_diffusion(checkpoint: str, dprefix: str) -> str:
+    return (
+        f"nothing beside {checkpoint} records the diffusion it was trained with; say it: --config "
+        f"configs/diffusion/<schedule>.yaml, or --{dprefix}steps and --{dprefix}noise_schedule (linear, cosine, ...)"
+    )
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -168,6 +197,7 @@ def resolve(
     model_over = dict(model_over or {})
     diffusion_over = dict(diffusion_over or {})
     arch = model_over.pop("arch", None)
+    missing = ConfigError(f"checkpoint not found: {checkpoint}")
     found_model, found_diffusion, found_at = configs_beside(checkpoint) if checkpoint else (None, None, "")
     if arch and arch not in FAMILIES:
         base, source = get_config(arch), arch
@@ -176,8 +206,8 @@ def resolve(
         base = update(base, {"arch": arch}) if arch else base
     elif arch:
         base, source = ModelConfig(arch=arch), "flags"
-    elif checkpoint and not os.path.isfile(checkpoint):
-        raise ConfigError(f"checkpoint not found: {checkpoint}")
+    elif checkpoint and not os.path.exists(checkpoint):
+        raise missing
     elif checkpoint:
         raise ConfigError(
             f"no config.yaml or .json beside {checkpoint} says which network it holds; pass --{prefix}arch "
@@ -190,8 +220,12 @@ def resolve(
         base, source = ModelConfig(), "defaults"
     if found_diffusion is not None:
         dbase = from_dict(DiffusionConfig, found_diffusion, found_at)
+    elif diffusion_base is not None:
+        dbase = diffusion_base
+    elif checkpoint and not _PROCESS_FIELDS & set(diffusion_over):
+        raise ConfigError(_no_diffusion(checkpoint, dprefix)) if os.path.exists(checkpoint) else missing
     else:
-        dbase = diffusion_base or DiffusionConfig()
+        dbase = DiffusionConfig()
     dbase = update(dbase, diffusion_changes or {}, "diffusion")
     sigma = _learn_sigma(model_over, diffusion_over, base.learn_sigma, prefix, dprefix)
     model = update(base, {**model_over, "learn_sigma": sigma}, prefix.rstrip(".") or "model")
@@ -227,7 +261,10 @@ def resolve_distillation(
                 "or pass --teacher_path"
             )
     path = teacher_path or EMBEDDED_TEACHER
-    recorded = recorded_diffusion(path) if os.path.isfile(path) else None
+    recorded = recorded_diffusion(path) if os.path.exists(path) else None
+    said = set(overrides.get("diffusion", {})) | set(overrides.get("teacher_diffusion", {}))
+    if recorded is None and os.path.exists(path) and not _PROCESS_FIELDS & said:
+        raise ConfigError(_no_diffusion(path, ""))
     student = resolve(
         overrides.get("student", {}), overrides.get("diffusion", {}), default=DEFAULT_STUDENT, diffusion_base=recorded
     )

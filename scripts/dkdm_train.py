@@ -18,8 +18,7 @@ from dkdm import dist, logger
 from dkdm.config import ConfigParser, DiffusionConfig, DistillConfig, ModelConfig, TrainConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop, teacher_id
-from dkdm.models import create_model, load_checkpoint
-from dkdm.resolve import resolve_distillation
+from dkdm.resolve import build_network, resolve_distillation
 from dkdm.training import seed_all
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -63,8 +62,8 @@ def main(argv: list[str]) -> None:
     )
     logger.configure(run_dir)
     seed_all(train.seed)
-    student = create_model(student_cfg)
-    teacher = load_checkpoint(create_model(teacher_cfg), path)
+    student = build_network(student_cfg)
+    teacher = build_network(teacher_cfg, path)
     logger.log(
         f"teacher {teacher_cfg.name or teacher_cfg.arch} ({path}), student {student_cfg.name or student_cfg.arch}: "
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params; {dist.get_world_size()} process(es), "

@@ -168,6 +168,8 @@ def _args(d, run="run", steps=4):
         str(d / "student.yaml"),
         "--steps",
         "20",
+        "--noise_schedule",
+        "cosine",
         "--batch_size",
         "8",
         "--rho",

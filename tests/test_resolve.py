@@ -100,6 +100,7 @@ def test_checkpoint_of_a_distillation_run_is_its_student(tmp_path):
             }
         )
     )
+    torch.save(create_model(TINY).state_dict(), run / "ema_0.999_000100.pt")
     r = resolve({}, {}, checkpoint=str(run / "ema_0.999_000100.pt"))
     assert r.model == TINY and r.diffusion == DIFF
 
@@ -113,9 +114,13 @@ def test_checkpoint_without_config_names_the_flags(tmp_path):
         resolve({}, {}, checkpoint=str(orphan), prefix="teacher.")
     with pytest.raises(ConfigError, match=r"checkpoint not found: .*nope\.pt"):
         resolve({}, {}, checkpoint=str(tmp_path / "nope.pt"))
-    # With flags it resolves, and the weights load.
+    # The network alone is not enough: nothing records the diffusion either.
     fields = {k: v for k, v in to_dict(TINY).items() if k != "name"}
-    assert resolve(fields, {}, checkpoint=str(orphan)).build() is not None
+    with pytest.raises(ConfigError, match=r"records the diffusion.*--diffusion\.steps and --diffusion\.noise_schedule"):
+        resolve(fields, {}, checkpoint=str(orphan))
+    # With both it resolves, and the weights load.
+    r = resolve(fields, {"steps": 4, "noise_schedule": "cosine"}, checkpoint=str(orphan))
+    assert r.diffusion.steps == 4 and r.build() is not None
 
 
 @pytest.mark.skipif(not os.path.isfile(EMBEDDED_TEACHER), reason="embedded teacher not built")
@@ -123,7 +128,9 @@ def test_the_embedded_teacher_from_its_provenance():
     with open(os.path.splitext(EMBEDDED_TEACHER)[0] + ".json") as f:
         meta = json.load(f)
     r = resolve({}, {}, checkpoint=EMBEDDED_TEACHER)
-    assert to_dict(r.model) == meta["model"] and to_dict(r.diffusion) == meta["diffusion"]
+    model, diffusion = to_dict(r.model), to_dict(r.diffusion)
+    assert {k: model[k] for k in meta["model"]} == meta["model"]  # fields added since take their defaults
+    assert {k: diffusion[k] for k in meta["diffusion"]} == meta["diffusion"]
     assert r.source.endswith("digits_teacher.json") and r.space == SampleSpace((1, 8, 8), 0)
     r.build()
 
@@ -232,7 +239,9 @@ def test_a_teacher_checkpoint_with_its_run_config_needs_no_flags(tmp_path):
     orphan = tmp_path / "orphan.pt"
     torch.save(create_model(TINY).state_dict(), orphan)
     with pytest.raises(ConfigError, match=r"--teacher\.arch"):
-        resolve_distillation({}, str(orphan))
+        resolve_distillation({"diffusion": {"steps": 40}}, str(orphan))
+    with pytest.raises(ConfigError, match="records the diffusion"):
+        resolve_distillation({"teacher": {"arch": "digits-teacher"}}, str(orphan))
 
 
 @pytest.mark.parametrize("old, new", [("--student_arch", "--student.arch"), ("--teacher_arch", "--teacher.arch")])

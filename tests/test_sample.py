@@ -179,7 +179,7 @@ def test_missing_or_bad_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
-        _sample(str(bad), tmp_path / "x.npz", "--arch", "digits-student")
+        _sample(str(bad), tmp_path / "x.npz", "--arch", "digits-student", "--steps", "4")
     orphan = tmp_path / "orphan.pt"
     torch.save(create_model(TINY).state_dict(), orphan)
     with pytest.raises(ConfigError, match="pass --arch"):  # nothing says which network it is

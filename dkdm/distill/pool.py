@@ -509,9 +509,14 @@ class DynamicPool:
                 f"match this run's ({self.variant}, T={self.T}, x {tuple(self.x.shape)}); resume with the same "
                 "--pool, --rho, --batch_size, number of ranks and diffusion steps, or start a new run directory."
             )
+        if (self.y is None) != (state.get("y") is None):
+            have, saved = ("labels" if v is not None else "no labels" for v in (self.y, state.get("y")))
+            raise ValueError(
+                f"saved pool has {saved} but this run's has {have}; resume with the same class conditioning"
+            )
         self.x.copy_(x)
         self.t.copy_(state["t"])
-        if self.y is not None and state.get("y") is not None:
+        if self.y is not None:
             self.y.copy_(state["y"])
         if self.w is not None and state.get("w") is not None:
             self.w.copy_(state["w"])
