@@ -13,7 +13,7 @@ import torch
 from dkdm.config import DiffusionConfig, ModelConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.models import create_model, export
-from dkdm.models.guidance import Guided
+from dkdm.models.guidance import GuidanceError, Guided
 from dkdm.resolve import resolve
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -208,3 +208,14 @@ def test_the_export_script_writes_a_pipeline_diffusers_loads(tmp_path):
         [*cmd, "--format", "diffusers", "--output", out], env=env, capture_output=True, text=True, check=False
     )
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "not empty" in again.stderr
+
+
+def test_a_class_conditional_diffusers_model_without_our_note_has_no_null_class(tmp_path):
+    net = _net(class_cond=True, num_classes=5, class_dropout_prob=0.1)
+    folder = str(tmp_path / "pipe")
+    export.export_diffusers(net, net.config, DiffusionConfig(steps=40, learn_sigma=True), folder)
+    os.remove(os.path.join(folder, "unet", export.EXPORT_NOTE))
+    teacher = resolve({}, {}, checkpoint=folder).build()
+    assert (teacher.num_classes, teacher.null_class) == (6, None)  # all 6 rows are classes to it
+    with pytest.raises(GuidanceError, match="null class"):
+        Guided(teacher, 3.0)
