@@ -72,7 +72,10 @@ class ModelConfig:
     depth: int = 12
     patch_size: int = 2
     mlp_ratio: float = 4.0
+    # Classifier-free guidance (both families): > 0 adds a null class (label num_classes) and drops
+    # training labels to it at this rate; guidance_cond makes the network take the guidance scale w.
     class_dropout_prob: float = 0.0
+    guidance_cond: bool = False
 
 
 @dataclass
@@ -159,8 +162,19 @@ class DistillConfig:
     simple_only: bool = False
     clip_teacher_mean: bool = False  # True: the official release's variance term (teacher mean from clipped x_0)
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
+    # Class-conditional teachers: pool labels in proportion to these weights ("" = uniform); a .npy
+    # or text file of num_classes non-negative numbers.
+    class_weights: str = ""
+    # Classifier-free guidance (dkdm/models/guidance.py): the target is out_u + w (out_c - out_u);
+    # 1 = the plain conditional teacher. A w-conditioned student (--student.guidance_cond) learns
+    # every w in [w_min, w_max] instead, one w drawn per pool sample.
+    guidance_scale: float = 1.0
+    w_min: float = 0.0
+    w_max: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.w_min > self.w_max:
+            raise ConfigError(f"--w_min {self.w_min} lies above --w_max {self.w_max}; give w_min <= w_max")
         dev = self.pool_device
         if not (dev in ("", "auto", "cpu") or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev)):
             raise ConfigError(f"--pool_device must be auto (the training device), cpu or cuda[:N], got {dev!r}")
@@ -180,6 +194,7 @@ class SampleConfig:
     clip_denoised: bool = True
     precision: str = "fp32"
     seed: int = 0
+    guidance_scale: float = 1.0  # classifier-free guidance (guided models) or the w input (w-conditioned students)
     output: str = ""  # a .npz path, or a folder for guided-diffusion's samples_NxHxWxC.npz; "" = runs/samples
     keep_shards: bool = False  # keep <output>.shards/ after the merge (it is the resume state)
 

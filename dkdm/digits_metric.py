@@ -178,6 +178,21 @@ def score(samples: Activations, reference: Activations, k: int = 3) -> dict[str,
     }
 
 
+def label_accuracy(samples: Activations, labels: np.ndarray) -> tuple[float, list[float]]:
+    """How often the classifier names the requested label: overall and per class (NaN for an absent class).
+
+    ``labels`` are the labels the samples were drawn for (``arr_1`` of a class-conditional
+    sample file), in ``[0, num_classes)``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    k = samples.probs.shape[1]
+    if labels.shape[0] != samples.probs.shape[0] or (labels.size and (labels.min() < 0 or labels.max() >= k)):
+        raise ValueError(f"labels must be {samples.probs.shape[0]} integers in [0, {k}), one per sample")
+    hit = samples.probs.argmax(1) == labels
+    per_class = [float(hit[labels == c].mean()) if (labels == c).any() else float("nan") for c in range(k)]
+    return float(hit.mean()), per_class
+
+
 def evaluate(
     samples: np.ndarray, reference: np.ndarray | None = None, classifier: DigitsClassifier | None = None
 ) -> dict[str, float]:

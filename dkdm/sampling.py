@@ -78,7 +78,7 @@ def make_manifest(
         raise SamplingError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {sample_cfg.precision!r}")
     shard_seed(sample_cfg.seed, 0)
     s = to_dict(sample_cfg)
-    keep = ("num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised", "precision")
+    keep = ("num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised", "precision", "guidance_scale")
     return {
         "format": MANIFEST_FORMAT,
         "sample": {k: s[k] for k in keep},

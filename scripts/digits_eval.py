@@ -5,7 +5,8 @@
 Features and class probabilities come from the small CNN shipped in
 dkdm/assets/digits_classifier.pt (the digits' stand-in for Inception); the maths is
 evaluations/metrics.py, the same as the ADM evaluator's. The reference defaults to all
-1,797 real digits. For datasets other than digits use evaluations/evaluator.py.
+1,797 real digits. Class-conditional samples (labels in arr_1) also get the accuracy of the
+requested label ("label acc"). For datasets other than digits use evaluations/evaluator.py.
 """
 
 import argparse
@@ -25,12 +26,15 @@ def main() -> int:
     try:
         classifier = digits_metric.load_classifier(args.classifier)
         ref = digits_metric.activations(read_images(args.reference)[0], classifier)
-        print(f"{'samples':<40} {'N':>6} {'FD':>9} {'IS':>7} {'precision':>10} {'recall':>7}")
+        print(f"{'samples':<40} {'N':>6} {'FD':>9} {'IS':>7} {'precision':>10} {'recall':>7} {'label acc':>9}")
         for path in args.samples:
-            images = read_images(path)[0]
-            m = digits_metric.score(digits_metric.activations(images, classifier), ref)
+            images, labels = read_images(path)
+            acts = digits_metric.activations(images, classifier)
+            m = digits_metric.score(acts, ref)
+            acc = f"{digits_metric.label_accuracy(acts, labels)[0]:>9.4f}" if labels is not None else f"{'-':>9}"
             print(
-                f"{path:<40} {len(images):>6} {max(m['fd'], 0.0):>9.3f} {m['is']:>7.3f} {m['precision']:>10.4f} {m['recall']:>7.4f}"
+                f"{path:<40} {len(images):>6} {max(m['fd'], 0.0):>9.3f} {m['is']:>7.3f} {m['precision']:>10.4f} "
+                f"{m['recall']:>7.4f} {acc}"
             )
     except (DataError, ValueError, OSError) as e:
         print(f"digits_eval.py: error: {e}", file=sys.stderr)

@@ -42,6 +42,7 @@ def main(argv: list[str]) -> None:
         batch_size=batch,
         image_size=model_cfg.image_size,
         class_cond=model_cfg.class_cond,
+        num_classes=model_cfg.num_classes,
         deterministic=train.deterministic,
         random_flip=train.random_flip,
         num_workers=train.num_workers,

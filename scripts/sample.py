@@ -5,6 +5,9 @@ With no flags it samples the embedded digits teacher:
   python scripts/sample.py --model_path runs/exp/ema_0.9999_200000.pt --timestep_respacing 50 --output runs/exp/
   mpiexec -n 8 python scripts/sample.py --model_path teacher.pt --arch cifar10-57M \
       --config configs/diffusion/cosine-1000-learned.yaml --timestep_respacing 1000 --num_samples 50000
+  python scripts/sample.py --model_path dkdm/assets/digits_teacher_cond.pt --guidance_scale 3 --output g3.npz
+--guidance_scale w samples a class-conditional model with a null class with classifier-free guidance
+(w = 1: the plain conditional model), or a w-conditioned student at w.
 The architecture and diffusion come from the run's config.yaml beside the checkpoint (or
 --arch / --config / flags). Shards land in <output>.shards/ as they finish; rerunning the
 same command resumes, a different seed or configuration there is refused.
@@ -17,6 +20,7 @@ from tqdm import tqdm
 
 from dkdm import dist, fileio, logger, sampling
 from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
+from dkdm.models.guidance import for_sampling
 from dkdm.resolve import EMBEDDED_TEACHER, resolve
 
 
@@ -28,7 +32,7 @@ def main(argv: list[str]) -> None:
     path = cfg.model_path or EMBEDDED_TEACHER
     net = resolve(args.overrides["model"], args.overrides["diffusion"], checkpoint=path)
     model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
-    model = net.build().to(dist.dev())
+    model = for_sampling(net.build(), cfg.guidance_scale).to(dist.dev())  # guided, or w for a w-conditioned net
     diffusion = net.create_diffusion()  # validate everything before the manifest binds the output
     output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), dist.dev().type)

@@ -100,10 +100,17 @@ def test_command_line_prints_the_metrics(tmp_path, real, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["digits_eval.py", str(path)])
     assert main() == 0
     header, row = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert header.split()[1:] == ["N", "FD", "IS", "precision", "recall"]
-    n, fd, is_, prec, rec = row.split()[1:]
-    assert 0 < float(rec) <= 1
+    assert header.split()[1:] == ["N", "FD", "IS", "precision", "recall", "label", "acc"]
+    n, fd, is_, prec, rec, acc = row.split()[1:]
+    assert 0 < float(rec) <= 1 and acc == "-"  # no labels, no label accuracy
     assert n == "400" and float(prec) > 0.9 and 0 <= float(fd) < 20 and 8 < float(is_) <= 10
+    # With the true labels in arr_1 the classifier names the requested label; with wrong ones it does not.
+    labels = real[1][:400]
+    for name, y, lo, hi in (("right", labels, 0.95, 1.0), ("wrong", (labels + 1) % 10, 0.0, 0.05)):
+        save_npz(str(tmp_path / f"{name}.npz"), real[0][:400], y)
+        monkeypatch.setattr(sys, "argv", ["digits_eval.py", str(tmp_path / f"{name}.npz")])
+        assert main() == 0
+        assert lo <= float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1]) <= hi
     monkeypatch.setattr(sys, "argv", ["digits_eval.py", str(tmp_path / "none.npz")])
     assert main() == 1
     assert "does not exist" in capsys.readouterr().err

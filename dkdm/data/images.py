@@ -368,6 +368,7 @@ class DataStream:
         rank: int,
         world_size: int,
         num_workers: int,
+        num_classes: int | None = None,
     ) -> None:
         n = len(source)
         self.local = np.arange(rank, n, world_size, dtype=np.int64)
@@ -375,6 +376,13 @@ class DataStream:
             raise DataError(f"the dataset has {n} examples, fewer than the {world_size} processes sharing it")
         if class_cond and source.labels is None:
             raise DataError("class_cond is on but the dataset has no labels")
+        if class_cond and num_classes is not None and n:
+            lo, hi = int(np.min(np.asarray(source.labels))), int(np.max(np.asarray(source.labels)))
+            if lo < 0 or hi >= num_classes:
+                raise DataError(
+                    f"the dataset's labels run from {lo} to {hi}, outside [0, {num_classes}) of the model's "
+                    f"num_classes {num_classes}; set --num_classes {max(hi + 1, num_classes)} (labels must be >= 0)"
+                )
         self.source = source
         self.batch_size = batch_size
         self.class_cond = class_cond
@@ -493,6 +501,7 @@ def load_data(
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    num_classes: int | None = None,
 ) -> DataStream:
     """An endless, resumable stream of ``(x [B, C, H, W] in [-1, 1], cond)`` for this rank.
 
@@ -503,6 +512,7 @@ def load_data(
     a mirrored digit is not a digit). Images are centre-cropped and resized to
     ``image_size``. ``deterministic`` visits examples in a fixed order instead of a fresh
     permutation per epoch. ``rank``/``world_size`` default to the process group's.
+    ``num_classes``: with ``class_cond``, labels outside ``[0, num_classes)`` are refused.
     Problems with the data raise :class:`DataError` here, before any training starts.
     """
     from dkdm import dist
@@ -526,4 +536,5 @@ def load_data(
         rank=rank,
         world_size=world_size,
         num_workers=num_workers,
+        num_classes=num_classes,
     )

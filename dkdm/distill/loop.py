@@ -7,6 +7,12 @@ teacher once on them, advances the pool with that output and hands ``(x_t, t, te
 to the trainer, whose microbatches go through ``loss_fn`` (the objective). Microbatching,
 DDP, precision, EMA, lr anneal, checkpoints and exact resume are the trainer's; the pool
 rides along as ``extra_state`` (``poolNNNNNN.pt`` per rank).
+
+Class-conditional teachers: every pool sample carries a label (uniform, or ``--class_weights``)
+and teacher and student both get it. Guided teachers (``--guidance_scale w``, or a
+w-conditioned student learning ``[w_min, w_max]``): the teacher call is one call of doubled
+batch (conditional and null labels) whose guided output (:mod:`dkdm.models.guidance`) is both
+the target and what advances the pool; with a w range each pool sample carries its own ``w``.
 """
 
 from __future__ import annotations
@@ -24,17 +30,70 @@ from dkdm import dist, logger
 from dkdm.config import DistillConfig, TrainConfig, to_dict
 from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
-from dkdm.distill.pool import DynamicPool, teacher_fingerprint
+from dkdm.distill.pool import DynamicPool, read_class_weights, teacher_fingerprint
+from dkdm.models.guidance import Guided, check_guidable
 from dkdm.training import Trainer
 from dkdm.training.precision import autocast, autocast_dtype
 
-__all__ = ["DistillLoop", "teacher_id"]
+__all__ = ["DistillLoop", "check_conditioning", "teacher_id"]
 
 
 def teacher_id(checkpoint: str | torch.nn.Module, model_config: Any = None) -> str:
     """Identity of a teacher for the pool cache: checkpoint sha256 plus its model config."""
     desc = {"weights": teacher_fingerprint(checkpoint), "model": to_dict(model_config) if model_config else None}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_conditioning(
+    teacher: torch.nn.Module, student: torch.nn.Module, distill: DistillConfig
+) -> tuple[int | None, tuple[float, float] | None]:
+    """Refuse teacher/student/flag combinations that do not make a conditional distillation.
+
+    Returns the pool's number of classes (None: unconditional) and its guidance range (None:
+    one scale, ``--guidance_scale``, for every sample). Checks that both networks agree on class
+    conditioning and the number of classes, that guidance has a teacher with a null class, and
+    that a w-conditioned student comes with ``--w_min < --w_max`` (and only then).
+    """
+    t_classes = getattr(teacher, "num_classes", None)
+    s_classes = getattr(student, "num_classes", None)
+    if (t_classes is None) != (s_classes is None):
+        raise ValueError(
+            f"the teacher is {'class-conditional' if t_classes is not None else 'unconditional'} but the student "
+            f"{'is not' if s_classes is None else 'is'}; set --student.class_cond {str(t_classes is not None).lower()}"
+            + (f" --student.num_classes {t_classes}" if t_classes is not None else "")
+        )
+    if t_classes is not None and t_classes != s_classes:
+        raise ValueError(
+            f"the teacher has {t_classes} classes but the student {s_classes}; set --student.num_classes {t_classes}"
+        )
+    if getattr(student, "null_class", None) is not None:
+        raise ValueError(
+            "the student drops labels to a null class (class_dropout_prob > 0), but DKDM gives it the teacher's "
+            "output for the pool's label; set --student.class_dropout_prob 0"
+        )
+    if distill.class_weights and t_classes is None:
+        raise ValueError(f"--class_weights {distill.class_weights} needs a class-conditional teacher; drop it")
+    w_cond = bool(getattr(student, "guidance_cond", False))
+    ranged = (distill.w_min, distill.w_max) != (0.0, 0.0)
+    if w_cond:
+        if not distill.w_min < distill.w_max:
+            raise ValueError(
+                "a w-conditioned student (guidance_cond) learns a range of guidance scales; set --w_min < --w_max "
+                f"(got {distill.w_min}, {distill.w_max}), e.g. --w_min 0 --w_max 4"
+            )
+        if distill.guidance_scale != 1.0:
+            raise ValueError(
+                "--guidance_scale is one w for a plain student; a w-conditioned student learns --w_min..--w_max: "
+                "drop --guidance_scale"
+            )
+    elif ranged:
+        raise ValueError(
+            "--w_min/--w_max are for a w-conditioned student: set --student.guidance_cond true, or use "
+            "--guidance_scale for a student of one w"
+        )
+    if w_cond or distill.guidance_scale != 1.0:
+        check_guidable(teacher, "teacher", "--w_min/--w_max" if w_cond else "--guidance_scale")
+    return t_classes, ((distill.w_min, distill.w_max) if w_cond else None)
 
 
 class _Timer:
@@ -116,12 +175,12 @@ class DistillLoop:
         tcfg = getattr(teacher, "config", None)
         scfg = getattr(student, "config", None)
         shape = self._sample_shape(tcfg, scfg)
-        class_cond = bool(getattr(tcfg, "class_cond", False))
-        if scfg is not None and bool(getattr(scfg, "class_cond", False)) != class_cond:
-            raise ValueError(
-                "teacher and student must both be class-conditional or both unconditional "
-                f"(teacher class_cond={class_cond}); set --student.class_cond accordingly"
-            )
+        num_classes, w_range = check_conditioning(teacher, student, distill)
+        self.guided = w_range is not None or distill.guidance_scale != 1.0
+        self.guidance_scale = distill.guidance_scale
+        self.student_takes_w = w_range is not None
+        self._guide = Guided(self.teacher, distill.guidance_scale) if self.guided else None
+        weights = read_class_weights(distill.class_weights, num_classes) if distill.class_weights else None
         self.pool = DynamicPool(
             teacher_diffusion,
             shape,
@@ -131,7 +190,9 @@ class DistillLoop:
             device=self.device,
             pool_device=self.device if distill.pool_device in ("", "auto") else distill.pool_device,
             teacher_batch=distill.teacher_batch,
-            num_classes=tcfg.num_classes if class_cond else None,
+            num_classes=num_classes,
+            class_weights=weights,
+            w_range=w_range,
             discard_prob=distill.discard_prob,
             warmup=distill.warmup,
             warmup_jumps=distill.warmup_jumps,
@@ -174,12 +235,18 @@ class DistillLoop:
 
     # ------------------------------------------------------------------ the teacher
     @torch.no_grad()
-    def teacher_forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """The teacher's output at step indices ``t`` (no grad; autocast if fp16/bf16)."""
-        kwargs = {"y": y} if y is not None else {}
+    def teacher_forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, w: Tensor | None = None) -> Tensor:
+        """The teacher's output at step indices ``t`` (no grad; autocast if fp16/bf16).
+
+        Guided: the classifier-free-guided output at ``w`` (per sample) or ``--guidance_scale``,
+        from one teacher call of doubled batch.
+        """
         ts = self.teacher_diffusion.model_timesteps(t)
         with autocast(self.device.type, self.teacher_dtype):
-            out = self.teacher(x, ts, **kwargs)
+            if self._guide is not None:
+                out = self._guide(x, ts, y, w)
+            else:
+                out = self.teacher(x, ts, **({"y": y} if y is not None else {}))
         return out if self.teacher_dtype is None else out.float()
 
     def prepare_pool(self, progress: bool = True) -> None:
@@ -187,6 +254,8 @@ class DistillLoop:
         if self.pool.prepared:
             return
         key = self.teacher_key or teacher_id(self.teacher, getattr(self.teacher, "config", None))
+        if self.guided and not self.student_takes_w:  # a guided pool is another pool (a w range is in its key)
+            key = f"{key}|guidance_scale={self.guidance_scale!r}"
         cache = self.cfg.pool_cache_dir or os.path.join(self.run_dir, "pool_cache")
         self.pool.prepare(
             self.teacher_forward,
@@ -207,7 +276,7 @@ class DistillLoop:
             idx = self.pool.draw()
             batch = self.pool.gather(idx)
             timer.mark("teacher_start")
-            out = self.teacher_forward(batch["x_t"], batch["t"], batch.get("y"))
+            out = self.teacher_forward(batch["x_t"], batch["t"], batch.get("y"), batch.get("w"))
             timer.mark("teacher_end")
             self.pool.update(idx, out)
             timer.mark("update_end")
@@ -223,7 +292,7 @@ class DistillLoop:
 
     def loss_fn(self, model: torch.nn.Module, micro: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The DKDM objective on a microbatch: ``(mean loss, per-sample terms with t)``."""
-        kwargs = {"y": micro["y"]} if "y" in micro else {}
+        kwargs = {k: micro[k] for k in ("y", "w") if k in micro}
         terms = self.objective.losses(model, micro["x_t"], micro["t"], micro["teacher_out"], kwargs)
         terms["t"] = micro["t"]
         return terms["loss"].mean(), terms

@@ -133,6 +133,13 @@ class DKDMObjective:
     reverse step but its sampler's, and a student identical to the teacher still pays a
     positive KL wherever the teacher's x_0 leaves [-1, 1]. Only the variance term changes; the
     ``L*_simple`` target is the raw prediction either way.
+
+    Guided teachers (:mod:`dkdm.models.guidance`): the teacher output is the classifier-free
+    guided prediction with the *conditional* pass's variance channels. That pair is not a model
+    mean and variance (the guided epsilon is no model's score), so the variance term here trains
+    the student's variance towards the variance the guided sampler uses with that mean -- the
+    student learns the teacher's guided sampler, which is also the chain the pool advances on.
+    A fixed-variance student (``--simple_only --learn_sigma False``) avoids the question.
     """
 
     def __init__(

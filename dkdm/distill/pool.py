@@ -1,7 +1,8 @@
 """The dynamic iterative batch pool (paper section 3.3, Algorithm 1).
 
 The pool is a tensor, not a list: ``x [N, C, H, W]`` noisy samples and ``t [N]`` their
-diffusion steps (optionally ``y [N]`` class labels, for class-conditional teachers). Each
+diffusion steps (optionally ``y [N]`` class labels, for class-conditional teachers, and
+``w [N]`` guidance scales, for w-conditioned students of guided teachers). Each
 training step draws ``b`` distinct indices on the device, the caller runs the teacher once on
 ``(x[idx], t[idx])``, and :meth:`DynamicPool.update` takes one ancestral step from that output
 and writes the results back in place; a sample that was at ``t = 0`` restarts as fresh noise
@@ -44,6 +45,7 @@ __all__ = [
     "available_memory",
     "estimate_pool_bytes",
     "pool_size",
+    "read_class_weights",
     "teacher_fingerprint",
 ]
 
@@ -134,6 +136,28 @@ def _check_fits(need: int, device: torch.device, what: str, options: str) -> Non
         )
 
 
+# --------------------------------------------------------------------------- class distribution
+
+
+def read_class_weights(path: str, num_classes: int) -> np.ndarray:
+    """``num_classes`` non-negative weights from a ``.npy`` or a text file (numbers separated by
+    spaces, commas or newlines); refuses a wrong count, negative or non-finite values, or all zeros."""
+    try:
+        if path.endswith(".npy"):
+            w = np.load(path, allow_pickle=False)
+        else:
+            with open(path) as f:
+                w = np.array([float(v) for v in f.read().replace(",", " ").split()])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--class_weights {path}: cannot read {num_classes} numbers ({e})") from None
+    w = np.asarray(w, dtype=np.float64).reshape(-1)
+    if w.shape[0] != num_classes:
+        raise ValueError(f"--class_weights {path} holds {w.shape[0]} weights but the teacher has {num_classes} classes")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"--class_weights {path}: weights must be finite, non-negative and not all zero")
+    return w
+
+
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -165,7 +189,10 @@ class DynamicPool:
     ``sample_shape`` is ``(C, H, W)``; ``batch_size`` the per-rank batch ``b``. The pool lives
     on ``pool_device`` (default ``device``); with ``pool_device="cpu"`` and a CUDA ``device``
     it sits in pinned host memory and only drawn batches travel. ``num_classes`` gives every
-    sample a label, drawn afresh when it restarts from noise. ``seed`` and ``rank`` seed the
+    sample a label, drawn afresh when it restarts from noise, uniformly or in proportion to
+    ``class_weights`` (``num_classes`` non-negative numbers). ``w_range = (w_min, w_max)`` gives
+    every sample a guidance scale drawn uniformly from that range, likewise redrawn on restart
+    (the teacher function then takes it as a fourth argument). ``seed`` and ``rank`` seed the
     pool's own generators, so ranks hold different pools and a resumed run continues the same
     stream (:meth:`state_dict`). ``discard_prob`` is the supplement's random discard (see
     :meth:`should_discard`).
@@ -183,6 +210,8 @@ class DynamicPool:
         pool_device: str | torch.device | None = None,
         teacher_batch: int = 1024,
         num_classes: int | None = None,
+        class_weights: Any = None,
+        w_range: tuple[float, float] | None = None,
         discard_prob: float = 0.0,
         warmup: str = "full",
         warmup_jumps: int = 20,
@@ -209,6 +238,21 @@ class DynamicPool:
         self.pool_device = torch.device(pool_device) if pool_device not in (None, "auto", "") else self.device
         self.teacher_batch = int(teacher_batch)
         self.num_classes = num_classes
+        self.class_weights = None
+        self._class_cdf: Tensor | None = None
+        if class_weights is not None:
+            if num_classes is None:
+                raise ValueError("class_weights given for a pool without labels (num_classes is None)")
+            cw = np.asarray(class_weights, dtype=np.float64).reshape(-1)
+            if cw.shape[0] != num_classes or not np.isfinite(cw).all() or (cw < 0).any() or cw.sum() <= 0:
+                raise ValueError(f"class_weights must be {num_classes} finite non-negative numbers, not all zero")
+            self.class_weights = cw / cw.sum()
+            # Inverse-CDF sampling on the device: a class of weight 0 owns an empty interval.
+            self._class_cdf = torch.tensor(np.cumsum(self.class_weights), dtype=torch.float32, device=self.device)
+            self._last_class = int(np.flatnonzero(cw)[-1])
+        if w_range is not None and not w_range[0] <= w_range[1]:
+            raise ValueError(f"w_range must be (w_min, w_max) with w_min <= w_max, got {w_range}")
+        self.w_range = None if w_range is None else (float(w_range[0]), float(w_range[1]))
         self.discard_prob = float(discard_prob)
         self.warmup = warmup
         self.warmup_grid = max(1, math.ceil(self.T / max(1, warmup_jumps)))
@@ -243,9 +287,11 @@ class DynamicPool:
         self.y = (
             torch.zeros((self.size,), dtype=torch.long, device=self.pool_device) if num_classes is not None else None
         )
+        self.w = torch.zeros((self.size,), device=self.pool_device) if self.w_range is not None else None
         if pinned:
             self.t = self.t.pin_memory()
             self.y = self.y.pin_memory() if self.y is not None else None
+            self.w = self.w.pin_memory() if self.w is not None else None
         self._all = torch.arange(self.size, device=self.pool_device)
         self._last: tuple[Tensor, dict[str, Tensor]] | None = None
         self._fresh_start()
@@ -271,7 +317,14 @@ class DynamicPool:
         return torch.randn((n, *self.sample_shape), generator=self._noise_gen, device=self.device)
 
     def _randy(self, n: int) -> Tensor:
-        return torch.randint(0, self.num_classes, (n,), generator=self._noise_gen, device=self.device)
+        if self._class_cdf is None:
+            return torch.randint(0, self.num_classes, (n,), generator=self._noise_gen, device=self.device)
+        u = torch.rand((n,), generator=self._noise_gen, device=self.device)
+        return torch.searchsorted(self._class_cdf, u, right=True).clamp_(max=self._last_class)
+
+    def _randw(self, n: int) -> Tensor:
+        lo, hi = self.w_range
+        return lo + (hi - lo) * torch.rand((n,), generator=self._noise_gen, device=self.device)
 
     def _fresh_start(self) -> None:
         # In chunks, so a host-resident pool never needs its full size on the device.
@@ -281,6 +334,8 @@ class DynamicPool:
         self.t.fill_(self.T - 1)
         if self.y is not None:
             self.y.copy_(self._randy(self.size))
+        if self.w is not None:
+            self.w.copy_(self._randw(self.size))
 
     # ------------------------------------------------------------------ the hot path
     def draw(self) -> Tensor:
@@ -290,10 +345,12 @@ class DynamicPool:
         return torch.randperm(self.size, generator=self._idx_gen, device=self.pool_device)[: self.batch_size]
 
     def gather(self, idx: Tensor) -> dict[str, Tensor]:
-        """``{"x_t", "t"(, "y")}`` of the drawn samples, on the training device (copies)."""
+        """``{"x_t", "t"(, "y")(, "w")}`` of the drawn samples, on the training device (copies)."""
         batch = {"x_t": self.x.index_select(0, idx), "t": self.t.index_select(0, idx)}
         if self.y is not None:
             batch["y"] = self.y.index_select(0, idx)
+        if self.w is not None:
+            batch["w"] = self.w.index_select(0, idx)
         if self.pool_device != self.device:
             batch = {
                 k: v.pin_memory().to(self.device, non_blocking=True)
@@ -332,6 +389,9 @@ class DynamicPool:
         if self.y is not None:
             new_y = torch.where(restart, self._randy(x.shape[0]), batch["y"]).to(self.pool_device)
             self.y.index_copy_(0, idx, new_y)
+        if self.w is not None:
+            new_w = torch.where(restart, self._randw(x.shape[0]), batch["w"]).to(self.pool_device)
+            self.w.index_copy_(0, idx, new_w)
 
     def should_discard(self) -> bool:
         """Whether the batch just advanced is discarded instead of learned from (prob. ``p``).
@@ -370,6 +430,10 @@ class DynamicPool:
             "clip": self.clip_denoised,
             "version": 1,
         }
+        if self.class_weights is not None:  # only when set, so earlier caches keep their keys
+            desc["class_weights"] = [round(float(v), 12) for v in self.class_weights]
+        if self.w_range is not None:
+            desc["w_range"] = list(self.w_range)
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
     def prepare(
@@ -382,7 +446,7 @@ class DynamicPool:
         checkpoint_every: int = 0,
         progress: bool = True,
     ) -> None:
-        """Shuffle-denoise the pool with ``teacher_fn(x, t, y) -> output`` (under no_grad).
+        """Shuffle-denoise the pool with ``teacher_fn(x, t, y[, w]) -> output`` (under no_grad).
 
         ``iterative`` pools need no preparation. With ``cache_dir`` (and ``teacher_id``, e.g.
         from :func:`teacher_fingerprint` plus the teacher's config), a finished preparation is
@@ -425,6 +489,7 @@ class DynamicPool:
             "x": self.x.detach().cpu().clone(),
             "t": self.t.detach().cpu().clone(),
             "y": self.y.detach().cpu().clone() if self.y is not None else None,
+            "w": self.w.detach().cpu().clone() if self.w is not None else None,
             "noise_gen": self._noise_gen.get_state(),
             "idx_gen": self._idx_gen.get_state(),
             "discard_rng": self._discard_rng.bit_generator.state,
@@ -453,6 +518,8 @@ class DynamicPool:
         self.t.copy_(state["t"])
         if self.y is not None:
             self.y.copy_(state["y"])
+        if self.w is not None and state.get("w") is not None:
+            self.w.copy_(state["w"])
         self._noise_gen.set_state(state["noise_gen"].cpu())
         self._idx_gen.set_state(state["idx_gen"].cpu())
         self._discard_rng.bit_generator.state = state["discard_rng"]

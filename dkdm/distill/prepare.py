@@ -31,7 +31,7 @@ from dkdm import logger
 from dkdm.fileio import atomic_save
 from dkdm.training.checkpoint import load_file
 
-TeacherFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+TeacherFn = Callable[..., Tensor]  # (x, t, y) -> output, or (x, t, y, w) when the pool carries scales w
 
 
 # --------------------------------------------------------------------------- planning (host)
@@ -163,8 +163,9 @@ class ShuffleDenoise:
         self.ev_next = torch.from_numpy(np.maximum(plan["next"], 0)).to(dev)
         self.first = torch.from_numpy(np.maximum(plan["first"], 0)).to(dev)
         self.y_dev = pool.y.to(dev) if pool.y is not None else None
-        # The lanes: sample, current step, end step and label of each.
-        self.x = self.t = self.e = self.y = None
+        self.w_dev = pool.w.to(dev) if getattr(pool, "w", None) is not None else None
+        # The lanes: sample, current step, end step, label and guidance scale of each.
+        self.x = self.t = self.e = self.y = self.w = None
         self.done = 0  # teacher batches completed
 
     def _start(self) -> None:
@@ -175,6 +176,7 @@ class ShuffleDenoise:
             pool.load_state_dict(state["pool"])
             self.x, self.t, self.e = state["x_act"].to(dev), state["t_act"].to(dev), state["e_act"].to(dev)
             self.y = state["y_act"].to(dev) if state["y_act"] is not None else None
+            self.w = state["w_act"].to(dev) if state.get("w_act") is not None else None
             self.done = int(state["iter"])
             logger.log(f"pool: resuming preparation at teacher batch {self.done}/{self.iters} from {self.part_path}")
             return
@@ -183,6 +185,7 @@ class ShuffleDenoise:
         self.t = torch.full((self.slots,), pool.T - 1, dtype=torch.long, device=pool.device)
         self.e = self.end_dev.index_select(0, self.first)
         self.y = self.y_dev.index_select(0, self.first) if self.y_dev is not None else None
+        self.w = self.w_dev.index_select(0, self.first) if self.w_dev is not None else None
 
     def checkpoint(self) -> None:
         """Write the lanes and the pool so far to ``part_path`` (consistent between batches)."""
@@ -196,6 +199,7 @@ class ShuffleDenoise:
                 "t_act": self.t.cpu(),
                 "e_act": self.e.cpu(),
                 "y_act": self.y.cpu() if self.y is not None else None,
+                "w_act": self.w.cpu() if self.w is not None else None,
             },
             self.part_path,
         )
@@ -205,7 +209,8 @@ class ShuffleDenoise:
         n = int(self.active[k])  # host-planned: busy lanes are the prefix [:n]
         xa, ta = self.x[:n], self.t[:n]
         try:
-            out = teacher_fn(xa, ta, self.y[:n] if self.y is not None else None)
+            ya = self.y[:n] if self.y is not None else None
+            out = teacher_fn(xa, ta, ya) if self.w is None else teacher_fn(xa, ta, ya, self.w[:n])
         except BaseException:
             self.checkpoint()  # nothing of batch k is applied yet: the lanes are consistent
             raise
@@ -230,9 +235,11 @@ class ShuffleDenoise:
             self.e = self.e.index_copy(0, sl, self.end_dev.index_select(0, nx))
             if self.y is not None:
                 self.y = self.y.index_copy(0, sl, self.y_dev.index_select(0, nx))
+            if self.w is not None:
+                self.w = self.w.index_copy(0, sl, self.w_dev.index_select(0, nx))
 
     def run(self, teacher_fn: TeacherFn) -> dict[str, float]:
-        """Run (or resume) to the end with ``teacher_fn(x, t, y) -> output``; returns statistics."""
+        """Run (or resume) to the end with ``teacher_fn(x, t, y[, w]) -> output``; returns statistics."""
         pool = self.pool
         self._start()
         start = self.done

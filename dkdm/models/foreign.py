@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dkdm.config import ConfigError, ModelConfig
+from dkdm.models.export import EXPORT_NOTE
 
 MODEL_CLASSES = ("UNet2DModel",)
 # diffusers' DDPMScheduler defaults, for the keys a saved config may leave out.
@@ -102,6 +103,16 @@ def model_config(folder: str) -> ModelConfig:
     classes = cfg.get("num_class_embeds")
     if cfg.get("class_embed_type") not in (None,):
         raise ConfigError(f"{model_dir}: class_embed_type {cfg['class_embed_type']!r} is not supported (only None)")
+    # Our export records a classifier-free-guidance null class (the last embedding row) beside config.json.
+    note_path = os.path.join(model_dir, EXPORT_NOTE)
+    note = _read_json(note_path) if os.path.isfile(note_path) else {}
+    null = note.get("null_class")
+    if null is not None and (classes is None or int(null) != int(classes) - 1):
+        raise ConfigError(
+            f"{note_path}: null_class {null} is not the last of num_class_embeds {classes} in config.json"
+        )
+    # The null class is what matters here; the training rate is recorded by our export (> 0 by definition).
+    drop = float((note.get("model") or {}).get("class_dropout_prob") or 0.1) if null is not None else 0.0
     return ModelConfig(
         name=os.path.basename(os.path.normpath(folder)),
         arch="diffusers",
@@ -110,7 +121,8 @@ def model_config(folder: str) -> ModelConfig:
         in_channels=c_in,
         learn_sigma=c_out == 2 * c_in,
         class_cond=classes is not None,
-        num_classes=int(classes) if classes is not None else ModelConfig.num_classes,
+        num_classes=int(classes) - int(null is not None) if classes is not None else ModelConfig.num_classes,
+        class_dropout_prob=drop,
     )
 
 
@@ -161,12 +173,20 @@ def scheduler_to_diffusion(path: str) -> dict[str, Any]:
 
 
 class DiffusersNet(nn.Module):
-    """A diffusers model called as ``model(x, t, y=None)``, returning the output tensor."""
+    """A diffusers model called as ``model(x, t, y=None)``, returning the output tensor.
 
-    def __init__(self, net: nn.Module) -> None:
+    ``num_classes`` (None: unconditional) and ``null_class`` (None: no classifier-free null
+    label) are what the distillation loop and guidance read, as from our own networks.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int | None = None, null_class: int | None = None) -> None:
         super().__init__()
         self.net = net
         self.class_cond = getattr(net.config, "num_class_embeds", None) is not None
+        if num_classes is None and self.class_cond:
+            num_classes = int(net.config.num_class_embeds)
+        self.num_classes = num_classes
+        self.null_class = null_class
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is not None and not self.class_cond:
@@ -185,4 +205,6 @@ def load(cfg: ModelConfig) -> DiffusersNet:
     model_dir, _ = locate(cfg.pretrained)
     cls_name = _read_json(os.path.join(model_dir, "config.json"))["_class_name"]
     net = getattr(diffusers, cls_name).from_pretrained(model_dir, local_files_only=True)
-    return DiffusersNet(net.float())
+    classes = cfg.num_classes if cfg.class_cond else None
+    null = classes if classes is not None and cfg.class_dropout_prob > 0 else None
+    return DiffusersNet(net.float(), classes, null)

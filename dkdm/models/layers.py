@@ -25,6 +25,26 @@ def check_labels(y: torch.Tensor | None, num_classes: int | None) -> None:
         )
 
 
+# w enters the same sinusoids as the timestep, stretched so that guidance scales of order 1 to 10
+# span the lower frequencies too (a raw w of 0..10 would only move the fastest few).
+GUIDANCE_EMBED_SCALE = 100.0
+
+
+def check_guidance(w: torch.Tensor | None, guidance_cond: bool) -> None:
+    """Refuse a guidance scale ``w`` unless the model takes one (``guidance_cond``), and its absence if it does."""
+    if (w is not None) != guidance_cond:
+        raise ValueError(
+            "a guidance scale w must be given if and only if the model is w-conditioned "
+            f"(guidance_cond={guidance_cond}, w {'given' if w is not None else 'missing'})"
+        )
+
+
+def drop_labels(y: torch.Tensor, prob: float, null_class: int) -> torch.Tensor:
+    """Labels with each one replaced by ``null_class`` with probability ``prob`` (classifier-free training)."""
+    drop = torch.rand(y.shape[0], device=y.device) < prob
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` of (possibly fractional) timesteps.
 

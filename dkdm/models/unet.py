@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
+    GUIDANCE_EMBED_SCALE,
     avg_pool_nd,
+    check_guidance,
     check_labels,
     conv_nd,
+    drop_labels,
     maybe_checkpoint,
     normalization,
     qkv_attention,
@@ -278,7 +281,13 @@ class UNetModel(nn.Module):
     ``num_head_channels`` (when not -1) overrides ``num_heads``. ``use_fp16`` is kept for
     compatibility; the torso switches precision only through ``convert_to_fp16()``, so a
     model built with it still runs in float32 until converted. ``forward(x, timesteps,
-    y=None)`` returns ``out_channels`` channels.
+    y=None, w=None)`` returns ``out_channels`` channels.
+
+    Two options beyond guided-diffusion's, both off by default (its state-dict layout is then
+    unchanged): ``class_dropout_prob`` > 0 adds a null class (row ``num_classes`` of
+    ``label_emb``) and drops training labels to it at that rate, for classifier-free guidance;
+    ``guidance_cond`` adds ``guidance_embed``, an MLP of the guidance scale ``w`` whose output
+    is added to the timestep embedding (Meng et al., stage one), zero-initialised.
     """
 
     def __init__(
@@ -302,6 +311,8 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
+        class_dropout_prob: float = 0.0,
+        guidance_cond: bool = False,
     ):
         super().__init__()
         attention_resolutions = tuple(attention_resolutions)
@@ -336,8 +347,15 @@ class UNetModel(nn.Module):
 
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_dropout_prob = class_dropout_prob
+        self.null_class = num_classes if num_classes is not None and class_dropout_prob > 0 else None
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
+            self.label_emb = nn.Embedding(num_classes + int(self.null_class is not None), emb_dim)
+        self.guidance_cond = guidance_cond
+        if guidance_cond:
+            self.guidance_embed = nn.Sequential(
+                nn.Linear(model_channels, emb_dim), nn.SiLU(), zero_module(nn.Linear(emb_dim, emb_dim))
+            )
 
         def res(ch_in: int, ch_out: int | None = None, **kw) -> ResBlock:
             return ResBlock(
@@ -425,16 +443,25 @@ class UNetModel(nn.Module):
                         m.bias.data = m.bias.data.to(dtype)
         self.dtype = dtype
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None, w: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Predict from noisy ``x`` [N, C, ...] at integer (or fractional) ``timesteps`` [N].
 
-        ``y`` [N] are class labels, required exactly when the model is class-conditional.
-        The output has ``x``'s dtype even inside an autocast region.
+        ``y`` [N] are class labels, required exactly when the model is class-conditional
+        (``num_classes`` is the null label when the model has one); ``w`` [N] guidance scales,
+        required exactly when it is w-conditioned. The output has ``x``'s dtype even inside an
+        autocast region.
         """
         check_labels(y, self.num_classes)
+        check_guidance(w, self.guidance_cond)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if y is not None:
+            if self.training and self.null_class is not None:
+                y = drop_labels(y, self.class_dropout_prob, self.null_class)
             emb = emb + self.label_emb(y)
+        if w is not None:
+            emb = emb + self.guidance_embed(timestep_embedding(w * GUIDANCE_EMBED_SCALE, self.model_channels))
         skips = []
         h = x.to(self.dtype)
         for block in self.input_blocks:

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import check_labels, get_2d_sincos_pos_embed, maybe_checkpoint, timestep_embedding
+from .layers import (
+    GUIDANCE_EMBED_SCALE,
+    check_guidance,
+    check_labels,
+    drop_labels,
+    get_2d_sincos_pos_embed,
+    maybe_checkpoint,
+    timestep_embedding,
+)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -59,8 +67,7 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if self.training and self.dropout_prob > 0:
-            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            y = drop_labels(y, self.dropout_prob, self.num_classes)
         return self.embedding_table(y)
 
 
@@ -129,7 +136,10 @@ class ViT(nn.Module):
 
     ``forward(x, t, y=None)`` maps [N, C, H, W] to [N, C or 2C, H, W] (``learn_sigma``
     doubles the channels, the second half being the variance interpolation value).
-    ``num_classes=None`` builds an unconditional model.
+    ``num_classes=None`` builds an unconditional model. ``class_dropout_prob`` > 0 adds the
+    null class (label ``num_classes``); ``guidance_cond`` adds ``w_embedder``, an embedding of
+    the guidance scale ``w`` added to the timestep embedding (Meng et al.), zero-initialised, and
+    ``forward`` then takes ``w`` [N].
     """
 
     def __init__(
@@ -145,6 +155,7 @@ class ViT(nn.Module):
         num_classes: int | None = None,
         learn_sigma: bool = True,
         use_checkpoint: bool = False,
+        guidance_cond: bool = False,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -167,6 +178,10 @@ class ViT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         if num_classes is not None:
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.null_class = num_classes if num_classes is not None and class_dropout_prob > 0 else None
+        self.guidance_cond = guidance_cond
+        if guidance_cond:
+            self.w_embedder = TimestepEmbedder(hidden_size)
         # A frozen parameter, not a buffer: DiT checkpoints store it under this name.
         pos = torch.tensor(get_2d_sincos_pos_embed(hidden_size, self.grid), dtype=torch.float32)
         self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
@@ -188,6 +203,9 @@ class ViT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.guidance_cond:
+            nn.init.normal_(self.w_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.w_embedder.mlp[2].weight)  # w starts with no effect
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -203,13 +221,19 @@ class ViT(nn.Module):
         x = x.reshape(n, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(n, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict from noisy ``x`` at raw timestep indices ``t`` (and labels ``y`` when conditional)."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, w: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict from noisy ``x`` at raw timestep indices ``t`` (labels ``y`` when conditional,
+        guidance scales ``w`` when w-conditioned)."""
         check_labels(y, self.num_classes)
+        check_guidance(w, self.guidance_cond)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t)
         if y is not None:
             c = c + self.y_embedder(y)
+        if w is not None:
+            c = c + self.w_embedder(w * GUIDANCE_EMBED_SCALE)
         for block in self.blocks:
             h = maybe_checkpoint(block, h, c, enabled=self.use_checkpoint)
         return self.unpatchify(self.final_layer(h, c)).to(x.dtype)

@@ -252,6 +252,8 @@ def unet_kwargs(cfg: ModelConfig) -> dict:
         "use_scale_shift_norm": cfg.use_scale_shift_norm,
         "resblock_updown": cfg.resblock_updown,
         "use_new_attention_order": cfg.use_new_attention_order,
+        "class_dropout_prob": cfg.class_dropout_prob if cfg.class_cond else 0.0,
+        "guidance_cond": cfg.guidance_cond,
     }
 
 
@@ -269,6 +271,7 @@ def vit_kwargs(cfg: ModelConfig) -> dict:
         "num_classes": cfg.num_classes if cfg.class_cond else None,
         "learn_sigma": cfg.learn_sigma,
         "use_checkpoint": cfg.use_checkpoint,
+        "guidance_cond": cfg.guidance_cond,
     }
 
 
