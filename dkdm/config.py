@@ -156,8 +156,28 @@ class DistillConfig:
     simple_only: bool = False
     clip_teacher_mean: bool = False  # True: the official release's variance term (teacher mean from clipped x_0)
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
+    # Step distillation (dkdm.distill.objectives): which objective, and each one's settings.
+    objective: str = "dkdm"  # dkdm | luhman | progressive | consistency
+    student_init: str = (
+        ""  # "" = the objective's default (teacher for progressive/consistency) | random | teacher | a .pt
+    )
+    parameterization: str = (
+        ""  # step students: x0 | v | eps | skip-x0 | skip-v | skip-eps; "" = the objective's default
+    )
+    step_clip: bool = True  # teacher DDIM targets clip x_0 to [-1, 1], as sample.py's DDIM does
+    luhman_steps: int = 25  # luhman: teacher DDIM steps per (noise, image) pair
+    progressive_start: int = 32  # progressive: the first round's student steps (its teacher takes twice as many)
+    progressive_end: int = 1  # progressive: the last round's student steps (halving from progressive_start)
+    round_steps: int = 500  # progressive: optimizer steps per round
+    step_weighting: str = "truncated_snr"  # progressive: truncated_snr (max(SNR, 1)) | snr_plus_one
+    cm_steps: int = 18  # consistency: N, the number of grid intervals
+    cm_ema: float = 0.95  # consistency: EMA decay of the target network
+    sigma_data: float = 0.5  # consistency: sigma_data of the skip/out parameterisation
 
     def __post_init__(self) -> None:
+        objectives = ("dkdm", "luhman", "progressive", "consistency")
+        if self.objective not in objectives:
+            raise ConfigError(f"--objective must be one of {', '.join(objectives)}, got {self.objective!r}")
         dev = self.pool_device
         if not (dev in ("", "auto", "cpu") or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev)):
             raise ConfigError(f"--pool_device must be auto (the training device), cpu or cuda[:N], got {dev!r}")

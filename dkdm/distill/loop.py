@@ -24,6 +24,7 @@ from dkdm import dist, logger
 from dkdm.config import DistillConfig, TrainConfig, to_dict
 from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
+from dkdm.distill.objectives import build_objective
 from dkdm.distill.pool import DynamicPool, teacher_fingerprint
 from dkdm.training import Trainer
 from dkdm.training.precision import autocast, autocast_dtype
@@ -103,57 +104,69 @@ class DistillLoop:
         self.teacher_dtype = autocast_dtype(distill.teacher_precision, "teacher_precision")
 
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.student = student
         self.teacher_diffusion, self.student_diffusion = teacher_diffusion, student_diffusion
-        self.objective = DKDMObjective(
-            teacher_diffusion,
-            student_diffusion,
-            simple_only=distill.simple_only,
-            clip_teacher_mean=distill.clip_teacher_mean,
-        )
-        for w in self.objective.warnings:
-            logger.warn(w)
+        self.objective: Any = None
+        if distill.objective == "dkdm":
+            self.objective = DKDMObjective(
+                teacher_diffusion,
+                student_diffusion,
+                simple_only=distill.simple_only,
+                clip_teacher_mean=distill.clip_teacher_mean,
+            )
+            for w in self.objective.warnings:
+                logger.warn(w)
 
         tcfg = getattr(teacher, "config", None)
         scfg = getattr(student, "config", None)
         shape = self._sample_shape(tcfg, scfg)
+        self.sample_shape = shape
         class_cond = bool(getattr(tcfg, "class_cond", False))
         if scfg is not None and bool(getattr(scfg, "class_cond", False)) != class_cond:
             raise ValueError(
                 "teacher and student must both be class-conditional or both unconditional "
                 f"(teacher class_cond={class_cond}); set --student.class_cond accordingly"
             )
-        self.pool = DynamicPool(
-            teacher_diffusion,
-            shape,
-            self.batch_size,
-            rho=distill.rho,
-            variant=distill.pool,
-            device=self.device,
-            pool_device=self.device if distill.pool_device in ("", "auto") else distill.pool_device,
-            teacher_batch=distill.teacher_batch,
-            num_classes=tcfg.num_classes if class_cond else None,
-            discard_prob=distill.discard_prob,
-            warmup=distill.warmup,
-            warmup_jumps=distill.warmup_jumps,
-            warmup_exact=distill.warmup_exact,
-            seed=train.seed,
-            rank=self.rank,
-            world_size=self.world,
-        )
-        logger.log(
-            f"pool: {distill.pool}, {self.pool.size} samples per rank (rho={distill.rho}, b={self.batch_size}), "
-            f"{self.pool.memory['pool'] / 2**20:.1f} MiB on {self.pool.pool_device}, "
-            f"{self.pool.memory['per_sample']} bytes per sample"
-        )
         self.run_dir = run_dir
         self.teacher_key = teacher_key
+        # The method decides whether there is a pool; it may initialise the student (before the trainer
+        # resumes, which then overwrites the weights) and adds its own state to the checkpoints.
+        self.method = build_objective(self, distill, class_cond=class_cond)
+        self.pool: DynamicPool | None = None
+        if self.method.uses_pool:
+            self.pool = DynamicPool(
+                teacher_diffusion,
+                shape,
+                self.batch_size,
+                rho=distill.rho,
+                variant=distill.pool,
+                device=self.device,
+                pool_device=self.device if distill.pool_device in ("", "auto") else distill.pool_device,
+                teacher_batch=distill.teacher_batch,
+                num_classes=tcfg.num_classes if class_cond else None,
+                discard_prob=distill.discard_prob,
+                warmup=distill.warmup,
+                warmup_jumps=distill.warmup_jumps,
+                warmup_exact=distill.warmup_exact,
+                seed=train.seed,
+                rank=self.rank,
+                world_size=self.world,
+            )
+            logger.log(
+                f"pool: {distill.pool}, {self.pool.size} samples per rank (rho={distill.rho}, b={self.batch_size}), "
+                f"{self.pool.memory['pool'] / 2**20:.1f} MiB on {self.pool.pool_device}, "
+                f"{self.pool.memory['per_sample']} bytes per sample"
+            )
+        logger.log(self.method.describe())
+        extra = {"pool": self.pool} if self.pool is not None else {}
+        extra.update(self.method.extra_state())
         self.trainer = Trainer(
             student,
             student_diffusion,
             cfg=train,
             run_dir=run_dir,
             config_to_save=config_to_save or {"train": train, "distill": distill},
-            extra_state={"pool": self.pool},
+            extra_state=extra,
         )
         self._timer = _Timer(self.device)
 
@@ -176,15 +189,20 @@ class DistillLoop:
     @torch.no_grad()
     def teacher_forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The teacher's output at step indices ``t`` (no grad; autocast if fp16/bf16)."""
+        return self.run_net(self.teacher, self.teacher_diffusion, x, t, y)
+
+    @torch.no_grad()
+    def run_net(self, net: torch.nn.Module, diffusion: Any, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """A frozen network's output at step indices ``t`` of ``diffusion``, under the teacher's precision."""
         kwargs = {"y": y} if y is not None else {}
-        ts = self.teacher_diffusion.model_timesteps(t)
+        ts = diffusion.model_timesteps(t)
         with autocast(self.device.type, self.teacher_dtype):
-            out = self.teacher(x, ts, **kwargs)
+            out = net(x, ts, **kwargs)
         return out if self.teacher_dtype is None else out.float()
 
     def prepare_pool(self, progress: bool = True) -> None:
         """Shuffle-denoise the pool (or load it from the cache); every rank its own pool."""
-        if self.pool.prepared:
+        if self.pool is None or self.pool.prepared:
             return
         key = self.teacher_key or teacher_id(self.teacher, getattr(self.teacher, "config", None))
         cache = self.cfg.pool_cache_dir or os.path.join(self.run_dir, "pool_cache")
@@ -197,8 +215,12 @@ class DistillLoop:
         )
 
     # ------------------------------------------------------------------ trainer callables
-    def next_batch(self) -> dict[str, Tensor]:
-        """Draw ``b`` samples, run the teacher once, advance the pool; return the batch."""
+    def pool_step(self) -> tuple[dict[str, Tensor], Tensor]:
+        """Draw ``b`` samples, run the teacher once, advance the pool; return the batch and the teacher's output.
+
+        The batch holds the samples as drawn (before the step). With ``discard_prob`` the teacher
+        may run several times; only the last batch is returned.
+        """
         timer = self._timer
         timer.mark("student_end")
         timer.span("student_ms", "update_end", "student_end")
@@ -218,17 +240,20 @@ class DistillLoop:
             hist = self.pool.t_histogram(4)
             for i in range(4):
                 logger.logkv_mean(f"pool_t_q{i}", hist[i])
-        batch["teacher_out"] = out
-        return batch
+        return batch, out
+
+    def next_batch(self) -> dict[str, Tensor]:
+        """One step's batch from the objective (DKDM: the pool batch with the teacher's output)."""
+        with torch.no_grad():
+            return self.method.next_batch(self)
 
     def loss_fn(self, model: torch.nn.Module, micro: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The DKDM objective on a microbatch: ``(mean loss, per-sample terms with t)``."""
-        kwargs = {"y": micro["y"]} if "y" in micro else {}
-        terms = self.objective.losses(model, micro["x_t"], micro["t"], micro["teacher_out"], kwargs)
-        terms["t"] = micro["t"]
-        return terms["loss"].mean(), terms
+        """The objective on a microbatch: ``(mean loss, per-sample terms)``."""
+        return self.method.loss_fn(model, micro)
 
     def run(self, progress: bool = True) -> int:
         """Prepare the pool if needed, then distill until the trainer is done; return the step."""
         self.prepare_pool(progress=progress)
-        return self.trainer.run(self.next_batch, self.loss_fn)
+        step = self.trainer.run(self.next_batch, self.loss_fn)
+        self.method.finish(self)
+        return step
