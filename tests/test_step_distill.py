@@ -4,6 +4,9 @@ Targets are pinned against float64 DDIM computed here from the schedule's formul
 code under test), with an analytic teacher that runs in any dtype.
 """
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +53,16 @@ def tiny_student(seed=1):
     return create_model("digits-vit", hidden_size=32, depth=2, num_heads=2)
 
 
+def net_teacher(seed=0):
+    """A tiny network teacher of the students' architecture (progressive and consistency start from its weights)."""
+    torch.manual_seed(seed)
+    m = create_model("digits-vit", hidden_size=32, depth=2, num_heads=2)
+    with torch.no_grad():  # output layers start at zero; a teacher must say something
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
 def make_loop(run_dir, teacher=None, student=None, **overrides):
     train_kw = {
         "batch_size": 16,
@@ -91,3 +104,337 @@ def test_dkdm_is_one_implementation_of_the_interface(tmp_path):
     assert loop.method.uses_pool and loop.pool is not None and set(loop.trainer.extra_state) == {"pool"}
     loop.run(progress=False)
     assert loop.trainer.step == 2
+
+
+# ---------------------------------------------------------------------- float64 references (formulas only)
+
+
+def abar64(d):
+    return np.cumprod(1.0 - np.asarray(d.betas, dtype=np.float64))
+
+
+def ext(ab, s):
+    """abar at an extended step (-1: the clean end, abar = 1)."""
+    return 1.0 if s < 0 else float(ab[s])
+
+
+def gauss_eps64(ab, x, t):
+    a = ab[t]
+    return math.sqrt(1 - a) * x / (a * 0.25 + 1 - a)
+
+
+def ddim64(ab, x, t, s, clip=True):
+    """One eta = 0 DDIM step of the Gaussian teacher from t to s, float64 numpy."""
+    a = ab[t]
+    x0 = (x - math.sqrt(1 - a) * gauss_eps64(ab, x, t)) / math.sqrt(a)
+    if clip:
+        x0 = np.clip(x0, -1, 1)
+    eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+    a_s = ext(ab, s)
+    return math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+
+
+# ---------------------------------------------------------------------- Luhman & Luhman
+
+
+def test_luhman_target_is_the_teachers_ddim_sample(tmp_path):
+    d = diffusion()
+    teacher = GaussTeacher(d)
+    loop = make_loop(tmp_path, teacher=teacher, objective="luhman", luhman_steps=5)
+    assert loop.pool is None and set(loop.trainer.extra_state) == {"pairs"}
+    teacher.calls = 0
+    batch = loop.next_batch()
+    assert teacher.calls == 5 and loop.method.teacher_evals == 5  # K teacher calls of b samples per student step
+    assert torch.equal(batch["t"], torch.full((16,), T - 1))
+    # guided-diffusion's 5-of-20 respacing: steps {0, 5, 10, 14, 19}, then the clean end.
+    ab, x = abar64(d), batch["x_t"].double().numpy()
+    for t, s in [(19, 14), (14, 10), (10, 5), (5, 0), (0, -1)]:
+        x = ddim64(ab, x, t, s)
+    assert np.abs(batch["target"].double().numpy() - x).max() < 1e-4  # float32 run vs float64 formulas
+    # ... and what sample.py's DDIM (the respaced diffusion's own loop) draws from the same noise.
+    spaced = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True, timestep_respacing="5")
+    same = spaced.ddim_sample_loop(teacher, tuple(batch["x_t"].shape), noise=batch["x_t"])
+    assert torch.allclose(same, batch["target"], atol=2e-5)
+
+
+def test_luhman_student_learns(tmp_path):
+    d = diffusion()
+    loop = make_loop(tmp_path, objective="luhman", luhman_steps=4, max_steps=300, log_interval=100)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1, 8, 8, generator=g)
+    from dkdm.distill.objectives.luhman import teacher_ddim
+
+    target = teacher_ddim(loop.teacher_forward, d, x, loop.method.grid)
+
+    def err():
+        with torch.no_grad():
+            t = torch.full((64,), T - 1)
+            return ((loop.method.param.x0(loop.trainer.model(x, t), x, t) - target) ** 2).mean().item()
+
+    before = err()
+    loop.run(progress=False)
+    after = err()
+    assert after < 0.3 * before, (before, after)
+
+
+def test_luhman_refuses_an_epsilon_student(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+
+    with pytest.raises(ObjectiveError, match="use x0 or v"):
+        make_loop(tmp_path, objective="luhman", parameterization="eps")
+
+
+# ---------------------------------------------------------------------- exact resume, every objective
+
+
+def _files(d, step):
+    import glob
+    import os
+
+    return {os.path.basename(p): torch.load(p, weights_only=False) for p in glob.glob(str(d / f"*{step:06d}*.pt"))}
+
+
+RESUME = {
+    "luhman": ({"objective": "luhman", "luhman_steps": 3}, {"pairs"}),
+    "progressive": (
+        {"objective": "progressive", "progressive_start": 4, "progressive_end": 1, "round_steps": 3},
+        {"pool", "rounds"},
+    ),
+    "consistency": ({"objective": "consistency", "cm_steps": 6, "cm_ema": 0.9}, {"pool", "target"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUME))
+def test_exact_resume(tmp_path, name):
+    """Stopped at step 4 and resumed, a run ends with every file of step 9 equal to a straight run's."""
+    from test_distill_loop import _assert_same
+
+    kw, extra = RESUME[name]
+    kw = {**kw, "save_interval": 4}
+    straight = make_loop(tmp_path / "a", teacher=net_teacher(), student=tiny_student(), max_steps=9, **kw)
+    assert set(straight.trainer.extra_state) == extra
+    straight.run(progress=False)
+    first = make_loop(tmp_path / "b", teacher=net_teacher(), student=tiny_student(), max_steps=4, **kw)
+    first.run(progress=False)
+    resumed = make_loop(tmp_path / "b", teacher=net_teacher(), student=tiny_student(seed=7), max_steps=9, **kw)
+    assert resumed.trainer.step == 4
+    resumed.run(progress=False)
+    a, b = _files(tmp_path / "a", 9), _files(tmp_path / "b", 9)
+    assert set(a) == set(b) and {f"{n}000009.pt" for n in extra} <= set(a)
+    for key in ("log_dir", "pool_cache_dir"):
+        for group in ("train", "distill"):
+            a["opt000009.pt"]["config"].get(group, {}).pop(key, None)
+            b["opt000009.pt"]["config"].get(group, {}).pop(key, None)
+    for f in a:
+        _assert_same(a[f], b[f], f)
+
+
+# ---------------------------------------------------------------------- progressive distillation
+
+
+def test_nested_grids():
+    from dkdm.distill.objectives import step_grid
+
+    # t_j = floor(j T / n + 1/2) - 1 written out for T = 20: the 8-step grid holds the 4-step one at even j.
+    assert step_grid(20, 8) == [-1, 2, 4, 7, 9, 12, 14, 17, 19]
+    assert step_grid(20, 4) == [-1, 4, 9, 14, 19] == step_grid(20, 8)[::2]
+    assert step_grid(20, 1) == [-1, 19]
+    for T_, n in [(100, 64), (100, 50), (1000, 512), (4000, 1024)]:
+        assert step_grid(T_, n // 2) == step_grid(T_, n)[::2]
+
+
+def test_progressive_two_step_target_against_float64(tmp_path):
+    d = diffusion()
+    loop = make_loop(
+        tmp_path,
+        objective="progressive",
+        progressive_start=4,
+        progressive_end=1,
+        round_steps=5,
+        max_steps=15,
+        student=tiny_student(),
+        student_init="random",
+    )
+    obj = loop.method
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 1, 8, 8, generator=g)
+    j = torch.tensor([1, 2, 3, 4, 4, 3, 2, 1])
+    u, target = obj.target(loop, 0, z, j)
+    fine = [-1, 2, 4, 7, 9, 12, 14, 17, 19]  # the teacher's 8-step grid (see test_nested_grids)
+    assert u.tolist() == [fine[2 * k] for k in j.tolist()]
+    ab = abar64(d)
+    for i, k in enumerate(j.tolist()):
+        t, mid, end = fine[2 * k], fine[2 * k - 1], fine[2 * k - 2]
+        z0 = z[i].double().numpy()
+        z2 = ddim64(ab, ddim64(ab, z0, t, mid), mid, end)
+        a, s = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
+        a2, s2 = math.sqrt(ext(ab, end)), math.sqrt(1 - ext(ab, end))
+        want = (z2 - s2 / s * z0) / (a2 - s2 / s * a)
+        assert np.abs(target[i].double().numpy() - want).max() < 1e-4, (k, np.abs(target[i].numpy() - want).max())
+        # the defining property: one DDIM step of the student from (z, t) with x_0 = target lands on z2
+        eps = (z0 - a * want) / s
+        assert np.abs(a2 * want + s2 * eps - z2).max() < 1e-9
+
+
+def test_progressive_batch_is_on_the_grid_and_weighted(tmp_path):
+    loop = make_loop(
+        tmp_path,
+        objective="progressive",
+        progressive_start=4,
+        progressive_end=1,
+        round_steps=5,
+        max_steps=15,
+        teacher=net_teacher(),
+        student=tiny_student(),
+    )
+    loop.prepare_pool(progress=False)
+    batch = loop.next_batch()
+    assert set(batch["t"].tolist()) <= {4, 9, 14, 19}
+    loss, terms = loop.loss_fn(loop.trainer.model, batch)
+    ab = abar64(diffusion())
+    snr = torch.tensor([ab[t] / (1 - ab[t]) for t in batch["t"].tolist()], dtype=torch.float32)
+    assert torch.allclose(terms["loss"], terms["mse"] * snr.clamp(min=1))  # Salimans & Ho: max(SNR, 1)
+    assert torch.allclose(loss, terms["loss"].mean())
+
+
+def test_progressive_rounds_hand_over_and_write_checkpoints(tmp_path):
+    import os
+
+    loop = make_loop(
+        tmp_path,
+        objective="progressive",
+        progressive_start=4,
+        progressive_end=1,
+        round_steps=3,
+        max_steps=9,
+        teacher=net_teacher(),
+        student=tiny_student(),
+    )
+    # initialised from the teacher's weights
+    t_sd = loop.teacher.state_dict()
+    assert all(torch.equal(v, t_sd[k]) for k, v in loop.trainer.model.state_dict().items())
+    loop.run(progress=False)
+    names = sorted(f for f in os.listdir(tmp_path) if f.startswith("round"))
+    assert names == ["round00_4steps.pt", "round01_2steps.pt", "round02_1steps.pt", "rounds000009.pt"]
+    r1 = torch.load(tmp_path / "round01_2steps.pt")
+    # round 2's teacher is round 1's final student; the last round's file is the final model
+    assert all(torch.equal(v, r1[k]) for k, v in loop.method.rounds.net.state_dict().items())
+    final = torch.load(tmp_path / "round02_1steps.pt")
+    assert all(torch.equal(v, final[k]) for k, v in loop.trainer.model.state_dict().items())
+    assert loop.method.rounds.round == 2
+
+
+def test_progressive_refusals(tmp_path):
+    from dkdm.config import ConfigError
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.progressive import round_schedule
+
+    assert round_schedule(32, 1, 100) == [32, 16, 8, 4, 2, 1]
+    with pytest.raises(
+        ObjectiveError,
+        match="halve the step count from --progressive_start 32: 32, 16, 8, 4, 2, 1; "
+        "--progressive_end 3 is not on that schedule",
+    ):
+        round_schedule(32, 3, 100)
+    with pytest.raises(ObjectiveError, match="2 x 64 = 128 DDIM steps but the chain has T = 100"):
+        round_schedule(64, 1, 100)
+    kw = {"objective": "progressive", "progressive_start": 4, "round_steps": 3, "teacher": net_teacher()}
+    with pytest.raises(ObjectiveError, match="set --max_steps 9"):
+        make_loop(tmp_path / "a", max_steps=0, **kw)
+    with pytest.raises(ObjectiveError, match="past the last round"):
+        make_loop(tmp_path / "a", max_steps=12, **kw)
+    with pytest.raises(ObjectiveError, match="use v or x0"):
+        make_loop(tmp_path / "a", max_steps=9, parameterization="eps", **kw)
+    with pytest.raises(ObjectiveError, match="teacher's architecture"):
+        make_loop(tmp_path / "a", max_steps=9, **{**kw, "teacher": GaussTeacher(diffusion())})
+    # resuming with another round schedule: the run directory's config refuses, naming the field ...
+    make_loop(tmp_path / "b", max_steps=4, save_interval=4, **kw).run(progress=False)
+    with pytest.raises(ConfigError, match="distill.round_steps: 3 there, 2 now"):
+        make_loop(tmp_path / "b", max_steps=6, **{**kw, "round_steps": 2})
+    # ... and so does the checkpoint's round state when resumed from elsewhere
+    other = make_loop(tmp_path / "c", max_steps=6, **{**kw, "round_steps": 2, "teacher": net_teacher()})
+    with pytest.raises(ObjectiveError, match=r"trained on the progressive rounds \[4, 2, 1\] of 3 steps each"):
+        other.method.rounds.load_state_dict(torch.load(tmp_path / "b" / "rounds000004.pt"))
+
+
+# ---------------------------------------------------------------------- consistency distillation
+
+
+def test_consistency_boundary_is_exact():
+    from dkdm.distill.objectives import Parameterization
+
+    d = diffusion()
+    x = torch.randn(6, 1, 8, 8)
+    out = 10 * torch.randn(6, 2, 8, 8)  # whatever the network says
+    for spec in ("skip-v", "skip-x0", "skip-eps"):
+        p = Parameterization(spec, d, sigma_data=0.5)
+        assert torch.equal(p.x0(out, x, torch.zeros(6, dtype=torch.long)), x), spec
+        assert not torch.allclose(p.x0(out, x, torch.full((6,), 5)), x), spec
+    # at high noise the skip form is (nearly) the head's x_0: v-head x_0 = alpha x - sigma v
+    ab = abar64(d)
+    p = Parameterization("skip-v", d, sigma_data=0.5)
+    t = T - 1
+    head = math.sqrt(ab[t]) * x - math.sqrt(1 - ab[t]) * out[:, :1]
+    ve, ve0 = math.sqrt((1 - ab[t]) / ab[t]), math.sqrt((1 - ab[0]) / ab[0])
+    c_skip = 0.25 / ((ve - ve0) ** 2 + 0.25)
+    c_out = (ve - ve0) / math.sqrt((ve - ve0) ** 2 + 0.25)
+    assert torch.allclose(p.x0(out, x, torch.full((6,), t)), c_skip * x + c_out * head, atol=1e-5)
+
+
+def test_consistency_target_is_one_teacher_ddim_step_then_the_target_network(tmp_path):
+    d = diffusion()
+    teacher = GaussTeacher(d)
+    loop = make_loop(
+        tmp_path, objective="consistency", cm_steps=6, teacher=teacher, student=tiny_student(), student_init="random"
+    )
+    loop.prepare_pool(progress=False)
+    teacher.calls = 0
+    batch = loop.next_batch()
+    assert teacher.calls == 2  # one pool evaluation, one ODE step
+    grid = [0, 2, 6, 9, 12, 16, 19]  # s_0 = 0, then floor(j 20/6 + 1/2) - 1
+    assert loop.method.grid == grid
+    ab = abar64(d)
+    net = loop.method.target_net.net
+    for i in range(16):
+        t1 = int(batch["t"][i])
+        t0 = grid[grid.index(t1) - 1]
+        z_prev = ddim64(ab, batch["x_t"][i].double().numpy(), t1, t0)
+        zt = torch.from_numpy(z_prev).float()[None]
+        with torch.no_grad():
+            v = net(zt, torch.tensor([t0]))[0, :1].double().numpy()
+        a, s = math.sqrt(ab[t0]), math.sqrt(1 - ab[t0])
+        ve, ve0 = s / a, math.sqrt((1 - ab[0]) / ab[0])
+        c_skip = 0.25 / ((ve - ve0) ** 2 + 0.25)
+        c_out = (ve - ve0) / math.sqrt((ve - ve0) ** 2 + 0.25)
+        want = c_skip * z_prev + c_out * (a * z_prev - s * v)
+        assert np.abs(batch["target"][i].double().numpy() - want).max() < 1e-4, t1
+
+
+def test_consistency_target_network_is_an_ema(tmp_path):
+    loop = make_loop(
+        tmp_path,
+        objective="consistency",
+        cm_steps=6,
+        cm_ema=0.9,
+        teacher=net_teacher(),
+        student=tiny_student(),
+        max_steps=2,
+    )
+    loop.prepare_pool(progress=False)
+    theta0 = [p.detach().clone() for p in loop.trainer.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(theta0, loop.method.target_net.net.parameters()))
+    loop.trainer.run_step(loop.next_batch, loop.loss_fn)
+    theta1 = [p.detach().clone() for p in loop.trainer.model.parameters()]
+    loop.next_batch()  # applies the update for the step just taken
+    for a, b, tgt in zip(theta0, theta1, loop.method.target_net.net.parameters()):
+        assert torch.allclose(tgt, 0.9 * a + 0.1 * b, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, theta1))
+
+
+def test_consistency_refuses_a_student_without_the_skip_form(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+
+    with pytest.raises(ObjectiveError, match="needs the skip/out parameterisation.*use skip-v"):
+        make_loop(tmp_path, objective="consistency", parameterization="v", teacher=net_teacher())
+    with pytest.raises(ObjectiveError, match="--cm_steps 15"):
+        make_loop(tmp_path, objective="consistency", cm_steps=15, teacher=net_teacher())
