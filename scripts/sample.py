@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dkdm import dist, fileio, logger, sampling
 from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
 from dkdm.diffusion import create_diffusion
+from dkdm.distill.objectives.sampling import step_sampler_for
 from dkdm.models import create_model, load_checkpoint
 
 
@@ -30,6 +31,8 @@ def main(argv: list[str]) -> None:
     model_cfg, diff_cfg, source = sampling.resolve_configs(path, args.overrides)
     model = load_checkpoint(create_model(model_cfg), path).to(dist.dev())
     diffusion = create_diffusion(diff_cfg)  # validate everything before the manifest binds the output
+    # A step-distilled student (luhman / progressive / consistency run) samples with its own sampler and step count.
+    diffusion = step_sampler_for(path, diff_cfg) or diffusion
     shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), dist.dev().type)
@@ -43,9 +46,11 @@ def main(argv: list[str]) -> None:
     error = dist.broadcast_object(error)
     if error:
         raise sampling.SamplingError(error)
+    how = f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps"
+    how = diffusion.describe() if hasattr(diffusion, "describe") else how
     logger.log(
         f"sampling {path} ({model_cfg.name or model_cfg.arch}, config from {source}), "
-        f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps, "
+        f"{how}, "
         f"{cfg.num_samples} images on {dist.get_world_size()} process(es) -> {output}"
     )
     sizes = sampling.shard_sizes(cfg.num_samples, cfg.batch_size)

@@ -438,3 +438,124 @@ def test_consistency_refuses_a_student_without_the_skip_form(tmp_path):
         make_loop(tmp_path, objective="consistency", parameterization="v", teacher=net_teacher())
     with pytest.raises(ObjectiveError, match="--cm_steps 15"):
         make_loop(tmp_path, objective="consistency", cm_steps=15, teacher=net_teacher())
+
+
+# ---------------------------------------------------------------------- sampling the students
+
+
+class X0Teacher(torch.nn.Module):
+    """The Gaussian teacher's x_0 prediction as an output (an 'x0' student that is exactly right)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.eps = GaussTeacher(d)
+
+    def forward(self, x, t):  # in float64: (x - sigma eps) / alpha cancels badly at t = T-1 in float32
+        x64, ab = x.double(), self.eps.abar64[t].view(-1, 1, 1, 1)
+        return ((x64 - (1 - ab).sqrt() * self.eps(x64, t)[:, :1]) / ab.sqrt()).float()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_k_step_ddim_sampler_against_float64(steps):
+    from dkdm.distill.objectives import Parameterization, step_grid
+    from dkdm.distill.objectives.sampling import ddim_student_sample
+
+    d = diffusion()
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = ddim_student_sample(X0Teacher(d), Parameterization("x0", d), d, noise, steps)
+    grid, ab, x = step_grid(T, steps), abar64(d), noise.double().numpy()
+    for i in range(steps, 0, -1):
+        x = ddim64(ab, x, grid[i], grid[i - 1])
+    assert np.abs(got.double().numpy() - x).max() < 1e-4
+
+
+def test_multistep_consistency_sampling():
+    from dkdm.distill.objectives import Parameterization
+    from dkdm.distill.objectives.sampling import consistency_sample, consistency_times
+
+    d = diffusion()
+    assert consistency_times(T, 6, 1) == [19] and consistency_times(T, 6, 2) == [19, 9]
+    assert consistency_times(T, 6, 6) == [19, 16, 12, 9, 6, 2]
+    c = torch.linspace(-0.9, 0.9, 64).view(1, 1, 8, 8)
+
+    def const(x, t):  # an x0 head that always says c
+        return c.expand(x.shape[0], -1, -1, -1)
+
+    p = Parameterization("skip-x0", d)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    got = consistency_sample(const, p, d, noise, [19, 9], torch.Generator().manual_seed(5))
+    ab = abar64(d)
+    ve = np.sqrt((1 - ab) / ab)
+
+    def f(x, t):
+        dd = ve[t] - ve[0]
+        return 0.25 / (dd**2 + 0.25) * x + dd / math.sqrt(dd**2 + 0.25) * c.double().numpy()
+
+    x = np.clip(f(noise.double().numpy(), 19), -1, 1)
+    z = torch.randn(noise.shape, generator=torch.Generator().manual_seed(5)).double().numpy()
+    a9, a0 = math.sqrt(ab[9]), math.sqrt(ab[0])
+    x = np.clip(f(a9 / a0 * x + a9 * math.sqrt(ve[9] ** 2 - ve[0] ** 2) * z, 9), -1, 1)
+    assert np.abs(got.double().numpy() - x).max() < 1e-5
+
+
+def test_step_sampler_refusals():
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.sampling import StepSampler
+
+    d = diffusion()
+    with pytest.raises(ObjectiveError, match="deterministic sampler; --eta 0.5 asks for a stochastic one"):
+        StepSampler(d, {"objective": "progressive", "progressive_start": 4}).ddim_sample_loop(
+            None, (1, 1, 8, 8), eta=0.5
+        )
+    with pytest.raises(ObjectiveError, match="trained on 4, 2, 1 steps; 8 is not among them"):
+        StepSampler(d, {"objective": "progressive", "progressive_start": 4}, steps=8)
+    with pytest.raises(ObjectiveError, match="samples in one step, not 2"):
+        StepSampler(d, {"objective": "luhman"}, steps=2)
+    with pytest.raises(ObjectiveError, match="samples in 1..6 steps, not 7"):
+        StepSampler(d, {"objective": "consistency", "cm_steps": 6}, steps=7)
+
+
+# ---------------------------------------------------------------------- the scripts
+
+
+def _script(name, *args):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    cmd = [sys.executable, os.path.join(root, "scripts", name), *args]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240, check=False)
+
+
+def test_progressive_from_dkdm_train_then_sample(tmp_path):
+    """The embedded digits teacher, two rounds of two steps each, then sample.py on the 1-step round checkpoint."""
+    run = tmp_path / "run"
+    common = ["--objective", "progressive", "--progressive_start", "2", "--round_steps", "2", "--lr_anneal_steps", "0"]
+    common += ["--pool", "iterative", "--batch_size", "8", "--log_dir", str(run)]
+    p = _script("dkdm_train.py", *common, "--max_steps", "4")
+    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "--student_arch" in p.stderr, p.stderr[-2000:]
+    p = _script("dkdm_train.py", *common, "--max_steps", "4", "--student_arch", "digits-teacher")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "3 teacher evaluations per student sample per step" in p.stdout
+    assert (run / "round00_2steps.pt").exists() and (run / "round01_1steps.pt").exists()
+    out = tmp_path / "s.npz"
+    p = _script("sample.py", "--model_path", str(run / "round01_1steps.pt"), "--num_samples", "8", "--output", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 step(s) of the progressive student's deterministic sampler" in p.stdout
+    with np.load(out) as z:
+        assert z["arr_0"].shape == (8, 8, 8, 1)
+    p = _script(
+        "sample.py",
+        "--model_path",
+        str(run / "round01_1steps.pt"),
+        "--num_samples",
+        "8",
+        "--output",
+        str(tmp_path / "t.npz"),
+        "--use_ddim",
+        "--eta",
+        "0.5",
+    )
+    assert p.returncode == 1 and "deterministic sampler; --eta 0.5" in p.stderr, p.stderr[-2000:]

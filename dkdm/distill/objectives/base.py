@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dkdm.diffusion.gaussian import ModelMeanType
 from dkdm.distill.objective import ObjectiveError
 
 __all__ = [
@@ -100,7 +101,7 @@ def check_same_chain(teacher_diffusion: Any, student_diffusion: Any, what: str) 
                 f"{what}: the {who} diffusion is respaced; train on the full chain and leave "
                 "--timestep_respacing empty (the step count is the objective's own setting)"
             )
-        if str(getattr(d, "model_mean_type", "")).endswith("PREVIOUS_X"):
+        if d.model_mean_type == ModelMeanType.PREVIOUS_X:
             raise ObjectiveError(f"{what}: the {who} predicts x_(t-1) (PREVIOUS_X); use epsilon or x_0 models")
     if teacher_diffusion.num_timesteps != student_diffusion.num_timesteps or not np.allclose(
         teacher_diffusion.betas, student_diffusion.betas, rtol=1e-6, atol=1e-9
