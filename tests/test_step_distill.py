@@ -559,3 +559,72 @@ def test_progressive_from_dkdm_train_then_sample(tmp_path):
         "0.5",
     )
     assert p.returncode == 1 and "deterministic sampler; --eta 0.5" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["luhman", "progressive", "consistency"])
+def test_digits_presets_resolve(name):
+    import importlib.util
+    import os
+
+    from dkdm.distill.objectives.progressive import round_schedule
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("dkdm_train_script", os.path.join(root, "scripts", "dkdm_train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfgs, _ = mod.resolve(["--config", os.path.join(root, "configs", "digits", f"step_{name}.yaml")])
+    distill, train = cfgs["distill"], cfgs["train"]
+    assert distill.objective == name and cfgs["student"] == cfgs["teacher"]  # the teacher's architecture
+    assert cfgs["diffusion"] == cfgs["teacher_diffusion"]
+    if name == "progressive":
+        sched = round_schedule(distill.progressive_start, distill.progressive_end, cfgs["diffusion"].steps)
+        assert train.max_steps == len(sched) * distill.round_steps and train.lr_anneal_steps == 0
+
+
+def test_progressive_under_mpiexec(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip("mpiexec (pip install mpich) not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "run"
+    cmd = [
+        mpiexec,
+        "-n",
+        "2",
+        sys.executable,
+        os.path.join(root, "scripts", "dkdm_train.py"),
+        "--objective",
+        "progressive",
+        "--student_arch",
+        "digits-teacher",
+        "--progressive_start",
+        "2",
+        "--round_steps",
+        "2",
+        "--max_steps",
+        "3",
+        "--lr_anneal_steps",
+        "0",
+        "--pool",
+        "iterative",
+        "--batch_size",
+        "8",
+        "--log_dir",
+        str(run),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = torch.load(run / "rounds000003.pt"), torch.load(run / "rounds000003_rank1.pt")
+    assert a["round"] == b["round"] == 1  # both ranks handed over to round 1 with the same teacher weights
+    assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])
+    pa, pb = (
+        torch.load(run / "pool000003.pt", weights_only=False),
+        torch.load(run / "pool000003_rank1.pt", weights_only=False),
+    )
+    assert not torch.equal(pa["x"], pb["x"])  # each rank its own pool
+    assert (run / "round00_2steps.pt").exists()
