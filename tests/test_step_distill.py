@@ -94,8 +94,8 @@ def make_loop(run_dir, teacher=None, student=None, **overrides):
 
 
 def test_unknown_objective_is_one_clear_line():
-    with pytest.raises(ConfigError, match="--objective must be one of dkdm, luhman, progressive, consistency"):
-        DistillConfig(objective="tract")
+    with pytest.raises(ConfigError, match="--objective must be one of dkdm, luhman, progressive, tract, consistency"):
+        DistillConfig(objective="boot")
 
 
 def test_dkdm_is_one_implementation_of_the_interface(tmp_path):
@@ -201,6 +201,10 @@ RESUME = {
         {"pool", "rounds"},
     ),
     "consistency": ({"objective": "consistency", "cm_steps": 6, "cm_ema": 0.9}, {"pool", "target"}),
+    "tract": (
+        {"objective": "tract", "tract_steps": "16,8,4,2", "round_steps": 3, "tract_ema": 0.8},
+        {"pool", "rounds", "selfteacher"},
+    ),
 }
 
 
@@ -353,8 +357,63 @@ def test_progressive_refusals(tmp_path):
         make_loop(tmp_path / "b", max_steps=6, **{**kw, "round_steps": 2})
     # ... and so does the checkpoint's round state when resumed from elsewhere
     other = make_loop(tmp_path / "c", max_steps=6, **{**kw, "round_steps": 2, "teacher": net_teacher()})
-    with pytest.raises(ObjectiveError, match=r"trained on the progressive rounds \[4, 2, 1\] of 3 steps each"):
+    with pytest.raises(ObjectiveError, match=r"trained on the rounds \[4, 2, 1\] of 3 steps each"):
         other.method.rounds.load_state_dict(torch.load(tmp_path / "b" / "rounds000004.pt"))
+
+
+# ---------------------------------------------------------------------- TRACT
+
+
+def test_tract_schedule_and_refusals(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.tract import tract_schedule
+
+    assert tract_schedule("64,8,1", 100) == ([8, 1], [64, 8])
+    with pytest.raises(ObjectiveError, match="64 -> 10 does not"):
+        tract_schedule("64,10,1", 100)
+    with pytest.raises(ObjectiveError, match="exceed the chain's T = 100"):
+        tract_schedule("128,8,1", 100)
+    with pytest.raises(ObjectiveError, match="at least one phase"):
+        tract_schedule("64", 100)
+    with pytest.raises(ObjectiveError, match="set --max_steps 6"):
+        make_loop(tmp_path, objective="tract", tract_steps="8,4,1", round_steps=3, max_steps=0, teacher=net_teacher())
+
+
+def test_tract_target_one_teacher_step_then_the_self_teacher(tmp_path):
+    d = diffusion()
+    loop = make_loop(
+        tmp_path,
+        objective="tract",
+        tract_steps="8,2,1",
+        round_steps=5,
+        max_steps=10,
+        student=tiny_student(),
+        student_init="random",
+    )
+    obj = loop.method
+    z = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    i = torch.arange(1, 9)
+    v, target = obj.target(loop, 0, z, i)
+    fine = [-1, 2, 4, 7, 9, 12, 14, 17, 19]  # the teacher's 8-step grid; 2 segments of 4 steps
+    assert v.tolist() == fine[1:]
+    ab, net = abar64(d), obj.self_teacher.net
+    for k in range(8):
+        ii = k + 1
+        t, prev, end = fine[ii], fine[ii - 1], fine[((ii - 1) // 4) * 4]
+        z0 = z[k].double().numpy()
+        z1 = ddim64(ab, z0, t, prev)
+        if prev == end:  # the teacher's step reaches the segment's end: no self-teacher
+            z2 = z1
+        else:  # the self-teacher (a v network) jumps from prev to the segment's end
+            with torch.no_grad():
+                vh = net(torch.from_numpy(z1).float()[None], torch.tensor([prev]))[0, :1].double().numpy()
+            x0 = np.clip(math.sqrt(ab[prev]) * z1 - math.sqrt(1 - ab[prev]) * vh, -1, 1)
+            eps = (z1 - math.sqrt(ab[prev]) * x0) / math.sqrt(1 - ab[prev])
+            z2 = math.sqrt(ext(ab, end)) * x0 + math.sqrt(1 - ext(ab, end)) * eps
+        a, s = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
+        a2, s2 = math.sqrt(ext(ab, end)), math.sqrt(1 - ext(ab, end))
+        want = (z2 - s2 / s * z0) / (a2 - s2 / s * a)
+        assert np.abs(target[k].double().numpy() - want).max() < 2e-4, (ii, np.abs(target[k].numpy() - want).max())
 
 
 # ---------------------------------------------------------------------- consistency distillation
@@ -509,6 +568,9 @@ def test_step_sampler_refusals():
         )
     with pytest.raises(ObjectiveError, match="trained on 4, 2, 1 steps; 8 is not among them"):
         StepSampler(d, {"objective": "progressive", "progressive_start": 4}, steps=8)
+    with pytest.raises(ObjectiveError, match="tract student was trained on 4, 1 steps; 2 is not among them"):
+        StepSampler(d, {"objective": "tract", "tract_steps": "8,4,1"}, steps=2)
+    assert StepSampler(d, {"objective": "tract", "tract_steps": "8,4,1"}).steps == 1
     with pytest.raises(ObjectiveError, match="samples in one step, not 2"):
         StepSampler(d, {"objective": "luhman"}, steps=2)
     with pytest.raises(ObjectiveError, match="samples in 1..6 steps, not 7"):

@@ -5,6 +5,8 @@ step-distillation methods make students that sample in few steps, without data:
 
 * ``luhman`` (Luhman & Luhman 2021): noise -> the teacher's deterministic DDIM sample, in one step;
 * ``progressive`` (Salimans & Ho 2022): rounds that halve the step count, ``x_t`` from the pool;
+* ``tract`` (Berthelot et al. 2023): progressive's rounds with fewer phases, each student spanning
+  several teacher steps through an EMA self-teacher;
 * ``consistency`` (Song et al. 2023, distillation): one teacher DDIM step between adjacent grid
   points starting from pool samples, an EMA target network, the skip/out parameterisation.
 
@@ -39,7 +41,7 @@ __all__ = [
     "step_grid",
 ]
 
-OBJECTIVES = ("dkdm", "luhman", "progressive", "consistency")
+OBJECTIVES = ("dkdm", "luhman", "progressive", "tract", "consistency")
 
 
 def build_objective(loop: Any, distill: Any, class_cond: bool = False) -> LoopObjective:
@@ -68,6 +70,10 @@ def build_objective(loop: Any, distill: Any, class_cond: bool = False) -> LoopOb
         from dkdm.distill.objectives.progressive import ProgressiveObjective
 
         return ProgressiveObjective(loop, distill)
+    if name == "tract":
+        from dkdm.distill.objectives.tract import TractObjective
+
+        return TractObjective(loop, distill)
     from dkdm.distill.objectives.consistency import ConsistencyObjective
 
     return ConsistencyObjective(loop, distill)

@@ -80,8 +80,9 @@ def two_step_target(sch: Schedule, z: Tensor, t: Tensor, z2: Tensor, s: Tensor) 
 class _Rounds:
     """The round counter and the round's teacher weights (checkpointed as ``roundsNNNNNN.pt``)."""
 
-    def __init__(self, schedule: list[int], round_steps: int, net: torch.nn.Module) -> None:
+    def __init__(self, schedule: list[int], round_steps: int, net: torch.nn.Module, flags: str = "") -> None:
         self.schedule, self.round_steps, self.net = list(schedule), int(round_steps), net
+        self.flags = flags or "--progressive_start/--progressive_end/--round_steps"
         self.round = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -91,9 +92,9 @@ class _Rounds:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state["schedule"]) != self.schedule or int(state["round_steps"]) != self.round_steps:
             raise ObjectiveError(
-                f"this run was trained on the progressive rounds {state['schedule']} of {state['round_steps']} steps "
+                f"this run was trained on the rounds {state['schedule']} of {state['round_steps']} steps "
                 f"each; resuming on {self.schedule} of {self.round_steps} would mix two schedules. Resume with the "
-                "saved --progressive_start/--progressive_end/--round_steps, or give a new --log_dir"
+                f"saved {self.flags}, or give a new --log_dir"
             )
         self.round = int(state["round"])
         if state["teacher"] is not None:
@@ -110,7 +111,7 @@ class ProgressiveObjective(LoopObjective):
     def __init__(self, loop: Any, distill: Any) -> None:
         check_same_chain(loop.teacher_diffusion, loop.student_diffusion, "--objective progressive")
         self.T = int(loop.teacher_diffusion.num_timesteps)
-        self.schedule = round_schedule(distill.progressive_start, distill.progressive_end, self.T)
+        self.schedule, self.teacher_steps = self.make_schedule(distill)
         if distill.round_steps < 1:
             raise ObjectiveError(f"--round_steps must be at least 1, got {distill.round_steps}")
         self.round_steps = int(distill.round_steps)
@@ -118,7 +119,7 @@ class ProgressiveObjective(LoopObjective):
         tc = loop.train_cfg
         if not tc.max_steps and not tc.lr_anneal_steps:
             raise ObjectiveError(
-                f"progressive distillation runs {len(self.schedule)} rounds of {self.round_steps} steps: set "
+                f"{self.name} distillation runs {len(self.schedule)} rounds of {self.round_steps} steps: set "
                 f"--max_steps {self.total} (or fewer to stop early and resume later)"
             )
         stop = min(s for s in (tc.max_steps, tc.lr_anneal_steps) if s)
@@ -128,7 +129,7 @@ class ProgressiveObjective(LoopObjective):
                 f"{len(self.schedule)} rounds x {self.round_steps}); set --max_steps {self.total}"
             )
         if tc.lr_anneal_steps:
-            logger.warn("progressive: --lr_anneal_steps anneals over the whole run, not per round")
+            logger.warn(f"{self.name}: --lr_anneal_steps anneals over the whole run, not per round")
         spec = distill.parameterization or "v"
         if spec.endswith("eps"):
             raise ObjectiveError(
@@ -146,16 +147,25 @@ class ProgressiveObjective(LoopObjective):
         self.teacher_diffusion, self.student_diffusion = loop.teacher_diffusion, loop.student_diffusion
         self._init_line = init_student(loop.student, loop.teacher, distill.student_init or "teacher")
         net = copy.deepcopy(loop.student).to(loop.device).eval().requires_grad_(False)
-        self.rounds = _Rounds(self.schedule, self.round_steps, net)
+        self.rounds = _Rounds(self.schedule, self.round_steps, net, self.schedule_flags)
         self.grids = []
-        for n in self.schedule:
-            fine = step_grid(self.T, 2 * n)
+        for n, m in zip(self.schedule, self.teacher_steps):
+            fine = step_grid(self.T, m)
+            points = fine[1:] if self.project_to_teacher_grid else fine[m // n :: m // n]
             self.grids.append(
                 {
                     "fine": torch.as_tensor(fine, device=loop.device),
-                    "proj": GridProjector(self.T, fine[2::2], loop.device),
+                    "proj": GridProjector(self.T, points, loop.device),
                 }
             )
+
+    schedule_flags = "--progressive_start/--progressive_end/--round_steps"
+    project_to_teacher_grid = False  # pool samples go to the student's grid points (TRACT: the teacher's)
+
+    def make_schedule(self, distill: Any) -> tuple[list[int], list[int]]:
+        """The rounds' student step counts and their teachers' (twice as many)."""
+        sched = round_schedule(distill.progressive_start, distill.progressive_end, self.T)
+        return sched, [2 * n for n in sched]
 
     def extra_state(self) -> dict[str, Any]:
         return {"rounds": self.rounds}
@@ -177,7 +187,7 @@ class ProgressiveObjective(LoopObjective):
         if dist.is_main():
             sd = {k: v.detach().cpu() for k, v in loop.trainer.model.state_dict().items()}
             atomic_save(sd, self.round_path(loop.run_dir, r))
-            logger.log(f"progressive: round {r} ({self.schedule[r]} steps) done: {self.round_path(loop.run_dir, r)}")
+            logger.log(f"{self.name}: round {r} ({self.schedule[r]} steps) done: {self.round_path(loop.run_dir, r)}")
 
     def _advance(self, loop: Any, r: int) -> None:
         prev = self.rounds.round
@@ -186,7 +196,7 @@ class ProgressiveObjective(LoopObjective):
         self.rounds.net.load_state_dict(loop.trainer.model.state_dict())
         self.rounds.round = r
         logger.log(
-            f"progressive: round {r} starts: {self.schedule[r]} student steps, its teacher {2 * self.schedule[r]}"
+            f"{self.name}: round {r} starts: {self.schedule[r]} student steps, its teacher {self.teacher_steps[r]}"
         )
 
     def finish(self, loop: Any) -> None:

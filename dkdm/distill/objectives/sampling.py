@@ -1,8 +1,8 @@
 """Sampling step-distilled students in their own step counts (one-step, k-step DDIM grid, multistep consistency).
 
 * ``luhman``: one step, ``x_0 = student(x_T, T-1)``;
-* ``progressive``: deterministic DDIM on the student's ``k``-step grid (:func:`step_grid`), ``k`` one of
-  its rounds' step counts (default the last);
+* ``progressive``, ``tract``: deterministic DDIM on the student's ``k``-step grid (:func:`step_grid`), ``k``
+  one of its rounds' step counts (default the last);
 * ``consistency``: multistep consistency sampling (Song et al., Algorithm 1) on ``k`` points of its grid.
 
 :class:`StepSampler` presents these as a diffusion's ``ddim_sample_loop`` / ``p_sample_loop``, so
@@ -101,7 +101,7 @@ class StepSampler:
         self.objective = get("objective", "dkdm")
         self.diffusion = diffusion
         self.num_timesteps = int(diffusion.num_timesteps)
-        defaults = {"luhman": "x0", "progressive": "v", "consistency": "skip-v"}
+        defaults = {"luhman": "x0", "progressive": "v", "tract": "v", "consistency": "skip-v"}
         if self.objective not in defaults:
             raise ObjectiveError(f"objective {self.objective!r} has no step sampler; sample it with the diffusion")
         self.param = Parameterization(
@@ -112,14 +112,18 @@ class StepSampler:
             self.steps = steps or 1
             if self.steps != 1:
                 raise ObjectiveError(f"a Luhman & Luhman student samples in one step, not {self.steps}")
-        elif self.objective == "progressive":
+        elif self.objective in ("progressive", "tract"):
             from dkdm.distill.objectives.progressive import round_schedule
+            from dkdm.distill.objectives.tract import tract_schedule
 
-            sched = round_schedule(int(get("progressive_start", 32)), int(get("progressive_end", 1)), T)
+            if self.objective == "tract":
+                sched = tract_schedule(str(get("tract_steps", "64,8,1")), T)[0]
+            else:
+                sched = round_schedule(int(get("progressive_start", 32)), int(get("progressive_end", 1)), T)
             self.steps = steps or round_steps or sched[-1]
             if self.steps not in sched:
                 raise ObjectiveError(
-                    f"this progressive student was trained on {', '.join(map(str, sched))} steps; "
+                    f"this {self.objective} student was trained on {', '.join(map(str, sched))} steps; "
                     f"{self.steps} is not among them (use a round checkpoint roundNN_<k>steps.pt for an earlier k)"
                 )
         else:
