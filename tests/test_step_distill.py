@@ -623,7 +623,7 @@ def test_progressive_from_dkdm_train_then_sample(tmp_path):
     assert p.returncode == 1 and "deterministic sampler; --eta 0.5" in p.stderr, p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", ["luhman", "progressive", "consistency"])
+@pytest.mark.parametrize("name", ["luhman", "progressive", "tract", "consistency"])
 def test_digits_presets_resolve(name):
     import importlib.util
     import os
@@ -638,8 +638,14 @@ def test_digits_presets_resolve(name):
     distill, train = cfgs["distill"], cfgs["train"]
     assert distill.objective == name and cfgs["student"] == cfgs["teacher"]  # the teacher's architecture
     assert cfgs["diffusion"] == cfgs["teacher_diffusion"]
-    if name == "progressive":
-        sched = round_schedule(distill.progressive_start, distill.progressive_end, cfgs["diffusion"].steps)
+    if name in ("progressive", "tract"):
+        from dkdm.distill.objectives.tract import tract_schedule
+
+        T_ = cfgs["diffusion"].steps
+        if name == "tract":
+            sched = tract_schedule(distill.tract_steps, T_)[0]
+        else:
+            sched = round_schedule(distill.progressive_start, distill.progressive_end, T_)
         assert train.max_steps == len(sched) * distill.round_steps and train.lr_anneal_steps == 0
 
 

@@ -1,0 +1,275 @@
+"""Data-free step distillation on the embedded digits teacher: digits-metric FD at 1, 2, 4 and 8 sampling steps.
+
+Rows: the teacher with DDIM (sample.py's respaced grid) at 1, 2, 4, 8 and 50 steps (the reference line);
+Luhman & Luhman (1 step); progressive distillation (rounds 8 -> 4 -> 2 -> 1, each round's checkpoint
+sampled at its own step count); TRACT (phases 64 -> 8 -> 1, sampled at 8 and 1); consistency
+distillation (multistep sampling at 1, 2, 4, 8 steps). The progressive and TRACT runs spend the same
+number of optimizer steps. ``--figure`` draws FD against steps (matplotlib).
+Every student has the teacher's architecture and starts from its weights; all are trained with the
+pool / teacher only (no data), sampled from their raw (not EMA) weights. FD is the digits classifier's
+(``dkdm/digits_metric.py``) against all 1,797 real digits. Each method records the teacher-network
+evaluations it spent (pool preparation included). Prints one JSON object and writes it to ``--out``.
+
+    python benchmarks/step_distill.py --quick            # ~15 min on 2 CPU cores: 1 seed, short runs
+    python benchmarks/step_distill.py --seeds 0,1        # the full setting: longer runs, two seeds
+
+``--quick`` is named in the JSON (``"mode": "quick"``): its students are trained for a few hundred
+steps and are not what the methods reach with a real budget.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from dkdm import digits_metric, logger
+from dkdm.config import DiffusionConfig, DistillConfig, ModelConfig, TrainConfig, update
+from dkdm.diffusion import create_diffusion
+from dkdm.distill.loop import DistillLoop
+from dkdm.distill.objectives.sampling import StepSampler
+from dkdm.models import create_model, get_config, load_checkpoint
+from dkdm.sampling import to_uint8
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ASSETS = os.path.join(ROOT, "dkdm", "assets")
+STEPS = (1, 2, 4, 8)
+
+
+def teacher_setup():
+    with open(os.path.join(ASSETS, "digits_teacher.json")) as f:
+        meta = json.load(f)
+    mcfg = get_config(ModelConfig(**meta["model"]))
+    dcfg = update(DiffusionConfig(), meta["diffusion"])
+    return mcfg, dcfg
+
+
+def load_teacher(mcfg):
+    return load_checkpoint(create_model(mcfg), os.path.join(ASSETS, "digits_teacher.pt")).eval()
+
+
+@torch.no_grad()
+def draw(sample_fn, n, batch, seed):
+    """``n`` images (uint8 NHWC) from ``sample_fn(noise)``, noise from a seeded generator, in batches."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        torch.manual_seed(seed * 100003 + i)  # consistency renoising draws from the global generator
+        noise = torch.randn((min(batch, n - i), 1, 8, 8), generator=gen)
+        out.append(to_uint8(sample_fn(noise)))
+    return np.concatenate(out)
+
+
+def fd(images, classifier, reference):
+    return digits_metric.score(digits_metric.activations(images, classifier), reference)["fd"]
+
+
+def train(objective, mcfg, dcfg, seed, steps, batch, lr, extra, work):
+    run_dir = os.path.join(work, f"{objective}-{seed}")
+    logger.configure(run_dir, format_strs=["log", "csv"])
+    d = create_diffusion(dcfg)
+    torch.manual_seed(seed)
+    distill = DistillConfig(objective=objective, rho=0.1, teacher_batch=256, warmup="respaced", **extra)
+    tcfg = TrainConfig(
+        batch_size=batch, lr=lr, max_steps=steps, ema_rate="0.995", seed=seed, log_interval=100, save_interval=0
+    )
+    loop = DistillLoop(load_teacher(mcfg), create_model(mcfg), d, d, train=tcfg, distill=distill, run_dir=run_dir)
+    t0 = time.perf_counter()
+    loop.run(progress=False)
+    secs = time.perf_counter() - t0
+    prep = loop.pool.prep_stats.get("total_evals", 0.0) if loop.pool is not None else 0.0
+    per_step = loop.method.teacher_evals * batch
+    return (
+        loop,
+        run_dir,
+        {
+            "seconds": round(secs, 1),
+            "pool_prep_teacher_evals": int(prep),
+            "step_teacher_evals": int(per_step * steps),
+            "teacher_evals_total": int(prep + per_step * steps),
+        },
+    )
+
+
+def student_fn(net, sampler):
+    net = net.eval()
+    return lambda noise: sampler.sample(net, noise)
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs, one seed (named 'quick' in the JSON)")
+    p.add_argument("--seeds", default="0", help="comma-separated training/sampling seeds")
+    p.add_argument("--num_samples", type=int, default=0, help="samples per FD (default 1000 quick, 1797 full)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--figure", default="", help="also draw FD against sampling steps into this PNG")
+    p.add_argument("--budget_scale", type=float, default=1.0, help="multiply every training budget (smoke tests)")
+    p.add_argument("--out", default="", help="JSON path (default benchmarks/results/cpu_step_distill[_quick].json)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    seeds = [int(s) for s in args.seeds.split(",")]
+    n = args.num_samples or (1000 if quick else 1797)
+    batch, lr = 64, 3e-4
+    budget = (
+        {"luhman": 300, "progressive_round": 150, "consistency": 600}
+        if quick
+        else {"luhman": 2000, "progressive_round": 1000, "consistency": 4000}
+    )
+    budget = {k: max(1, round(v * args.budget_scale)) for k, v in budget.items()}
+    mcfg, dcfg = teacher_setup()
+    classifier = digits_metric.load_classifier()
+    reference = digits_metric.activations(digits_metric.real_digits()[0], classifier)
+    work = tempfile.mkdtemp(prefix="dkdm_step_distill_")
+    rows = []
+    teacher = load_teacher(mcfg)
+    for seed in seeds:
+        for k in (*STEPS, 50):
+            spaced = create_diffusion(update(dcfg, {"timestep_respacing": str(k)}))
+            imgs = draw(lambda z, s=spaced: s.ddim_sample_loop(teacher, tuple(z.shape), noise=z), n, 250, seed)
+            rows.append(
+                {
+                    "method": "teacher DDIM",
+                    "seed": seed,
+                    "steps": k,
+                    "fd": fd(imgs, classifier, reference),
+                    "teacher_evals_per_sample": k,
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+
+        d = create_diffusion(dcfg)
+        extra = {"luhman_steps": 8, "student_init": "teacher", "parameterization": "x0"}
+        loop, _, cost = train("luhman", mcfg, dcfg, seed, budget["luhman"], batch, lr, extra, work)
+        sampler = StepSampler(d, loop.cfg, 1)
+        imgs = draw(student_fn(loop.trainer.model, sampler), n, 250, seed)
+        rows.append(
+            {
+                "method": "luhman",
+                "seed": seed,
+                "steps": 1,
+                "fd": fd(imgs, classifier, reference),
+                **cost,
+                "note": "target: the teacher's 8-step DDIM sample",
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr)
+
+        r = budget["progressive_round"]
+        extra = {"progressive_start": 8, "progressive_end": 1, "round_steps": r}
+        loop, run_dir, cost = train("progressive", mcfg, dcfg, seed, 4 * r, batch, lr, extra, work)
+        for k in STEPS[::-1]:
+            net = create_model(mcfg)
+            idx = loop.method.schedule.index(k)
+            load_checkpoint(net, loop.method.round_path(run_dir, idx))
+            imgs = draw(student_fn(net, StepSampler(d, loop.cfg, k)), n, 250, seed)
+            rows.append(
+                {
+                    "method": "progressive",
+                    "seed": seed,
+                    "steps": k,
+                    "fd": fd(imgs, classifier, reference),
+                    "trained_steps": (idx + 1) * r,
+                    **cost,
+                    "note": "round checkpoint; cost is the whole 8->1 run (1 pool + 2 round-teacher evals/step)",
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+
+        r = budget["tract_phase"]
+        extra = {"tract_steps": "64,8,1", "round_steps": r, "tract_ema": 0.95}
+        loop, run_dir, cost = train("tract", mcfg, dcfg, seed, 2 * r, batch, lr, extra, work)
+        for k in (8, 1):
+            net = create_model(mcfg)
+            idx = loop.method.schedule.index(k)
+            load_checkpoint(net, loop.method.round_path(run_dir, idx))
+            imgs = draw(student_fn(net, StepSampler(d, loop.cfg, k)), n, 250, seed)
+            rows.append(
+                {
+                    "method": "tract",
+                    "seed": seed,
+                    "steps": k,
+                    "fd": fd(imgs, classifier, reference),
+                    "trained_steps": (idx + 1) * r,
+                    **cost,
+                    "note": "phases 64 -> 8 -> 1; 2 teacher + 1 self-teacher evals/step; 2 and 4 steps not on "
+                    "this schedule",
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+
+        extra = {"cm_steps": 18, "cm_ema": 0.95}
+        loop, _, cost = train("consistency", mcfg, dcfg, seed, budget["consistency"], batch, lr, extra, work)
+        for k in STEPS:
+            imgs = draw(student_fn(loop.trainer.model, StepSampler(d, loop.cfg, k)), n, 250, seed)
+            rows.append(
+                {
+                    "method": "consistency",
+                    "seed": seed,
+                    "steps": k,
+                    "fd": fd(imgs, classifier, reference),
+                    **cost,
+                    "note": "2 teacher evals + 1 target-network eval per sample per step",
+                }
+            )
+            print(json.dumps(rows[-1]), file=sys.stderr)
+
+    result = {
+        "benchmark": "step_distill",
+        "mode": "quick" if quick else "full",
+        "command": "python benchmarks/step_distill.py " + " ".join(argv),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
+        f"{args.threads} thread(s)",
+        "num_samples": n,
+        "batch_size": batch,
+        "lr": lr,
+        "budget_steps": budget,
+        "rows": rows,
+    }
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"cpu_step_distill{'_quick' if quick else ''}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print(json.dumps(result, indent=1))
+    if args.figure:
+        figure(result, args.figure)
+
+
+def figure(result, path):
+    """FD (mean over seeds) against sampling steps, one line per method, the teacher's 50-step FD dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {}
+    for row in result["rows"]:
+        by.setdefault(row["method"], {}).setdefault(row["steps"], []).append(row["fd"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    ref = by.get("teacher DDIM", {}).pop(50, None)
+    for method, pts in by.items():
+        ks = sorted(pts)
+        ax.plot(ks, [float(np.mean(pts[k])) for k in ks], marker="o", label=method)
+    if ref:
+        ax.axhline(float(np.mean(ref)), color="gray", ls="--", lw=1, label="teacher DDIM, 50 steps")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(list(STEPS))
+    ax.set_xticklabels([str(k) for k in STEPS])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("digits FD (lower is better)")
+    seeds = sorted({r["seed"] for r in result["rows"]})
+    ax.set_title(f"data-free step distillation, digits ({result['mode']}, seeds {seeds})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
