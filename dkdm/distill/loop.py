@@ -7,6 +7,11 @@ teacher once on them, advances the pool with that output and hands ``(x_t, t, te
 to the trainer, whose microbatches go through ``loss_fn`` (the objective). Microbatching,
 DDP, precision, EMA, lr anneal, checkpoints and exact resume are the trainer's; the pool
 rides along as ``extra_state`` (``poolNNNNNN.pt`` per rank).
+
+The method is an object (:mod:`dkdm.distill.objectives`, picked by ``distill.objective``):
+DKDM as above, or a step-distillation method (Luhman, progressive, TRACT, consistency) whose
+``next_batch`` builds its targets from :meth:`DistillLoop.pool_step` and the teacher, and
+whose own state (round, target network) rides in the checkpoints beside the pool.
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ def teacher_id(checkpoint: str | torch.nn.Module, model_config: Any = None) -> s
     """Identity of a teacher for the pool cache: checkpoint sha256 plus its model config."""
     desc = {"weights": teacher_fingerprint(checkpoint), "model": to_dict(model_config) if model_config else None}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _frozen_forward(
+    net: Any, diffusion: Any, x: Tensor, t: Tensor, y: Tensor | None, device_type: str, dtype: Any
+) -> Tensor:
+    kwargs = {"y": y} if y is not None else {}
+    ts = diffusion.model_timesteps(t)
+    with autocast(device_type, dtype):
+        out = net(x, ts, **kwargs)
+    return out if dtype is None else out.float()
 
 
 class _Timer:
@@ -79,9 +94,10 @@ class DistillLoop:
     see :class:`DKDMObjective`). ``train`` and ``distill`` are the configs; ``run_dir`` gets
     checkpoints, logs and (unless ``distill.pool_cache_dir`` says otherwise) the pool cache.
     ``teacher_key`` identifies the teacher for the cache (see :func:`teacher_id`); empty
-    means hashing the teacher's weights. Construction builds the pool and the trainer, which
-    resumes from ``run_dir`` if a checkpoint is there (the pool included); :meth:`run`
-    prepares the pool when it was not restored and trains.
+    means hashing the teacher's weights. Construction builds the objective, the pool (if the
+    objective uses one) and the trainer, which resumes from ``run_dir`` if a checkpoint is there
+    (pool and objective state included); :meth:`run` prepares the pool when it was not restored
+    and trains.
     """
 
     def __init__(
@@ -189,16 +205,12 @@ class DistillLoop:
     @torch.no_grad()
     def teacher_forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """The teacher's output at step indices ``t`` (no grad; autocast if fp16/bf16)."""
-        return self.run_net(self.teacher, self.teacher_diffusion, x, t, y)
+        return _frozen_forward(self.teacher, self.teacher_diffusion, x, t, y, self.device.type, self.teacher_dtype)
 
     @torch.no_grad()
     def run_net(self, net: torch.nn.Module, diffusion: Any, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """A frozen network's output at step indices ``t`` of ``diffusion``, under the teacher's precision."""
-        kwargs = {"y": y} if y is not None else {}
-        ts = diffusion.model_timesteps(t)
-        with autocast(self.device.type, self.teacher_dtype):
-            out = net(x, ts, **kwargs)
-        return out if self.teacher_dtype is None else out.float()
+        return _frozen_forward(net, diffusion, x, t, y, self.device.type, self.teacher_dtype)
 
     def prepare_pool(self, progress: bool = True) -> None:
         """Shuffle-denoise the pool (or load it from the cache); every rank its own pool."""
