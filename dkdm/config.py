@@ -157,7 +157,7 @@ class DistillConfig:
     clip_teacher_mean: bool = False  # True: the official release's variance term (teacher mean from clipped x_0)
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
     # Step distillation (dkdm.distill.objectives): which objective, and each one's settings.
-    objective: str = "dkdm"  # dkdm | luhman | progressive | tract | consistency
+    objective: str = "dkdm"  # dkdm | luhman | progressive | tract | consistency | boot
     student_init: str = (
         ""  # "" = the objective's default (teacher for progressive/consistency) | random | teacher | a .pt
     )
@@ -172,12 +172,12 @@ class DistillConfig:
     step_weighting: str = "truncated_snr"  # progressive: truncated_snr (max(SNR, 1)) | snr_plus_one
     tract_steps: str = "64,8,1"  # tract: the teacher's grid steps, then each phase's student steps
     tract_ema: float = 0.95  # tract: EMA decay of the self-teacher
-    cm_steps: int = 18  # consistency: N, the number of grid intervals
+    cm_steps: int = 18  # consistency, boot: N, the number of grid intervals
     cm_ema: float = 0.95  # consistency: EMA decay of the target network
     sigma_data: float = 0.5  # consistency: sigma_data of the skip/out parameterisation
 
     def __post_init__(self) -> None:
-        objectives = ("dkdm", "luhman", "progressive", "tract", "consistency")
+        objectives = ("dkdm", "luhman", "progressive", "tract", "consistency", "boot")
         if self.objective not in objectives:
             raise ConfigError(f"--objective must be one of {', '.join(objectives)}, got {self.objective!r}")
         dev = self.pool_device

@@ -94,8 +94,10 @@ def make_loop(run_dir, teacher=None, student=None, **overrides):
 
 
 def test_unknown_objective_is_one_clear_line():
-    with pytest.raises(ConfigError, match="--objective must be one of dkdm, luhman, progressive, tract, consistency"):
-        DistillConfig(objective="boot")
+    with pytest.raises(
+        ConfigError, match="--objective must be one of dkdm, luhman, progressive, tract, consistency, boot"
+    ):
+        DistillConfig(objective="sid")
 
 
 def test_dkdm_is_one_implementation_of_the_interface(tmp_path):
@@ -201,6 +203,7 @@ RESUME = {
         {"pool", "rounds"},
     ),
     "consistency": ({"objective": "consistency", "cm_steps": 6, "cm_ema": 0.9}, {"pool", "target"}),
+    "boot": ({"objective": "boot", "cm_steps": 6}, {"bootnoise"}),
     "tract": (
         {"objective": "tract", "tract_steps": "16,8,4,2", "round_steps": 3, "tract_ema": 0.8},
         {"pool", "rounds", "selfteacher"},
@@ -416,6 +419,58 @@ def test_tract_target_one_teacher_step_then_the_self_teacher(tmp_path):
         assert np.abs(target[k].double().numpy() - want).max() < 2e-4, (ii, np.abs(target[k].numpy() - want).max())
 
 
+# ---------------------------------------------------------------------- BOOT
+
+
+def test_boot_target_is_one_teacher_step_from_the_students_own_trajectory(tmp_path):
+    d = diffusion()
+    teacher = GaussTeacher(d)
+    loop = make_loop(tmp_path, objective="boot", cm_steps=6, teacher=teacher, student=tiny_student(), batch_size=48)
+    assert loop.pool is None
+    teacher.calls = 0
+    batch = loop.next_batch()
+    assert teacher.calls == 1
+    grid, ab = [0, 2, 6, 9, 12, 16, 19], abar64(d)
+    eps = batch["x_t"]
+    net = loop.trainer.model.eval()
+    for i in range(48):
+        s = int(batch["t"][i])
+        t = grid[grid.index(s) + 1]
+        e = eps[i].double().numpy()
+        if t == T - 1:  # the boundary: the trajectory starts at the noise itself
+            x_t = e
+        else:
+            with torch.no_grad():
+                y = net(eps[i : i + 1], torch.tensor([t]))[0, :1].double().numpy()
+            x_t = math.sqrt(ab[t]) * y + math.sqrt(1 - ab[t]) * e
+        x_s = ddim64(ab, x_t, t, s)
+        want = (x_s - math.sqrt(1 - ab[s]) * e) / math.sqrt(ab[s])
+        got = batch["target"][i].double().numpy()
+        assert math.sqrt(ab[s]) * np.abs(got - want).max() < 1e-4, (t, s)
+    assert (batch["t"] == 16).any() and (batch["t"] < 16).any()  # boundary rows and bootstrapped rows both drawn
+
+
+def test_boot_student_learns(tmp_path):
+    d = diffusion()
+    loop = make_loop(tmp_path, objective="boot", cm_steps=4, max_steps=300, log_interval=100, lr=2e-3)
+    from dkdm.distill.objectives.boot import boot_sample
+    from dkdm.distill.objectives.consistency import consistency_grid
+
+    eps = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    grid, ab, x = consistency_grid(T, 4), abar64(d), eps.double().numpy()
+    for i in range(len(grid) - 1, 0, -1):  # the teacher's DDIM trajectory on the same grid
+        x = ddim64(ab, x, grid[i], grid[i - 1])
+    ref = torch.from_numpy(x).float()
+
+    def err():
+        return ((boot_sample(loop.trainer.model.eval(), d, eps) - ref) ** 2).mean().item()
+
+    before = err()
+    loop.run(progress=False)
+    after = err()
+    assert after < 0.3 * before, (before, after)
+
+
 # ---------------------------------------------------------------------- consistency distillation
 
 
@@ -571,7 +626,7 @@ def test_step_sampler_refusals():
     with pytest.raises(ObjectiveError, match="tract student was trained on 4, 1 steps; 2 is not among them"):
         StepSampler(d, {"objective": "tract", "tract_steps": "8,4,1"}, steps=2)
     assert StepSampler(d, {"objective": "tract", "tract_steps": "8,4,1"}).steps == 1
-    with pytest.raises(ObjectiveError, match="samples in one step, not 2"):
+    with pytest.raises(ObjectiveError, match="luhman student samples in one step, not 2"):
         StepSampler(d, {"objective": "luhman"}, steps=2)
     with pytest.raises(ObjectiveError, match="samples in 1..6 steps, not 7"):
         StepSampler(d, {"objective": "consistency", "cm_steps": 6}, steps=7)

@@ -41,7 +41,7 @@ __all__ = [
     "step_grid",
 ]
 
-OBJECTIVES = ("dkdm", "luhman", "progressive", "tract", "consistency")
+OBJECTIVES = ("dkdm", "luhman", "progressive", "tract", "consistency", "boot")
 
 
 def build_objective(loop: Any, distill: Any, class_cond: bool = False) -> LoopObjective:
@@ -74,6 +74,10 @@ def build_objective(loop: Any, distill: Any, class_cond: bool = False) -> LoopOb
         from dkdm.distill.objectives.tract import TractObjective
 
         return TractObjective(loop, distill)
+    if name == "boot":
+        from dkdm.distill.objectives.boot import BootObjective
+
+        return BootObjective(loop, distill)
     from dkdm.distill.objectives.consistency import ConsistencyObjective
 
     return ConsistencyObjective(loop, distill)

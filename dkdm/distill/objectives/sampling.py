@@ -1,6 +1,6 @@
 """Sampling step-distilled students in their own step counts (one-step, k-step DDIM grid, multistep consistency).
 
-* ``luhman``: one step, ``x_0 = student(x_T, T-1)``;
+* ``luhman``: one step, ``x_0 = student(x_T, T-1)``; ``boot``: one step, ``x_0`` from the signal at step 0;
 * ``progressive``, ``tract``: deterministic DDIM on the student's ``k``-step grid (:func:`step_grid`), ``k``
   one of its rounds' step counts (default the last);
 * ``consistency``: multistep consistency sampling (Song et al., Algorithm 1) on ``k`` points of its grid.
@@ -101,17 +101,17 @@ class StepSampler:
         self.objective = get("objective", "dkdm")
         self.diffusion = diffusion
         self.num_timesteps = int(diffusion.num_timesteps)
-        defaults = {"luhman": "x0", "progressive": "v", "tract": "v", "consistency": "skip-v"}
+        defaults = {"luhman": "x0", "progressive": "v", "tract": "v", "consistency": "skip-v", "boot": "x0"}
         if self.objective not in defaults:
             raise ObjectiveError(f"objective {self.objective!r} has no step sampler; sample it with the diffusion")
         self.param = Parameterization(
             get("parameterization", "") or defaults[self.objective], diffusion, float(get("sigma_data", 0.5))
         )
         T = self.num_timesteps
-        if self.objective == "luhman":
+        if self.objective in ("luhman", "boot"):
             self.steps = steps or 1
             if self.steps != 1:
-                raise ObjectiveError(f"a Luhman & Luhman student samples in one step, not {self.steps}")
+                raise ObjectiveError(f"a {self.objective} student samples in one step, not {self.steps}")
         elif self.objective in ("progressive", "tract"):
             from dkdm.distill.objectives.progressive import round_schedule
             from dkdm.distill.objectives.tract import tract_schedule
@@ -136,6 +136,10 @@ class StepSampler:
         return f"{self.steps} step(s) of the {self.objective} student's {kind} sampler"
 
     def sample(self, model: Any, noise: Tensor, clip: bool = True) -> Tensor:
+        if self.objective == "boot":
+            from dkdm.distill.objectives.boot import boot_sample
+
+            return boot_sample(model, self.diffusion, noise, clip)
         if self.objective == "consistency":
             # Renoising draws from the global generator, which draw_shard seeds per shard.
             return consistency_sample(model, self.param, self.diffusion, noise, self.times, None, clip)
