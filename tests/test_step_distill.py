@@ -425,7 +425,17 @@ def test_tract_target_one_teacher_step_then_the_self_teacher(tmp_path):
 def test_boot_target_is_one_teacher_step_from_the_students_own_trajectory(tmp_path):
     d = diffusion()
     teacher = GaussTeacher(d)
-    loop = make_loop(tmp_path, objective="boot", cm_steps=6, teacher=teacher, student=tiny_student(), batch_size=48)
+
+    class BigSignal(torch.nn.Module):  # a student whose signal is far from 0, so the boundary matters
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.5))
+            self.config = ModelConfig(arch="unet", image_size=8, in_channels=1, learn_sigma=True)
+
+        def forward(self, x, t):
+            return torch.cat([self.w * x + 3.0 + t.view(-1, 1, 1, 1) / 10, torch.zeros_like(x)], 1)
+
+    loop = make_loop(tmp_path, objective="boot", cm_steps=6, teacher=teacher, student=BigSignal(), batch_size=48)
     assert loop.pool is None
     teacher.calls = 0
     batch = loop.next_batch()
