@@ -1,7 +1,7 @@
 """Data-free step distillation on the embedded digits teacher: digits-metric FD at 1, 2, 4 and 8 sampling steps.
 
-Rows: the teacher with DDIM (sample.py's respaced grid) at 1, 2, 4, 8 and 50 steps (the reference line);
-Luhman & Luhman (1 step); progressive distillation (rounds 8 -> 4 -> 2 -> 1, each round's checkpoint
+Rows (``--methods`` picks, ``--append`` adds them to an existing JSON): the teacher with DDIM (sample.py's respaced grid) at 1, 2, 4, 8 and 50 steps (the reference line);
+Luhman & Luhman (1 step); BOOT (1 step, no pool); progressive distillation (rounds 8 -> 4 -> 2 -> 1, each round's checkpoint
 sampled at its own step count); TRACT (phases 64 -> 8 -> 1, sampled at 8 and 1); consistency
 distillation (multistep sampling at 1, 2, 4, 8 steps). The progressive and TRACT runs spend the same
 number of optimizer steps. ``--figure`` draws FD against steps (matplotlib).
@@ -39,6 +39,7 @@ from dkdm.sampling import to_uint8
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 ASSETS = os.path.join(ROOT, "dkdm", "assets")
 STEPS = (1, 2, 4, 8)
+METHODS = ("teacher", "luhman", "boot", "progressive", "tract", "consistency")
 
 
 def teacher_setup():
@@ -107,20 +108,22 @@ def main(argv):
     p.add_argument("--seeds", default="0", help="comma-separated training/sampling seeds")
     p.add_argument("--num_samples", type=int, default=0, help="samples per FD (default 1000 quick, 1797 full)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--append", action="store_true", help="add these rows to the JSON already at --out")
     p.add_argument("--figure", default="", help="also draw FD against sampling steps into this PNG")
     p.add_argument("--budget_scale", type=float, default=1.0, help="multiply every training budget (smoke tests)")
-    p.add_argument("--out", default="", help="JSON path (default benchmarks/results/cpu_step_distill[_quick].json)")
+    p.add_argument(
+        "--out", default="", help="JSON path (default benchmarks/results/cpu-x86_64-2core_step_distill[_quick].json)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     quick = args.quick
     seeds = [int(s) for s in args.seeds.split(",")]
     n = args.num_samples or (1000 if quick else 1797)
     batch, lr = 64, 3e-4
-    budget = (
-        {"luhman": 300, "progressive_round": 150, "consistency": 600}
-        if quick
-        else {"luhman": 2000, "progressive_round": 1000, "consistency": 4000}
-    )
+    budget = {"luhman": 300, "boot": 600, "progressive_round": 150, "tract_phase": 300, "consistency": 600}
+    if not quick:
+        budget = {"luhman": 2000, "boot": 4000, "progressive_round": 1000, "tract_phase": 2000, "consistency": 4000}
     budget = {k: max(1, round(v * args.budget_scale)) for k, v in budget.items()}
     mcfg, dcfg = teacher_setup()
     classifier = digits_metric.load_classifier()
@@ -128,96 +131,75 @@ def main(argv):
     work = tempfile.mkdtemp(prefix="dkdm_step_distill_")
     rows = []
     teacher = load_teacher(mcfg)
-    for seed in seeds:
-        for k in (*STEPS, 50):
-            spaced = create_diffusion(update(dcfg, {"timestep_respacing": str(k)}))
-            imgs = draw(lambda z, s=spaced: s.ddim_sample_loop(teacher, tuple(z.shape), noise=z), n, 250, seed)
-            rows.append(
-                {
-                    "method": "teacher DDIM",
-                    "seed": seed,
-                    "steps": k,
-                    "fd": fd(imgs, classifier, reference),
-                    "teacher_evals_per_sample": k,
-                }
-            )
-            print(json.dumps(rows[-1]), file=sys.stderr)
+    methods = set(args.methods.split(","))
 
-        d = create_diffusion(dcfg)
-        extra = {"luhman_steps": 8, "student_init": "teacher", "parameterization": "x0"}
-        loop, _, cost = train("luhman", mcfg, dcfg, seed, budget["luhman"], batch, lr, extra, work)
-        sampler = StepSampler(d, loop.cfg, 1)
-        imgs = draw(student_fn(loop.trainer.model, sampler), n, 250, seed)
-        rows.append(
-            {
-                "method": "luhman",
-                "seed": seed,
-                "steps": 1,
-                "fd": fd(imgs, classifier, reference),
-                **cost,
-                "note": "target: the teacher's 8-step DDIM sample",
-            }
-        )
+    def row(method, seed, k, imgs, **more):
+        rows.append({"method": method, "seed": seed, "steps": k, "fd": fd(imgs, classifier, reference), **more})
         print(json.dumps(rows[-1]), file=sys.stderr)
 
-        r = budget["progressive_round"]
-        extra = {"progressive_start": 8, "progressive_end": 1, "round_steps": r}
-        loop, run_dir, cost = train("progressive", mcfg, dcfg, seed, 4 * r, batch, lr, extra, work)
-        for k in STEPS[::-1]:
-            net = create_model(mcfg)
-            idx = loop.method.schedule.index(k)
-            load_checkpoint(net, loop.method.round_path(run_dir, idx))
-            imgs = draw(student_fn(net, StepSampler(d, loop.cfg, k)), n, 250, seed)
-            rows.append(
-                {
-                    "method": "progressive",
-                    "seed": seed,
-                    "steps": k,
-                    "fd": fd(imgs, classifier, reference),
-                    "trained_steps": (idx + 1) * r,
-                    **cost,
-                    "note": "round checkpoint; cost is the whole 8->1 run (1 pool + 2 round-teacher evals/step)",
-                }
-            )
-            print(json.dumps(rows[-1]), file=sys.stderr)
+    def sample_round(loop, run_dir, k):
+        net = create_model(mcfg)
+        load_checkpoint(net, loop.method.round_path(run_dir, loop.method.schedule.index(k)))
+        return draw(student_fn(net, StepSampler(d, loop.cfg, k)), n, 250, seed)
 
-        r = budget["tract_phase"]
-        extra = {"tract_steps": "64,8,1", "round_steps": r, "tract_ema": 0.95}
-        loop, run_dir, cost = train("tract", mcfg, dcfg, seed, 2 * r, batch, lr, extra, work)
-        for k in (8, 1):
-            net = create_model(mcfg)
-            idx = loop.method.schedule.index(k)
-            load_checkpoint(net, loop.method.round_path(run_dir, idx))
-            imgs = draw(student_fn(net, StepSampler(d, loop.cfg, k)), n, 250, seed)
-            rows.append(
-                {
-                    "method": "tract",
-                    "seed": seed,
-                    "steps": k,
-                    "fd": fd(imgs, classifier, reference),
-                    "trained_steps": (idx + 1) * r,
+    d = create_diffusion(dcfg)
+    for seed in seeds:
+        if "teacher" in methods:
+            for k in (*STEPS, 50):
+                spaced = create_diffusion(update(dcfg, {"timestep_respacing": str(k)}))
+                imgs = draw(lambda z, s=spaced: s.ddim_sample_loop(teacher, tuple(z.shape), noise=z), n, 250, seed)
+                row("teacher DDIM", seed, k, imgs, teacher_evals_per_sample=k)
+        if "luhman" in methods:
+            extra = {"luhman_steps": 8, "student_init": "teacher", "parameterization": "x0"}
+            loop, _, cost = train("luhman", mcfg, dcfg, seed, budget["luhman"], batch, lr, extra, work)
+            imgs = draw(student_fn(loop.trainer.model, StepSampler(d, loop.cfg, 1)), n, 250, seed)
+            row("luhman", seed, 1, imgs, **cost, note="target: the teacher's 8-step DDIM sample")
+        if "boot" in methods:
+            extra = {"cm_steps": 18, "student_init": "teacher"}
+            loop, _, cost = train("boot", mcfg, dcfg, seed, budget["boot"], batch, lr, extra, work)
+            imgs = draw(student_fn(loop.trainer.model, StepSampler(d, loop.cfg, 1)), n, 250, seed)
+            row("boot", seed, 1, imgs, **cost, note="no pool; 1 teacher + 1 student (no grad) eval per sample per step")
+        if "progressive" in methods:
+            r = budget["progressive_round"]
+            extra = {"progressive_start": 8, "progressive_end": 1, "round_steps": r}
+            loop, run_dir, cost = train("progressive", mcfg, dcfg, seed, 4 * r, batch, lr, extra, work)
+            for k in STEPS[::-1]:
+                row(
+                    "progressive",
+                    seed,
+                    k,
+                    sample_round(loop, run_dir, k),
                     **cost,
-                    "note": "phases 64 -> 8 -> 1; 2 teacher + 1 self-teacher evals/step; 2 and 4 steps not on "
-                    "this schedule",
-                }
-            )
-            print(json.dumps(rows[-1]), file=sys.stderr)
-
-        extra = {"cm_steps": 18, "cm_ema": 0.95}
-        loop, _, cost = train("consistency", mcfg, dcfg, seed, budget["consistency"], batch, lr, extra, work)
-        for k in STEPS:
-            imgs = draw(student_fn(loop.trainer.model, StepSampler(d, loop.cfg, k)), n, 250, seed)
-            rows.append(
-                {
-                    "method": "consistency",
-                    "seed": seed,
-                    "steps": k,
-                    "fd": fd(imgs, classifier, reference),
+                    trained_steps=(loop.method.schedule.index(k) + 1) * r,
+                    note="round checkpoint; cost is the whole 8->1 run (1 pool + 2 round-teacher evals/step)",
+                )
+        if "tract" in methods:
+            r = budget["tract_phase"]
+            extra = {"tract_steps": "64,8,1", "round_steps": r, "tract_ema": 0.95}
+            loop, run_dir, cost = train("tract", mcfg, dcfg, seed, 2 * r, batch, lr, extra, work)
+            for k in (8, 1):
+                row(
+                    "tract",
+                    seed,
+                    k,
+                    sample_round(loop, run_dir, k),
                     **cost,
-                    "note": "2 teacher evals + 1 target-network eval per sample per step",
-                }
-            )
-            print(json.dumps(rows[-1]), file=sys.stderr)
+                    trained_steps=(loop.method.schedule.index(k) + 1) * r,
+                    note="phases 64 -> 8 -> 1; 2 teacher + 1 self-teacher evals/step; 2 and 4 steps not on this schedule",
+                )
+        if "consistency" in methods:
+            extra = {"cm_steps": 18, "cm_ema": 0.95}
+            loop, _, cost = train("consistency", mcfg, dcfg, seed, budget["consistency"], batch, lr, extra, work)
+            for k in STEPS:
+                imgs = draw(student_fn(loop.trainer.model, StepSampler(d, loop.cfg, k)), n, 250, seed)
+                row(
+                    "consistency",
+                    seed,
+                    k,
+                    imgs,
+                    **cost,
+                    note="2 teacher evals + 1 target-network eval per sample per step",
+                )
 
     result = {
         "benchmark": "step_distill",
@@ -232,7 +214,19 @@ def main(argv):
         "budget_steps": budget,
         "rows": rows,
     }
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"cpu_step_distill{'_quick' if quick else ''}.json")
+    out = args.out or os.path.join(
+        ROOT, "benchmarks", "results", f"cpu-x86_64-2core_step_distill{'_quick' if quick else ''}.json"
+    )
+    if args.append and os.path.isfile(out):
+        with open(out) as f:
+            old = json.load(f)
+        if old.get("mode") != result["mode"]:
+            raise SystemExit(
+                f"{out} holds a {old.get('mode')} run; --append adds {result['mode']} rows only to a like one"
+            )
+        result["rows"] = old["rows"] + rows
+        result["command"] = old["command"] + " && " + result["command"]
+        result["budget_steps"] = {**old.get("budget_steps", {}), **budget}
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
         f.write("\n")
