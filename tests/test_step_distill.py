@@ -761,3 +761,15 @@ def test_progressive_under_mpiexec(tmp_path):
     )
     assert not torch.equal(pa["x"], pb["x"])  # each rank its own pool
     assert (run / "round00_2steps.pt").exists()
+
+
+@pytest.mark.parametrize("name", sorted(RESUME))
+def test_bf16_steps_are_finite(tmp_path, name):
+    kw = dict(RESUME[name][0])
+    loop = make_loop(tmp_path, teacher=net_teacher(), max_steps=2, precision="bf16", teacher_precision="bf16", **kw)
+    loop.prepare_pool(progress=False)
+    batch = loop.next_batch()
+    assert all(v.dtype in (torch.float32, torch.long) for v in batch.values())
+    with loop.trainer.precision.autocast():
+        loss, terms = loop.loss_fn(loop.trainer.ddp_model, batch)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and "loss" in terms
