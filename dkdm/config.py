@@ -158,12 +158,8 @@ class DistillConfig:
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
     # Step distillation (dkdm.distill.objectives): which objective, and each one's settings.
     objective: str = "dkdm"  # dkdm | luhman | progressive | tract | consistency | boot
-    student_init: str = (
-        ""  # "" = the objective's default (teacher for progressive/consistency) | random | teacher | a .pt
-    )
-    parameterization: str = (
-        ""  # step students: x0 | v | eps | skip-x0 | skip-v | skip-eps; "" = the objective's default
-    )
+    student_init: str = ""  # "" = the objective's default | random | teacher | a checkpoint path
+    parameterization: str = ""  # step students: x0 | v | eps | skip-<one of those>; "" = objective's default
     step_clip: bool = True  # teacher DDIM targets clip x_0 to [-1, 1], as sample.py's DDIM does
     luhman_steps: int = 25  # luhman: teacher DDIM steps per (noise, image) pair
     progressive_start: int = 32  # progressive: the first round's student steps (its teacher takes twice as many)
