@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from dkdm import dist, fileio, logger, sampling
 from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
-from dkdm.diffusion import create_diffusion
 from dkdm.distill.objectives.sampling import step_sampler_for
-from dkdm.models import create_model, load_checkpoint
+from dkdm.resolve import EMBEDDED_TEACHER, resolve
 
 
 def main(argv: list[str]) -> None:
@@ -27,13 +26,13 @@ def main(argv: list[str]) -> None:
     args = ConfigParser(__doc__, groups).parse(argv)
     cfg = args.resolve("sample")
     dist.setup_dist()
-    path = cfg.model_path or sampling.TEACHER_PATH
-    model_cfg, diff_cfg, source = sampling.resolve_configs(path, args.overrides)
-    model = load_checkpoint(create_model(model_cfg), path).to(dist.dev())
-    diffusion = create_diffusion(diff_cfg)  # validate everything before the manifest binds the output
-    # A step-distilled student (luhman / progressive / consistency run) samples with its own sampler and step count.
+    path = cfg.model_path or EMBEDDED_TEACHER
+    net = resolve(args.overrides["model"], args.overrides["diffusion"], checkpoint=path)
+    model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
+    model = net.build().to(dist.dev())
+    diffusion = net.create_diffusion()  # validate everything before the manifest binds the output
+    # A step-distilled student (luhman / progressive / tract / consistency / boot run) samples with its own sampler.
     diffusion = step_sampler_for(path, diff_cfg) or diffusion
-    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
     output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), dist.dev().type)
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
@@ -49,7 +48,7 @@ def main(argv: list[str]) -> None:
     how = f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps"
     how = diffusion.describe() if hasattr(diffusion, "describe") else how
     logger.log(
-        f"sampling {path} ({model_cfg.name or model_cfg.arch}, config from {source}), "
+        f"sampling {path} ({net.name}, config from {net.source}), "
         f"{how}, "
         f"{cfg.num_samples} images on {dist.get_world_size()} process(es) -> {output}"
     )
@@ -68,7 +67,7 @@ def main(argv: list[str]) -> None:
         store,
         cfg,
         shape,
-        num_classes=model_cfg.num_classes if model_cfg.class_cond else 0,
+        num_classes=net.space.num_classes,
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         device=dist.dev(),

@@ -481,6 +481,23 @@ def test_boot_student_learns(tmp_path):
     assert after < 0.3 * before, (before, after)
 
 
+def test_each_head_reads_as_x0_by_its_float64_formula():
+    """x0 as is; v: alpha x - sigma v; eps: (x - sigma eps) / alpha; only the first C channels of a 2C output."""
+    from dkdm.distill.objectives import Parameterization
+
+    d = diffusion()
+    ab = torch.as_tensor(abar64(d), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64)
+    out = torch.randn(5, 2, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, 7, 12, T - 1])
+    a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+    want = {"x0": out[:, :1], "v": a * x - s * out[:, :1], "eps": (x - s * out[:, :1]) / a}
+    for head, ref in want.items():
+        got = Parameterization(head, d).x0(out, x, t)
+        assert got.dtype == torch.float64 and torch.allclose(got, ref, rtol=1e-10, atol=1e-10), head
+
+
 # ---------------------------------------------------------------------- consistency distillation
 
 
@@ -662,8 +679,8 @@ def test_progressive_from_dkdm_train_then_sample(tmp_path):
     common = ["--objective", "progressive", "--progressive_start", "2", "--round_steps", "2", "--lr_anneal_steps", "0"]
     common += ["--pool", "iterative", "--batch_size", "8", "--log_dir", str(run)]
     p = _script("dkdm_train.py", *common, "--max_steps", "4")
-    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "--student_arch" in p.stderr, p.stderr[-2000:]
-    p = _script("dkdm_train.py", *common, "--max_steps", "4", "--student_arch", "digits-teacher")
+    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "--student.arch" in p.stderr, p.stderr[-2000:]
+    p = _script("dkdm_train.py", *common, "--max_steps", "4", "--student.arch", "digits-teacher")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "3 teacher evaluations per student sample per step" in p.stdout
     assert (run / "round00_2steps.pt").exists() and (run / "round01_1steps.pt").exists()
@@ -688,7 +705,7 @@ def test_progressive_from_dkdm_train_then_sample(tmp_path):
     assert p.returncode == 1 and "deterministic sampler; --eta 0.5" in p.stderr, p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", ["luhman", "progressive", "tract", "consistency"])
+@pytest.mark.parametrize("name", ["luhman", "progressive", "tract", "consistency", "boot"])
 def test_digits_presets_resolve(name):
     import importlib.util
     import os
@@ -732,7 +749,7 @@ def test_progressive_under_mpiexec(tmp_path):
         os.path.join(root, "scripts", "dkdm_train.py"),
         "--objective",
         "progressive",
-        "--student_arch",
+        "--student.arch",
         "digits-teacher",
         "--progressive_start",
         "2",

@@ -162,6 +162,7 @@ class Parameterization:
             raise ObjectiveError(f"unknown --parameterization {spec!r}; choose one of {choices}")
         if sigma_data <= 0:
             raise ObjectiveError(f"--sigma_data must be positive, got {sigma_data}")
+        self.diffusion = diffusion
         self.schedule = Schedule(diffusion)
         ve = self.schedule.np["sigma"][1:] / self.schedule.np["alpha"][1:]
         d = ve - ve[0]
@@ -175,15 +176,13 @@ class Parameterization:
     def x0(self, output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The x_0 estimate (the consistency function's value under ``skip``) of ``output`` at ``(x_t, t)``."""
         out = output[:, : x_t.shape[1]]
-        sch = self.schedule
-        if self.head == "x0":
-            x0 = out
-        elif self.head == "v":
-            x0 = sch.table("alpha", t, x_t) * x_t - sch.table("sigma", t, x_t) * out
-        else:
-            x0 = (x_t - sch.table("sigma", t, x_t) * out) / sch.table("alpha", t, x_t)
+        x0 = out
+        if self.head != "x0":  # the diffusion's own closed forms (t >= 0 here: a student never sees step -1)
+            kind = ModelMeanType.VELOCITY if self.head == "v" else ModelMeanType.EPSILON
+            x0 = self.diffusion.convert_prediction(x_t, t, out, kind, ModelMeanType.START_X)
         if not self.skip:
             return x0
+        sch = self.schedule
         return sch.table("c_skip", t, x_t) * x_t + sch.table("c_out", t, x_t) * x0
 
 
@@ -205,7 +204,7 @@ def init_student(student: Any, teacher: Any, spec: str) -> str:
         if bad:
             raise ObjectiveError(
                 f"--student_init teacher needs the student to have the teacher's architecture ({len(bad)} tensors "
-                f"differ, e.g. {bad[0]}); give the student the teacher's arch (--student_arch) or --student_init random"
+                f"differ, e.g. {bad[0]}); give the student the teacher's arch (--student.arch) or --student_init random"
             )
         student.load_state_dict(t_sd)
         return "student: initialised from the teacher's weights"
