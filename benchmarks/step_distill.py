@@ -1,17 +1,20 @@
 """Data-free step distillation on the embedded digits teacher: digits-metric FD at 1, 2, 4 and 8 sampling steps.
 
 Rows (``--methods`` picks, ``--append`` adds them to an existing JSON): the teacher with DDIM (sample.py's respaced grid) at 1, 2, 4, 8 and 50 steps (the reference line);
-Luhman & Luhman (1 step); BOOT (1 step, no pool); progressive distillation (rounds 8 -> 4 -> 2 -> 1, each round's checkpoint
+the DKDM student (digits-student as configs/digits/dkdm.yaml trains it, EMA weights, DDIM at 1, 2, 4, 8 steps); Luhman & Luhman (1 step); BOOT (1 step, no pool); progressive distillation (rounds 8 -> 4 -> 2 -> 1, each round's checkpoint
 sampled at its own step count); TRACT (phases 64 -> 8 -> 1, sampled at 8 and 1); consistency
 distillation (multistep sampling at 1, 2, 4, 8 steps). The progressive and TRACT runs spend the same
 number of optimizer steps. ``--figure`` draws FD against steps (matplotlib).
-Every student has the teacher's architecture and starts from its weights; all are trained with the
-pool / teacher only (no data), sampled from their raw (not EMA) weights. FD is the digits classifier's
+Every step student has the teacher's architecture and starts from its weights (the DKDM student is the
+smaller digits-student, trained from scratch); all are trained with the pool / teacher only (no data), the
+step students sampled from their raw (not EMA) weights. FD is the digits classifier's
 (``dkdm/digits_metric.py``) against all 1,797 real digits. Each method records the teacher-network
 evaluations it spent (pool preparation included). Prints one JSON object and writes it to ``--out``.
 
     python benchmarks/step_distill.py --quick            # ~15 min on 2 CPU cores: 1 seed, short runs
     python benchmarks/step_distill.py --seeds 0,1        # the full setting: longer runs, two seeds
+
+``--budget_scale`` multiplies every training budget (named in the JSON as ``budget_scale``).
 
 ``--quick`` is named in the JSON (``"mode": "quick"``): its students are trained for a few hundred
 steps and are not what the methods reach with a real budget.
@@ -29,29 +32,32 @@ import numpy as np
 import torch
 
 from dkdm import digits_metric, logger
-from dkdm.config import DiffusionConfig, DistillConfig, ModelConfig, TrainConfig, update
+from dkdm.config import DistillConfig, TrainConfig, update
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop
 from dkdm.distill.objectives.sampling import StepSampler
-from dkdm.models import create_model, get_config, load_checkpoint
+from dkdm.models import create_model, load_checkpoint
+from dkdm.resolve import DEFAULT_STUDENT, EMBEDDED_TEACHER, build_network, resolve
 from dkdm.sampling import to_uint8
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-ASSETS = os.path.join(ROOT, "dkdm", "assets")
 STEPS = (1, 2, 4, 8)
-METHODS = ("teacher", "luhman", "boot", "progressive", "tract", "consistency")
+METHODS = ("teacher", "dkdm", "luhman", "boot", "progressive", "tract", "consistency")
 
 
 def teacher_setup():
-    with open(os.path.join(ASSETS, "digits_teacher.json")) as f:
-        meta = json.load(f)
-    mcfg = get_config(ModelConfig(**meta["model"]))
-    dcfg = update(DiffusionConfig(), meta["diffusion"])
-    return mcfg, dcfg
+    """The embedded teacher's model and diffusion configs, as the resolver reads them."""
+    net = resolve(checkpoint=EMBEDDED_TEACHER)
+    return net.model, net.diffusion
 
 
 def load_teacher(mcfg):
-    return load_checkpoint(create_model(mcfg), os.path.join(ASSETS, "digits_teacher.pt")).eval()
+    return build_network(mcfg, EMBEDDED_TEACHER).eval()
+
+
+def get_student_config():
+    """The DKDM student of configs/digits/dkdm.yaml (the resolver's default student)."""
+    return resolve({"arch": DEFAULT_STUDENT}).model
 
 
 @torch.no_grad()
@@ -70,16 +76,24 @@ def fd(images, classifier, reference):
     return digits_metric.score(digits_metric.activations(images, classifier), reference)["fd"]
 
 
-def train(objective, mcfg, dcfg, seed, steps, batch, lr, extra, work):
+def train(objective, mcfg, dcfg, seed, steps, batch, lr, extra, work, student_cfg=None, **train_kw):
     run_dir = os.path.join(work, f"{objective}-{seed}")
     logger.configure(run_dir, format_strs=["log", "csv"])
     d = create_diffusion(dcfg)
     torch.manual_seed(seed)
     distill = DistillConfig(objective=objective, rho=0.1, teacher_batch=256, warmup="respaced", **extra)
     tcfg = TrainConfig(
-        batch_size=batch, lr=lr, max_steps=steps, ema_rate="0.995", seed=seed, log_interval=100, save_interval=0
+        batch_size=batch,
+        lr=lr,
+        max_steps=steps,
+        ema_rate="0.995",
+        seed=seed,
+        log_interval=100,
+        save_interval=0,
+        **train_kw,
     )
-    loop = DistillLoop(load_teacher(mcfg), create_model(mcfg), d, d, train=tcfg, distill=distill, run_dir=run_dir)
+    student = create_model(student_cfg or mcfg)
+    loop = DistillLoop(load_teacher(mcfg), student, d, d, train=tcfg, distill=distill, run_dir=run_dir)
     t0 = time.perf_counter()
     loop.run(progress=False)
     secs = time.perf_counter() - t0
@@ -115,15 +129,26 @@ def main(argv):
     p.add_argument(
         "--out", default="", help="JSON path (default benchmarks/results/cpu-x86_64-2core_step_distill[_quick].json)"
     )
+    p.add_argument(
+        "--combine", default="", help="comma-separated JSONs of runs with other seeds: join their rows into --out"
+    )
+    p.add_argument("--table", action="store_true", help="print the markdown table of the JSON at --out and stop")
     args = p.parse_args(argv)
+    if args.combine:
+        return combine(args.combine.split(","), args.out, args.figure)
+    if args.table:
+        with open(args.out) as f:
+            return print("\n".join(table(json.load(f))))
     torch.set_num_threads(args.threads)
     quick = args.quick
     seeds = [int(s) for s in args.seeds.split(",")]
     n = args.num_samples or (1000 if quick else 1797)
     batch, lr = 64, 3e-4
-    budget = {"luhman": 300, "boot": 600, "progressive_round": 150, "tract_phase": 300, "consistency": 600}
+    budget = {"dkdm": 1200, "luhman": 300, "boot": 600, "progressive_round": 150, "tract_phase": 300}
+    budget["consistency"] = 600
     if not quick:
-        budget = {"luhman": 2000, "boot": 4000, "progressive_round": 1000, "tract_phase": 2000, "consistency": 4000}
+        budget = {"dkdm": 1200, "luhman": 2000, "boot": 4000, "progressive_round": 1000, "tract_phase": 2000}
+        budget["consistency"] = 4000
     budget = {k: max(1, round(v * args.budget_scale)) for k, v in budget.items()}
     mcfg, dcfg = teacher_setup()
     classifier = digits_metric.load_classifier()
@@ -149,6 +174,19 @@ def main(argv):
                 spaced = create_diffusion(update(dcfg, {"timestep_respacing": str(k)}))
                 imgs = draw(lambda z, s=spaced: s.ddim_sample_loop(teacher, tuple(z.shape), noise=z), n, 250, seed)
                 row("teacher DDIM", seed, k, imgs, teacher_evals_per_sample=k)
+        if "dkdm" in methods:
+            # configs/digits/dkdm.yaml's run (lr 1e-3 annealed to 0, EMA 0.995), sampled like the teacher.
+            scfg = update(get_student_config(), {"learn_sigma": mcfg.learn_sigma})
+            loop, _, cost = train(
+                "dkdm", mcfg, dcfg, seed, budget["dkdm"], batch, 1e-3, {}, work, scfg, lr_anneal_steps=budget["dkdm"]
+            )
+            net = create_model(scfg)
+            net.load_state_dict(loop.trainer.ema_state_dict("0.995"))
+            net.eval()
+            for k in STEPS:
+                spaced = create_diffusion(update(dcfg, {"timestep_respacing": str(k)}))
+                imgs = draw(lambda z, s=spaced, m=net: s.ddim_sample_loop(m, tuple(z.shape), noise=z), n, 250, seed)
+                row("dkdm student DDIM", seed, k, imgs, **cost, note="digits-student, EMA 0.995, from scratch")
         if "luhman" in methods:
             extra = {"luhman_steps": 8, "student_init": "teacher", "parameterization": "x0"}
             loop, _, cost = train("luhman", mcfg, dcfg, seed, budget["luhman"], batch, lr, extra, work)
@@ -212,6 +250,7 @@ def main(argv):
         "batch_size": batch,
         "lr": lr,
         "budget_steps": budget,
+        "budget_scale": args.budget_scale,
         "rows": rows,
     }
     out = args.out or os.path.join(
@@ -233,6 +272,63 @@ def main(argv):
     print(json.dumps(result, indent=1))
     if args.figure:
         figure(result, args.figure)
+
+
+def combine(paths, out, fig=""):
+    """One JSON from runs that differ only in their seeds (e.g. run side by side, one process per seed)."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    same = ("mode", "num_samples", "batch_size", "lr", "budget_steps", "budget_scale")
+    for part, path in zip(parts[1:], paths[1:]):
+        bad = [k for k in same if part.get(k) != parts[0].get(k)]
+        if bad:
+            raise SystemExit(f"{path} differs from {paths[0]} in {', '.join(bad)}; combine only runs of one setting")
+    result = {**parts[0], "rows": [r for part in parts for r in part["rows"]]}
+    result["command"] = " ; ".join(part["command"] for part in parts)
+    result["date"] = " ; ".join(part["date"] for part in parts)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    if fig:
+        figure(result, fig)
+
+
+def table(result):
+    """Markdown: FD per method and step count (mean over seeds, the seeds' range), teacher evaluations spent."""
+    by, cost = {}, {}
+    for row in result["rows"]:
+        by.setdefault(row["method"], {}).setdefault(row["steps"], []).append(row["fd"])
+        if "teacher_evals_total" in row:
+            cost.setdefault(row["method"], {})[row["seed"]] = row["teacher_evals_total"]
+    seeds = sorted({r["seed"] for r in result["rows"]})
+    cols = [*STEPS, 50]
+    lines = [
+        "| method | " + " | ".join(f"FD, {k} step{'s' if k > 1 else ''}" for k in cols) + " | teacher evals spent |",
+        "|---|" + "---:|" * (len(cols) + 1),
+    ]
+    for method, pts in by.items():
+        cells = []
+        for k in cols:
+            v = pts.get(k)
+            if not v:
+                cells.append("—")
+            elif len(v) == 1:
+                cells.append(f"{v[0]:.1f}")
+            else:
+                cells.append(f"{np.mean(v):.1f} ({min(v):.1f}–{max(v):.1f})")
+        if method in cost:
+            spent = f"{np.mean(list(cost[method].values())) / 1e3:.0f}k in training"
+        else:
+            spent = "none in training; k per sample when sampling"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {spent} |")
+    lines.append("")
+    lines.append(
+        f"{result['mode']} budget (x{result.get('budget_scale', 1.0):g}): {result['budget_steps']} optimizer steps, "
+        f"batch {result['batch_size']}; {result['num_samples']} samples per FD; seeds {seeds}; mean (range over seeds)."
+    )
+    return lines
 
 
 def figure(result, path):

@@ -705,6 +705,16 @@ def test_progressive_from_dkdm_train_then_sample(tmp_path):
     assert p.returncode == 1 and "deterministic sampler; --eta 0.5" in p.stderr, p.stderr[-2000:]
 
 
+def test_unreachable_round_schedule_is_one_line_from_dkdm_train(tmp_path):
+    p = _script(
+        "dkdm_train.py",
+        *("--objective", "progressive", "--student.arch", "digits-teacher", "--progressive_start", "8"),
+        *("--progressive_end", "3", "--round_steps", "2", "--max_steps", "8", "--log_dir", str(tmp_path / "run")),
+    )
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr[-2000:]
+    assert "8, 4, 2, 1; --progressive_end 3 is not on that schedule" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("name", ["luhman", "progressive", "tract", "consistency", "boot"])
 def test_digits_presets_resolve(name):
     import importlib.util
