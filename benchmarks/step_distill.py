@@ -275,17 +275,34 @@ def main(argv):
 
 
 def combine(paths, out, fig=""):
-    """One JSON from runs that differ only in their seeds (e.g. run side by side, one process per seed)."""
-    parts = []
+    """One JSON from runs of one setting that differ in their seeds or ``--methods`` (run side by side).
+
+    A path not ending in ``.json`` is the stderr of a run stopped early: the rows it printed as it
+    went (one JSON object a line) join the result, and the file is named under ``rows_from_logs``.
+    """
+    parts, logs = [], []
     for path in paths:
         with open(path) as f:
-            parts.append(json.load(f))
+            if path.endswith(".json"):
+                parts.append(json.load(f))
+            else:
+                rows = [json.loads(line) for line in f if line.startswith('{"method"')]
+                logs.append({"path": path, "rows": rows})
+    if not parts:
+        raise SystemExit("--combine needs at least one finished run's JSON for the setting")
     same = ("mode", "num_samples", "batch_size", "lr", "budget_steps", "budget_scale")
     for part, path in zip(parts[1:], paths[1:]):
         bad = [k for k in same if part.get(k) != parts[0].get(k)]
         if bad:
             raise SystemExit(f"{path} differs from {paths[0]} in {', '.join(bad)}; combine only runs of one setting")
-    result = {**parts[0], "rows": [r for part in parts for r in part["rows"]]}
+    result = {
+        **parts[0],
+        "rows": [r for part in parts for r in part["rows"]] + [r for log in logs for r in log["rows"]],
+    }
+    order = ["teacher DDIM", "dkdm student DDIM", *METHODS[2:]]
+    result["rows"].sort(key=lambda r: (order.index(r["method"]) if r["method"] in order else 99, r["seed"], r["steps"]))
+    if logs:
+        result["rows_from_logs"] = [os.path.basename(log["path"]) for log in logs]
     result["command"] = " ; ".join(part["command"] for part in parts)
     result["date"] = " ; ".join(part["date"] for part in parts)
     with open(out, "w") as f:
