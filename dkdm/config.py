@@ -172,9 +172,28 @@ class DistillConfig:
     w_min: float = 0.0
     w_max: float = 0.0
 
+    # Step distillation (dkdm.distill.objectives): which objective, and each one's settings.
+    objective: str = "dkdm"  # dkdm | luhman | progressive | tract | consistency | boot
+    student_init: str = ""  # "" = the objective's default | random | teacher | a checkpoint path
+    parameterization: str = ""  # step students: x0 | v | eps | skip-<one of those>; "" = objective's default
+    step_clip: bool = True  # teacher DDIM targets clip x_0 to [-1, 1], as sample.py's DDIM does
+    luhman_steps: int = 25  # luhman: teacher DDIM steps per (noise, image) pair
+    progressive_start: int = 32  # progressive: the first round's student steps (its teacher takes twice as many)
+    progressive_end: int = 1  # progressive: the last round's student steps (halving from progressive_start)
+    round_steps: int = 500  # progressive, tract: optimizer steps per round (phase)
+    step_weighting: str = "truncated_snr"  # progressive: truncated_snr (max(SNR, 1)) | snr_plus_one
+    tract_steps: str = "64,8,1"  # tract: the teacher's grid steps, then each phase's student steps
+    tract_ema: float = 0.95  # tract: EMA decay of the self-teacher
+    cm_steps: int = 18  # consistency, boot: N, the number of grid intervals
+    cm_ema: float = 0.95  # consistency: EMA decay of the target network
+    sigma_data: float = 0.5  # consistency: sigma_data of the skip/out parameterisation
+
     def __post_init__(self) -> None:
         if self.w_min > self.w_max:
             raise ConfigError(f"--w_min {self.w_min} lies above --w_max {self.w_max}; give w_min <= w_max")
+        objectives = ("dkdm", "luhman", "progressive", "tract", "consistency", "boot")
+        if self.objective not in objectives:
+            raise ConfigError(f"--objective must be one of {', '.join(objectives)}, got {self.objective!r}")
         dev = self.pool_device
         if not (dev in ("", "auto", "cpu") or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev)):
             raise ConfigError(f"--pool_device must be auto (the training device), cpu or cuda[:N], got {dev!r}")

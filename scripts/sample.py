@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dkdm import dist, fileio, logger, sampling
 from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
+from dkdm.distill.objectives.sampling import step_sampler_for
 from dkdm.models.guidance import for_sampling
 from dkdm.resolve import EMBEDDED_TEACHER, resolve
 
@@ -34,6 +35,8 @@ def main(argv: list[str]) -> None:
     model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
     model = for_sampling(net.build(), cfg.guidance_scale).to(dist.dev())  # guided, or w for a w-conditioned net
     diffusion = net.create_diffusion()  # validate everything before the manifest binds the output
+    # A step-distilled student (luhman / progressive / tract / consistency / boot run) samples with its own sampler.
+    diffusion = step_sampler_for(path, diff_cfg) or diffusion
     output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), dist.dev().type)
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
@@ -46,9 +49,11 @@ def main(argv: list[str]) -> None:
     error = dist.broadcast_object(error)
     if error:
         raise sampling.SamplingError(error)
+    how = f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps"
+    how = diffusion.describe() if hasattr(diffusion, "describe") else how
     logger.log(
         f"sampling {path} ({net.name}, config from {net.source}), "
-        f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps, "
+        f"{how}, "
         f"{cfg.num_samples} images on {dist.get_world_size()} process(es) -> {output}"
     )
     sizes = sampling.shard_sizes(cfg.num_samples, cfg.batch_size)

@@ -13,6 +13,11 @@ and teacher and student both get it. Guided teachers (``--guidance_scale w``, or
 w-conditioned student learning ``[w_min, w_max]``): the teacher call is one call of doubled
 batch (conditional and null labels) whose guided output (:mod:`dkdm.models.guidance`) is both
 the target and what advances the pool; with a w range each pool sample carries its own ``w``.
+
+The method is an object (:mod:`dkdm.distill.objectives`, picked by ``distill.objective``):
+DKDM as above, or a step-distillation method (Luhman, progressive, TRACT, consistency) whose
+``next_batch`` builds its targets from :meth:`DistillLoop.pool_step` and the teacher, and
+whose own state (round, target network) rides in the checkpoints beside the pool.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dkdm import dist, logger
 from dkdm.config import DistillConfig, TrainConfig, to_dict
 from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
+from dkdm.distill.objectives import build_objective
 from dkdm.distill.pool import DynamicPool, read_class_weights, teacher_fingerprint
 from dkdm.models.guidance import Guided, check_guidable
 from dkdm.training import Trainer
@@ -96,6 +102,16 @@ def check_conditioning(
     return t_classes, ((distill.w_min, distill.w_max) if w_cond else None)
 
 
+def _frozen_forward(
+    net: Any, diffusion: Any, x: Tensor, t: Tensor, y: Tensor | None, device_type: str, dtype: Any
+) -> Tensor:
+    kwargs = {"y": y} if y is not None else {}
+    ts = diffusion.model_timesteps(t)
+    with autocast(device_type, dtype):
+        out = net(x, ts, **kwargs)
+    return out if dtype is None else out.float()
+
+
 class _Timer:
     """Teacher and student step times without host syncs: CUDA events read once complete."""
 
@@ -137,9 +153,10 @@ class DistillLoop:
     see :class:`DKDMObjective`). ``train`` and ``distill`` are the configs; ``run_dir`` gets
     checkpoints, logs and (unless ``distill.pool_cache_dir`` says otherwise) the pool cache.
     ``teacher_key`` identifies the teacher for the cache (see :func:`teacher_id`); empty
-    means hashing the teacher's weights. Construction builds the pool and the trainer, which
-    resumes from ``run_dir`` if a checkpoint is there (the pool included); :meth:`run`
-    prepares the pool when it was not restored and trains.
+    means hashing the teacher's weights. Construction builds the objective, the pool (if the
+    objective uses one) and the trainer, which resumes from ``run_dir`` if a checkpoint is there
+    (pool and objective state included); :meth:`run` prepares the pool when it was not restored
+    and trains.
     """
 
     def __init__(
@@ -162,59 +179,71 @@ class DistillLoop:
         self.teacher_dtype = autocast_dtype(distill.teacher_precision, "teacher_precision")
 
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.student = student
         self.teacher_diffusion, self.student_diffusion = teacher_diffusion, student_diffusion
-        self.objective = DKDMObjective(
-            teacher_diffusion,
-            student_diffusion,
-            simple_only=distill.simple_only,
-            clip_teacher_mean=distill.clip_teacher_mean,
-        )
-        for w in self.objective.warnings:
-            logger.warn(w)
+        self.objective: Any = None
+        if distill.objective == "dkdm":
+            self.objective = DKDMObjective(
+                teacher_diffusion,
+                student_diffusion,
+                simple_only=distill.simple_only,
+                clip_teacher_mean=distill.clip_teacher_mean,
+            )
+            for w in self.objective.warnings:
+                logger.warn(w)
 
         tcfg = getattr(teacher, "config", None)
         scfg = getattr(student, "config", None)
         shape = self._sample_shape(tcfg, scfg)
+        self.sample_shape = shape
         num_classes, w_range = check_conditioning(teacher, student, distill)
         self.guided = w_range is not None or distill.guidance_scale != 1.0
         self.guidance_scale = distill.guidance_scale
         self.student_takes_w = w_range is not None
         self._guide = Guided(self.teacher, distill.guidance_scale) if self.guided else None
         weights = read_class_weights(distill.class_weights, num_classes) if distill.class_weights else None
-        self.pool = DynamicPool(
-            teacher_diffusion,
-            shape,
-            self.batch_size,
-            rho=distill.rho,
-            variant=distill.pool,
-            device=self.device,
-            pool_device=self.device if distill.pool_device in ("", "auto") else distill.pool_device,
-            teacher_batch=distill.teacher_batch,
-            num_classes=num_classes,
-            class_weights=weights,
-            w_range=w_range,
-            discard_prob=distill.discard_prob,
-            warmup=distill.warmup,
-            warmup_jumps=distill.warmup_jumps,
-            warmup_exact=distill.warmup_exact,
-            seed=train.seed,
-            rank=self.rank,
-            world_size=self.world,
-        )
-        logger.log(
-            f"pool: {distill.pool}, {self.pool.size} samples per rank (rho={distill.rho}, b={self.batch_size}), "
-            f"{self.pool.memory['pool'] / 2**20:.1f} MiB on {self.pool.pool_device}, "
-            f"{self.pool.memory['per_sample']} bytes per sample"
-        )
         self.run_dir = run_dir
         self.teacher_key = teacher_key
+        # The method decides whether there is a pool; it may initialise the student (before the trainer
+        # resumes, which then overwrites the weights) and adds its own state to the checkpoints.
+        self.method = build_objective(self, distill, class_cond=num_classes is not None)
+        self.pool: DynamicPool | None = None
+        if self.method.uses_pool:
+            self.pool = DynamicPool(
+                teacher_diffusion,
+                shape,
+                self.batch_size,
+                rho=distill.rho,
+                variant=distill.pool,
+                device=self.device,
+                pool_device=self.device if distill.pool_device in ("", "auto") else distill.pool_device,
+                teacher_batch=distill.teacher_batch,
+                num_classes=num_classes,
+                class_weights=weights,
+                w_range=w_range,
+                discard_prob=distill.discard_prob,
+                warmup=distill.warmup,
+                warmup_jumps=distill.warmup_jumps,
+                warmup_exact=distill.warmup_exact,
+                seed=train.seed,
+                rank=self.rank,
+                world_size=self.world,
+            )
+            logger.log(
+                f"pool: {distill.pool}, {self.pool.size} samples per rank (rho={distill.rho}, b={self.batch_size}), "
+                f"{self.pool.memory['pool'] / 2**20:.1f} MiB on {self.pool.pool_device}, "
+                f"{self.pool.memory['per_sample']} bytes per sample"
+            )
+        logger.log(self.method.describe())
+        extra = {"pool": self.pool} if self.pool is not None else {}
+        extra.update(self.method.extra_state())
         self.trainer = Trainer(
             student,
             student_diffusion,
             cfg=train,
             run_dir=run_dir,
             config_to_save=config_to_save or {"train": train, "distill": distill},
-            extra_state={"pool": self.pool},
+            extra_state=extra,
         )
         self._timer = _Timer(self.device)
 
@@ -241,17 +270,21 @@ class DistillLoop:
         Guided: the classifier-free-guided output at ``w`` (per sample) or ``--guidance_scale``,
         from one teacher call of doubled batch.
         """
+        if self._guide is None:
+            return _frozen_forward(self.teacher, self.teacher_diffusion, x, t, y, self.device.type, self.teacher_dtype)
         ts = self.teacher_diffusion.model_timesteps(t)
         with autocast(self.device.type, self.teacher_dtype):
-            if self._guide is not None:
-                out = self._guide(x, ts, y, w)
-            else:
-                out = self.teacher(x, ts, **({"y": y} if y is not None else {}))
+            out = self._guide(x, ts, y, w)
         return out if self.teacher_dtype is None else out.float()
+
+    @torch.no_grad()
+    def run_net(self, net: torch.nn.Module, diffusion: Any, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """A frozen network's output at step indices ``t`` of ``diffusion``, under the teacher's precision."""
+        return _frozen_forward(net, diffusion, x, t, y, self.device.type, self.teacher_dtype)
 
     def prepare_pool(self, progress: bool = True) -> None:
         """Shuffle-denoise the pool (or load it from the cache); every rank its own pool."""
-        if self.pool.prepared:
+        if self.pool is None or self.pool.prepared:
             return
         key = self.teacher_key or teacher_id(self.teacher, getattr(self.teacher, "config", None))
         if self.guided and not self.student_takes_w:  # a guided pool is another pool (a w range is in its key)
@@ -266,8 +299,12 @@ class DistillLoop:
         )
 
     # ------------------------------------------------------------------ trainer callables
-    def next_batch(self) -> dict[str, Tensor]:
-        """Draw ``b`` samples, run the teacher once, advance the pool; return the batch."""
+    def pool_step(self) -> tuple[dict[str, Tensor], Tensor]:
+        """Draw ``b`` samples, run the teacher once, advance the pool; return the batch and the teacher's output.
+
+        The batch holds the samples as drawn (before the step). With ``discard_prob`` the teacher
+        may run several times; only the last batch is returned.
+        """
         timer = self._timer
         timer.mark("student_end")
         timer.span("student_ms", "update_end", "student_end")
@@ -287,17 +324,20 @@ class DistillLoop:
             hist = self.pool.t_histogram(4)
             for i in range(4):
                 logger.logkv_mean(f"pool_t_q{i}", hist[i])
-        batch["teacher_out"] = out
-        return batch
+        return batch, out
+
+    def next_batch(self) -> dict[str, Tensor]:
+        """One step's batch from the objective (DKDM: the pool batch with the teacher's output)."""
+        with torch.no_grad():
+            return self.method.next_batch(self)
 
     def loss_fn(self, model: torch.nn.Module, micro: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The DKDM objective on a microbatch: ``(mean loss, per-sample terms with t)``."""
-        kwargs = {k: micro[k] for k in ("y", "w") if k in micro}
-        terms = self.objective.losses(model, micro["x_t"], micro["t"], micro["teacher_out"], kwargs)
-        terms["t"] = micro["t"]
-        return terms["loss"].mean(), terms
+        """The objective on a microbatch: ``(mean loss, per-sample terms)``."""
+        return self.method.loss_fn(model, micro)
 
     def run(self, progress: bool = True) -> int:
         """Prepare the pool if needed, then distill until the trainer is done; return the step."""
         self.prepare_pool(progress=progress)
-        return self.trainer.run(self.next_batch, self.loss_fn)
+        step = self.trainer.run(self.next_batch, self.loss_fn)
+        self.method.finish(self)
+        return step

@@ -1,0 +1,802 @@
+"""Step distillation on the shared loop: the objective interface, Luhman & Luhman, progressive, consistency.
+
+Targets are pinned against float64 DDIM computed here from the schedule's formulas (not from the
+code under test), with an analytic teacher that runs in any dtype.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dkdm import logger
+from dkdm.config import ConfigError, DistillConfig, ModelConfig, TrainConfig
+from dkdm.diffusion import create_diffusion
+from dkdm.distill.loop import DistillLoop
+from dkdm.distill.objectives.dkdm import DKDMLoopObjective
+from dkdm.models import create_model
+
+T = 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class GaussTeacher(torch.nn.Module):
+    """Bayes-optimal epsilon for data ~ N(0, 0.25 I), learned-range variance channels 0; any dtype."""
+
+    def __init__(self, diffusion):
+        super().__init__()
+        self.abar64 = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float64)
+        self.config = ModelConfig(arch="unet", image_size=8, in_channels=1, learn_sigma=True)
+        self.calls = 0
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        ab = self.abar64.to(x.dtype)[t].view(-1, 1, 1, 1)
+        eps = (1 - ab).sqrt() * x / (ab * 0.25 + 1 - ab)
+        return torch.cat([eps, torch.zeros_like(x)], 1)
+
+
+def diffusion(steps=T):
+    return create_diffusion(steps=steps, noise_schedule="cosine", learn_sigma=True)
+
+
+def tiny_student(seed=1):
+    torch.manual_seed(seed)
+    return create_model("digits-vit", hidden_size=32, depth=2, num_heads=2)
+
+
+def net_teacher(seed=0):
+    """A tiny network teacher of the students' architecture (progressive and consistency start from its weights)."""
+    torch.manual_seed(seed)
+    m = create_model("digits-vit", hidden_size=32, depth=2, num_heads=2)
+    with torch.no_grad():  # output layers start at zero; a teacher must say something
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def make_loop(run_dir, teacher=None, student=None, **overrides):
+    train_kw = {
+        "batch_size": 16,
+        "lr": 1e-3,
+        "max_steps": 10,
+        "log_interval": 5,
+        "save_interval": 0,
+        "ema_rate": "0.99",
+        "seed": 0,
+        "log_dir": str(run_dir),
+    }
+    distill_kw = {"rho": 0.5, "teacher_batch": 64, "pool_cache_dir": str(run_dir / "cache")}
+    for k, v in overrides.items():
+        (train_kw if k in TrainConfig.__dataclass_fields__ else distill_kw)[k] = v
+    d = diffusion()
+    logger.configure(str(run_dir), format_strs=["log", "csv"])
+    return DistillLoop(
+        teacher if teacher is not None else GaussTeacher(d),
+        student if student is not None else tiny_student(),
+        d,
+        d,
+        train=TrainConfig(**train_kw),
+        distill=DistillConfig(**distill_kw),
+        run_dir=str(run_dir),
+    )
+
+
+# ---------------------------------------------------------------------- the interface
+
+
+def test_unknown_objective_is_one_clear_line():
+    with pytest.raises(
+        ConfigError, match="--objective must be one of dkdm, luhman, progressive, tract, consistency, boot"
+    ):
+        DistillConfig(objective="sid")
+
+
+def test_dkdm_is_one_implementation_of_the_interface(tmp_path):
+    loop = make_loop(tmp_path, max_steps=2)
+    assert isinstance(loop.method, DKDMLoopObjective) and loop.method.objective is loop.objective
+    assert loop.method.uses_pool and loop.pool is not None and set(loop.trainer.extra_state) == {"pool"}
+    loop.run(progress=False)
+    assert loop.trainer.step == 2
+
+
+# ---------------------------------------------------------------------- float64 references (formulas only)
+
+
+def abar64(d):
+    return np.cumprod(1.0 - np.asarray(d.betas, dtype=np.float64))
+
+
+def ext(ab, s):
+    """abar at an extended step (-1: the clean end, abar = 1)."""
+    return 1.0 if s < 0 else float(ab[s])
+
+
+def gauss_eps64(ab, x, t):
+    a = ab[t]
+    return math.sqrt(1 - a) * x / (a * 0.25 + 1 - a)
+
+
+def ddim64(ab, x, t, s, clip=True):
+    """One eta = 0 DDIM step of the Gaussian teacher from t to s, float64 numpy."""
+    a = ab[t]
+    x0 = (x - math.sqrt(1 - a) * gauss_eps64(ab, x, t)) / math.sqrt(a)
+    if clip:
+        x0 = np.clip(x0, -1, 1)
+    eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+    a_s = ext(ab, s)
+    return math.sqrt(a_s) * x0 + math.sqrt(1 - a_s) * eps
+
+
+# ---------------------------------------------------------------------- Luhman & Luhman
+
+
+def test_luhman_target_is_the_teachers_ddim_sample(tmp_path):
+    d = diffusion()
+    teacher = GaussTeacher(d)
+    loop = make_loop(tmp_path, teacher=teacher, objective="luhman", luhman_steps=5)
+    assert loop.pool is None and set(loop.trainer.extra_state) == {"pairs"}
+    teacher.calls = 0
+    batch = loop.next_batch()
+    assert teacher.calls == 5 and loop.method.teacher_evals == 5  # K teacher calls of b samples per student step
+    assert torch.equal(batch["t"], torch.full((16,), T - 1))
+    # guided-diffusion's 5-of-20 respacing: steps {0, 5, 10, 14, 19}, then the clean end.
+    ab, x = abar64(d), batch["x_t"].double().numpy()
+    for t, s in [(19, 14), (14, 10), (10, 5), (5, 0), (0, -1)]:
+        x = ddim64(ab, x, t, s)
+    assert np.abs(batch["target"].double().numpy() - x).max() < 1e-4  # float32 run vs float64 formulas
+    # ... and what sample.py's DDIM (the respaced diffusion's own loop) draws from the same noise.
+    spaced = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True, timestep_respacing="5")
+    same = spaced.ddim_sample_loop(teacher, tuple(batch["x_t"].shape), noise=batch["x_t"])
+    assert torch.allclose(same, batch["target"], atol=2e-5)
+
+
+def test_luhman_student_learns(tmp_path):
+    d = diffusion()
+    loop = make_loop(tmp_path, objective="luhman", luhman_steps=4, max_steps=300, log_interval=100)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1, 8, 8, generator=g)
+    from dkdm.distill.objectives.luhman import teacher_ddim
+
+    target = teacher_ddim(loop.teacher_forward, d, x, loop.method.grid)
+
+    def err():
+        with torch.no_grad():
+            t = torch.full((64,), T - 1)
+            return ((loop.method.param.x0(loop.trainer.model(x, t), x, t) - target) ** 2).mean().item()
+
+    before = err()
+    loop.run(progress=False)
+    after = err()
+    assert after < 0.3 * before, (before, after)
+
+
+def test_luhman_refuses_an_epsilon_student(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+
+    with pytest.raises(ObjectiveError, match="use x0 or v"):
+        make_loop(tmp_path, objective="luhman", parameterization="eps")
+
+
+# ---------------------------------------------------------------------- exact resume, every objective
+
+
+def _files(d, step):
+    import glob
+    import os
+
+    return {os.path.basename(p): torch.load(p, weights_only=False) for p in glob.glob(str(d / f"*{step:06d}*.pt"))}
+
+
+RESUME = {
+    "luhman": ({"objective": "luhman", "luhman_steps": 3}, {"pairs"}),
+    "progressive": (
+        {"objective": "progressive", "progressive_start": 4, "progressive_end": 1, "round_steps": 3},
+        {"pool", "rounds"},
+    ),
+    "consistency": ({"objective": "consistency", "cm_steps": 6, "cm_ema": 0.9}, {"pool", "target"}),
+    "boot": ({"objective": "boot", "cm_steps": 6}, {"bootnoise"}),
+    "tract": (
+        {"objective": "tract", "tract_steps": "16,8,4,2", "round_steps": 3, "tract_ema": 0.8},
+        {"pool", "rounds", "selfteacher"},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUME))
+def test_exact_resume(tmp_path, name):
+    """Stopped at step 4 and resumed, a run ends with every file of step 9 equal to a straight run's."""
+    from test_distill_loop import _assert_same
+
+    kw, extra = RESUME[name]
+    kw = {**kw, "save_interval": 4}
+    straight = make_loop(tmp_path / "a", teacher=net_teacher(), student=tiny_student(), max_steps=9, **kw)
+    assert set(straight.trainer.extra_state) == extra
+    straight.run(progress=False)
+    first = make_loop(tmp_path / "b", teacher=net_teacher(), student=tiny_student(), max_steps=4, **kw)
+    first.run(progress=False)
+    resumed = make_loop(tmp_path / "b", teacher=net_teacher(), student=tiny_student(seed=7), max_steps=9, **kw)
+    assert resumed.trainer.step == 4
+    resumed.run(progress=False)
+    a, b = _files(tmp_path / "a", 9), _files(tmp_path / "b", 9)
+    assert set(a) == set(b) and {f"{n}000009.pt" for n in extra} <= set(a)
+    for key in ("log_dir", "pool_cache_dir"):
+        for group in ("train", "distill"):
+            a["opt000009.pt"]["config"].get(group, {}).pop(key, None)
+            b["opt000009.pt"]["config"].get(group, {}).pop(key, None)
+    for f in a:
+        _assert_same(a[f], b[f], f)
+
+
+# ---------------------------------------------------------------------- progressive distillation
+
+
+def test_nested_grids():
+    from dkdm.distill.objectives import step_grid
+
+    # t_j = floor(j T / n + 1/2) - 1 written out for T = 20: the 8-step grid holds the 4-step one at even j.
+    assert step_grid(20, 8) == [-1, 2, 4, 7, 9, 12, 14, 17, 19]
+    assert step_grid(20, 4) == [-1, 4, 9, 14, 19] == step_grid(20, 8)[::2]
+    assert step_grid(20, 1) == [-1, 19]
+    for T_, n in [(100, 64), (100, 50), (1000, 512), (4000, 1024)]:
+        assert step_grid(T_, n // 2) == step_grid(T_, n)[::2]
+
+
+def test_progressive_two_step_target_against_float64(tmp_path):
+    d = diffusion()
+    loop = make_loop(
+        tmp_path,
+        objective="progressive",
+        progressive_start=4,
+        progressive_end=1,
+        round_steps=5,
+        max_steps=15,
+        student=tiny_student(),
+        student_init="random",
+    )
+    obj = loop.method
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 1, 8, 8, generator=g)
+    j = torch.tensor([1, 2, 3, 4, 4, 3, 2, 1])
+    u, target = obj.target(loop, 0, z, j)
+    fine = [-1, 2, 4, 7, 9, 12, 14, 17, 19]  # the teacher's 8-step grid (see test_nested_grids)
+    assert u.tolist() == [fine[2 * k] for k in j.tolist()]
+    ab = abar64(d)
+    for i, k in enumerate(j.tolist()):
+        t, mid, end = fine[2 * k], fine[2 * k - 1], fine[2 * k - 2]
+        z0 = z[i].double().numpy()
+        z2 = ddim64(ab, ddim64(ab, z0, t, mid), mid, end)
+        a, s = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
+        a2, s2 = math.sqrt(ext(ab, end)), math.sqrt(1 - ext(ab, end))
+        want = (z2 - s2 / s * z0) / (a2 - s2 / s * a)
+        assert np.abs(target[i].double().numpy() - want).max() < 1e-4, (k, np.abs(target[i].numpy() - want).max())
+        # the defining property: one DDIM step of the student from (z, t) with x_0 = target lands on z2
+        eps = (z0 - a * want) / s
+        assert np.abs(a2 * want + s2 * eps - z2).max() < 1e-9
+
+
+def test_progressive_batch_is_on_the_grid_and_weighted(tmp_path):
+    loop = make_loop(
+        tmp_path,
+        objective="progressive",
+        progressive_start=4,
+        progressive_end=1,
+        round_steps=5,
+        max_steps=15,
+        teacher=net_teacher(),
+        student=tiny_student(),
+    )
+    loop.prepare_pool(progress=False)
+    batch = loop.next_batch()
+    assert set(batch["t"].tolist()) <= {4, 9, 14, 19}
+    loss, terms = loop.loss_fn(loop.trainer.model, batch)
+    ab = abar64(diffusion())
+    snr = torch.tensor([ab[t] / (1 - ab[t]) for t in batch["t"].tolist()], dtype=torch.float32)
+    assert torch.allclose(terms["loss"], terms["mse"] * snr.clamp(min=1))  # Salimans & Ho: max(SNR, 1)
+    assert torch.allclose(loss, terms["loss"].mean())
+
+
+def test_progressive_rounds_hand_over_and_write_checkpoints(tmp_path):
+    import os
+
+    loop = make_loop(
+        tmp_path,
+        objective="progressive",
+        progressive_start=4,
+        progressive_end=1,
+        round_steps=3,
+        max_steps=9,
+        teacher=net_teacher(),
+        student=tiny_student(),
+    )
+    # initialised from the teacher's weights
+    t_sd = loop.teacher.state_dict()
+    assert all(torch.equal(v, t_sd[k]) for k, v in loop.trainer.model.state_dict().items())
+    loop.run(progress=False)
+    names = sorted(f for f in os.listdir(tmp_path) if f.startswith("round"))
+    assert names == ["round00_4steps.pt", "round01_2steps.pt", "round02_1steps.pt", "rounds000009.pt"]
+    r1 = torch.load(tmp_path / "round01_2steps.pt")
+    # round 2's teacher is round 1's final student; the last round's file is the final model
+    assert all(torch.equal(v, r1[k]) for k, v in loop.method.rounds.net.state_dict().items())
+    final = torch.load(tmp_path / "round02_1steps.pt")
+    assert all(torch.equal(v, final[k]) for k, v in loop.trainer.model.state_dict().items())
+    assert loop.method.rounds.round == 2
+
+
+def test_progressive_refusals(tmp_path):
+    from dkdm.config import ConfigError
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.progressive import round_schedule
+
+    assert round_schedule(32, 1, 100) == [32, 16, 8, 4, 2, 1]
+    with pytest.raises(
+        ObjectiveError,
+        match="halve the step count from --progressive_start 32: 32, 16, 8, 4, 2, 1; "
+        "--progressive_end 3 is not on that schedule",
+    ):
+        round_schedule(32, 3, 100)
+    with pytest.raises(ObjectiveError, match="2 x 64 = 128 DDIM steps but the chain has T = 100"):
+        round_schedule(64, 1, 100)
+    kw = {"objective": "progressive", "progressive_start": 4, "round_steps": 3, "teacher": net_teacher()}
+    with pytest.raises(ObjectiveError, match="set --max_steps 9"):
+        make_loop(tmp_path / "a", max_steps=0, **kw)
+    with pytest.raises(ObjectiveError, match="past the last round"):
+        make_loop(tmp_path / "a", max_steps=12, **kw)
+    with pytest.raises(ObjectiveError, match="use v or x0"):
+        make_loop(tmp_path / "a", max_steps=9, parameterization="eps", **kw)
+    with pytest.raises(ObjectiveError, match="teacher's architecture"):
+        make_loop(tmp_path / "a", max_steps=9, **{**kw, "teacher": GaussTeacher(diffusion())})
+    # resuming with another round schedule: the run directory's config refuses, naming the field ...
+    make_loop(tmp_path / "b", max_steps=4, save_interval=4, **kw).run(progress=False)
+    with pytest.raises(ConfigError, match="distill.round_steps: 3 there, 2 now"):
+        make_loop(tmp_path / "b", max_steps=6, **{**kw, "round_steps": 2})
+    # ... and so does the checkpoint's round state when resumed from elsewhere
+    other = make_loop(tmp_path / "c", max_steps=6, **{**kw, "round_steps": 2, "teacher": net_teacher()})
+    with pytest.raises(ObjectiveError, match=r"trained on the rounds \[4, 2, 1\] of 3 steps each"):
+        other.method.rounds.load_state_dict(torch.load(tmp_path / "b" / "rounds000004.pt"))
+
+
+# ---------------------------------------------------------------------- TRACT
+
+
+def test_tract_schedule_and_refusals(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.tract import tract_schedule
+
+    assert tract_schedule("64,8,1", 100) == ([8, 1], [64, 8])
+    with pytest.raises(ObjectiveError, match="64 -> 10 does not"):
+        tract_schedule("64,10,1", 100)
+    with pytest.raises(ObjectiveError, match="exceed the chain's T = 100"):
+        tract_schedule("128,8,1", 100)
+    with pytest.raises(ObjectiveError, match="at least one phase"):
+        tract_schedule("64", 100)
+    with pytest.raises(ObjectiveError, match="set --max_steps 6"):
+        make_loop(tmp_path, objective="tract", tract_steps="8,4,1", round_steps=3, max_steps=0, teacher=net_teacher())
+
+
+def test_tract_target_one_teacher_step_then_the_self_teacher(tmp_path):
+    d = diffusion()
+    loop = make_loop(
+        tmp_path,
+        objective="tract",
+        tract_steps="8,2,1",
+        round_steps=5,
+        max_steps=10,
+        student=tiny_student(),
+        student_init="random",
+    )
+    obj = loop.method
+    z = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    i = torch.arange(1, 9)
+    v, target = obj.target(loop, 0, z, i)
+    fine = [-1, 2, 4, 7, 9, 12, 14, 17, 19]  # the teacher's 8-step grid; 2 segments of 4 steps
+    assert v.tolist() == fine[1:]
+    ab, net = abar64(d), obj.self_teacher.net
+    for k in range(8):
+        ii = k + 1
+        t, prev, end = fine[ii], fine[ii - 1], fine[((ii - 1) // 4) * 4]
+        z0 = z[k].double().numpy()
+        z1 = ddim64(ab, z0, t, prev)
+        if prev == end:  # the teacher's step reaches the segment's end: no self-teacher
+            z2 = z1
+        else:  # the self-teacher (a v network) jumps from prev to the segment's end
+            with torch.no_grad():
+                vh = net(torch.from_numpy(z1).float()[None], torch.tensor([prev]))[0, :1].double().numpy()
+            x0 = np.clip(math.sqrt(ab[prev]) * z1 - math.sqrt(1 - ab[prev]) * vh, -1, 1)
+            eps = (z1 - math.sqrt(ab[prev]) * x0) / math.sqrt(1 - ab[prev])
+            z2 = math.sqrt(ext(ab, end)) * x0 + math.sqrt(1 - ext(ab, end)) * eps
+        a, s = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
+        a2, s2 = math.sqrt(ext(ab, end)), math.sqrt(1 - ext(ab, end))
+        want = (z2 - s2 / s * z0) / (a2 - s2 / s * a)
+        assert np.abs(target[k].double().numpy() - want).max() < 2e-4, (ii, np.abs(target[k].numpy() - want).max())
+
+
+# ---------------------------------------------------------------------- BOOT
+
+
+def test_boot_target_is_one_teacher_step_from_the_students_own_trajectory(tmp_path):
+    d = diffusion()
+    teacher = GaussTeacher(d)
+
+    class BigSignal(torch.nn.Module):  # a student whose signal is far from 0, so the boundary matters
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.5))
+            self.config = ModelConfig(arch="unet", image_size=8, in_channels=1, learn_sigma=True)
+
+        def forward(self, x, t):
+            return torch.cat([self.w * x + 3.0 + t.view(-1, 1, 1, 1) / 10, torch.zeros_like(x)], 1)
+
+    loop = make_loop(tmp_path, objective="boot", cm_steps=6, teacher=teacher, student=BigSignal(), batch_size=48)
+    assert loop.pool is None
+    teacher.calls = 0
+    batch = loop.next_batch()
+    assert teacher.calls == 1
+    grid, ab = [0, 2, 6, 9, 12, 16, 19], abar64(d)
+    eps = batch["x_t"]
+    net = loop.trainer.model.eval()
+    for i in range(48):
+        s = int(batch["t"][i])
+        t = grid[grid.index(s) + 1]
+        e = eps[i].double().numpy()
+        if t == T - 1:  # the boundary: the trajectory starts at the noise itself
+            x_t = e
+        else:
+            with torch.no_grad():
+                y = net(eps[i : i + 1], torch.tensor([t]))[0, :1].double().numpy()
+            x_t = math.sqrt(ab[t]) * y + math.sqrt(1 - ab[t]) * e
+        x_s = ddim64(ab, x_t, t, s)
+        want = (x_s - math.sqrt(1 - ab[s]) * e) / math.sqrt(ab[s])
+        got = batch["target"][i].double().numpy()
+        assert math.sqrt(ab[s]) * np.abs(got - want).max() < 1e-4, (t, s)
+    assert (batch["t"] == 16).any() and (batch["t"] < 16).any()  # boundary rows and bootstrapped rows both drawn
+
+
+def test_boot_student_learns(tmp_path):
+    d = diffusion()
+    loop = make_loop(tmp_path, objective="boot", cm_steps=4, max_steps=300, log_interval=100, lr=2e-3)
+    from dkdm.distill.objectives.boot import boot_sample
+    from dkdm.distill.objectives.consistency import consistency_grid
+
+    eps = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    grid, ab, x = consistency_grid(T, 4), abar64(d), eps.double().numpy()
+    for i in range(len(grid) - 1, 0, -1):  # the teacher's DDIM trajectory on the same grid
+        x = ddim64(ab, x, grid[i], grid[i - 1])
+    ref = torch.from_numpy(x).float()
+
+    def err():
+        return ((boot_sample(loop.trainer.model.eval(), d, eps) - ref) ** 2).mean().item()
+
+    before = err()
+    loop.run(progress=False)
+    after = err()
+    assert after < 0.3 * before, (before, after)
+
+
+def test_each_head_reads_as_x0_by_its_float64_formula():
+    """x0 as is; v: alpha x - sigma v; eps: (x - sigma eps) / alpha; only the first C channels of a 2C output."""
+    from dkdm.distill.objectives import Parameterization
+
+    d = diffusion()
+    ab = torch.as_tensor(abar64(d), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64)
+    out = torch.randn(5, 2, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, 7, 12, T - 1])
+    a, s = ab[t].sqrt().view(-1, 1, 1, 1), (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+    want = {"x0": out[:, :1], "v": a * x - s * out[:, :1], "eps": (x - s * out[:, :1]) / a}
+    for head, ref in want.items():
+        got = Parameterization(head, d).x0(out, x, t)
+        assert got.dtype == torch.float64 and torch.allclose(got, ref, rtol=1e-10, atol=1e-10), head
+
+
+# ---------------------------------------------------------------------- consistency distillation
+
+
+def test_consistency_boundary_is_exact():
+    from dkdm.distill.objectives import Parameterization
+
+    d = diffusion()
+    x = torch.randn(6, 1, 8, 8)
+    out = 10 * torch.randn(6, 2, 8, 8)  # whatever the network says
+    for spec in ("skip-v", "skip-x0", "skip-eps"):
+        p = Parameterization(spec, d, sigma_data=0.5)
+        assert torch.equal(p.x0(out, x, torch.zeros(6, dtype=torch.long)), x), spec
+        assert not torch.allclose(p.x0(out, x, torch.full((6,), 5)), x), spec
+    # at high noise the skip form is (nearly) the head's x_0: v-head x_0 = alpha x - sigma v
+    ab = abar64(d)
+    p = Parameterization("skip-v", d, sigma_data=0.5)
+    t = T - 1
+    head = math.sqrt(ab[t]) * x - math.sqrt(1 - ab[t]) * out[:, :1]
+    ve, ve0 = math.sqrt((1 - ab[t]) / ab[t]), math.sqrt((1 - ab[0]) / ab[0])
+    c_skip = 0.25 / ((ve - ve0) ** 2 + 0.25)
+    c_out = (ve - ve0) / math.sqrt((ve - ve0) ** 2 + 0.25)
+    assert torch.allclose(p.x0(out, x, torch.full((6,), t)), c_skip * x + c_out * head, atol=1e-5)
+
+
+def test_consistency_target_is_one_teacher_ddim_step_then_the_target_network(tmp_path):
+    d = diffusion()
+    teacher = GaussTeacher(d)
+    loop = make_loop(
+        tmp_path, objective="consistency", cm_steps=6, teacher=teacher, student=tiny_student(), student_init="random"
+    )
+    loop.prepare_pool(progress=False)
+    teacher.calls = 0
+    batch = loop.next_batch()
+    assert teacher.calls == 2  # one pool evaluation, one ODE step
+    grid = [0, 2, 6, 9, 12, 16, 19]  # s_0 = 0, then floor(j 20/6 + 1/2) - 1
+    assert loop.method.grid == grid
+    ab = abar64(d)
+    net = loop.method.target_net.net
+    for i in range(16):
+        t1 = int(batch["t"][i])
+        t0 = grid[grid.index(t1) - 1]
+        z_prev = ddim64(ab, batch["x_t"][i].double().numpy(), t1, t0)
+        zt = torch.from_numpy(z_prev).float()[None]
+        with torch.no_grad():
+            v = net(zt, torch.tensor([t0]))[0, :1].double().numpy()
+        a, s = math.sqrt(ab[t0]), math.sqrt(1 - ab[t0])
+        ve, ve0 = s / a, math.sqrt((1 - ab[0]) / ab[0])
+        c_skip = 0.25 / ((ve - ve0) ** 2 + 0.25)
+        c_out = (ve - ve0) / math.sqrt((ve - ve0) ** 2 + 0.25)
+        want = c_skip * z_prev + c_out * (a * z_prev - s * v)
+        assert np.abs(batch["target"][i].double().numpy() - want).max() < 1e-4, t1
+
+
+def test_consistency_target_network_is_an_ema(tmp_path):
+    loop = make_loop(
+        tmp_path,
+        objective="consistency",
+        cm_steps=6,
+        cm_ema=0.9,
+        teacher=net_teacher(),
+        student=tiny_student(),
+        max_steps=2,
+    )
+    loop.prepare_pool(progress=False)
+    theta0 = [p.detach().clone() for p in loop.trainer.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(theta0, loop.method.target_net.net.parameters()))
+    loop.trainer.run_step(loop.next_batch, loop.loss_fn)
+    theta1 = [p.detach().clone() for p in loop.trainer.model.parameters()]
+    loop.next_batch()  # applies the update for the step just taken
+    for a, b, tgt in zip(theta0, theta1, loop.method.target_net.net.parameters()):
+        assert torch.allclose(tgt, 0.9 * a + 0.1 * b, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(theta0, theta1))
+
+
+def test_consistency_refuses_a_student_without_the_skip_form(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+
+    with pytest.raises(ObjectiveError, match="needs the skip/out parameterisation.*use skip-v"):
+        make_loop(tmp_path, objective="consistency", parameterization="v", teacher=net_teacher())
+    with pytest.raises(ObjectiveError, match="--cm_steps 15"):
+        make_loop(tmp_path, objective="consistency", cm_steps=15, teacher=net_teacher())
+
+
+# ---------------------------------------------------------------------- sampling the students
+
+
+class X0Teacher(torch.nn.Module):
+    """The Gaussian teacher's x_0 prediction as an output (an 'x0' student that is exactly right)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.eps = GaussTeacher(d)
+
+    def forward(self, x, t):  # in float64: (x - sigma eps) / alpha cancels badly at t = T-1 in float32
+        x64, ab = x.double(), self.eps.abar64[t].view(-1, 1, 1, 1)
+        return ((x64 - (1 - ab).sqrt() * self.eps(x64, t)[:, :1]) / ab.sqrt()).float()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_k_step_ddim_sampler_against_float64(steps):
+    from dkdm.distill.objectives import Parameterization, step_grid
+    from dkdm.distill.objectives.sampling import ddim_student_sample
+
+    d = diffusion()
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = ddim_student_sample(X0Teacher(d), Parameterization("x0", d), d, noise, steps)
+    grid, ab, x = step_grid(T, steps), abar64(d), noise.double().numpy()
+    for i in range(steps, 0, -1):
+        x = ddim64(ab, x, grid[i], grid[i - 1])
+    assert np.abs(got.double().numpy() - x).max() < 1e-4
+
+
+def test_multistep_consistency_sampling():
+    from dkdm.distill.objectives import Parameterization
+    from dkdm.distill.objectives.sampling import consistency_sample, consistency_times
+
+    d = diffusion()
+    assert consistency_times(T, 6, 1) == [19] and consistency_times(T, 6, 2) == [19, 9]
+    assert consistency_times(T, 6, 6) == [19, 16, 12, 9, 6, 2]
+    c = torch.linspace(-0.9, 0.9, 64).view(1, 1, 8, 8)
+
+    def const(x, t):  # an x0 head that always says c
+        return c.expand(x.shape[0], -1, -1, -1)
+
+    p = Parameterization("skip-x0", d)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    got = consistency_sample(const, p, d, noise, [19, 9], torch.Generator().manual_seed(5))
+    ab = abar64(d)
+    ve = np.sqrt((1 - ab) / ab)
+
+    def f(x, t):
+        dd = ve[t] - ve[0]
+        return 0.25 / (dd**2 + 0.25) * x + dd / math.sqrt(dd**2 + 0.25) * c.double().numpy()
+
+    x = np.clip(f(noise.double().numpy(), 19), -1, 1)
+    z = torch.randn(noise.shape, generator=torch.Generator().manual_seed(5)).double().numpy()
+    a9, a0 = math.sqrt(ab[9]), math.sqrt(ab[0])
+    x = np.clip(f(a9 / a0 * x + a9 * math.sqrt(ve[9] ** 2 - ve[0] ** 2) * z, 9), -1, 1)
+    assert np.abs(got.double().numpy() - x).max() < 1e-5
+
+
+def test_step_sampler_refusals():
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.sampling import StepSampler
+
+    d = diffusion()
+    with pytest.raises(ObjectiveError, match="deterministic sampler; --eta 0.5 asks for a stochastic one"):
+        StepSampler(d, {"objective": "progressive", "progressive_start": 4}).ddim_sample_loop(
+            None, (1, 1, 8, 8), eta=0.5
+        )
+    with pytest.raises(ObjectiveError, match="trained on 4, 2, 1 steps; 8 is not among them"):
+        StepSampler(d, {"objective": "progressive", "progressive_start": 4}, steps=8)
+    with pytest.raises(ObjectiveError, match="tract student was trained on 4, 1 steps; 2 is not among them"):
+        StepSampler(d, {"objective": "tract", "tract_steps": "8,4,1"}, steps=2)
+    assert StepSampler(d, {"objective": "tract", "tract_steps": "8,4,1"}).steps == 1
+    with pytest.raises(ObjectiveError, match="luhman student samples in one step, not 2"):
+        StepSampler(d, {"objective": "luhman"}, steps=2)
+    with pytest.raises(ObjectiveError, match="samples in 1..6 steps, not 7"):
+        StepSampler(d, {"objective": "consistency", "cm_steps": 6}, steps=7)
+
+
+# ---------------------------------------------------------------------- the scripts
+
+
+def _script(name, *args):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    cmd = [sys.executable, os.path.join(root, "scripts", name), *args]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240, check=False)
+
+
+def test_progressive_from_dkdm_train_then_sample(tmp_path):
+    """The embedded digits teacher, two rounds of two steps each, then sample.py on the 1-step round checkpoint."""
+    run = tmp_path / "run"
+    common = ["--objective", "progressive", "--progressive_start", "2", "--round_steps", "2", "--lr_anneal_steps", "0"]
+    common += ["--pool", "iterative", "--batch_size", "8", "--log_dir", str(run)]
+    p = _script("dkdm_train.py", *common, "--max_steps", "4")
+    assert p.returncode != 0 and p.stderr.count("\n") == 1 and "--student.arch" in p.stderr, p.stderr[-2000:]
+    p = _script("dkdm_train.py", *common, "--max_steps", "4", "--student.arch", "digits-teacher")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "3 teacher evaluations per student sample per step" in p.stdout
+    assert (run / "round00_2steps.pt").exists() and (run / "round01_1steps.pt").exists()
+    out = tmp_path / "s.npz"
+    p = _script("sample.py", "--model_path", str(run / "round01_1steps.pt"), "--num_samples", "8", "--output", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "1 step(s) of the progressive student's deterministic sampler" in p.stdout
+    with np.load(out) as z:
+        assert z["arr_0"].shape == (8, 8, 8, 1)
+    p = _script(
+        "sample.py",
+        "--model_path",
+        str(run / "round01_1steps.pt"),
+        "--num_samples",
+        "8",
+        "--output",
+        str(tmp_path / "t.npz"),
+        "--use_ddim",
+        "--eta",
+        "0.5",
+    )
+    assert p.returncode == 1 and "deterministic sampler; --eta 0.5" in p.stderr, p.stderr[-2000:]
+
+
+def test_unreachable_round_schedule_is_one_line_from_dkdm_train(tmp_path):
+    p = _script(
+        "dkdm_train.py",
+        *("--objective", "progressive", "--student.arch", "digits-teacher", "--progressive_start", "8"),
+        *("--progressive_end", "3", "--round_steps", "2", "--max_steps", "8", "--log_dir", str(tmp_path / "run")),
+    )
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr[-2000:]
+    assert "8, 4, 2, 1; --progressive_end 3 is not on that schedule" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("name", ["luhman", "progressive", "tract", "consistency", "boot"])
+def test_digits_presets_resolve(name):
+    import importlib.util
+    import os
+
+    from dkdm.distill.objectives.progressive import round_schedule
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("dkdm_train_script", os.path.join(root, "scripts", "dkdm_train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfgs, _ = mod.resolve(["--config", os.path.join(root, "configs", "digits", f"step_{name}.yaml")])
+    distill, train = cfgs["distill"], cfgs["train"]
+    assert distill.objective == name and cfgs["student"] == cfgs["teacher"]  # the teacher's architecture
+    assert cfgs["diffusion"] == cfgs["teacher_diffusion"]
+    if name in ("progressive", "tract"):
+        from dkdm.distill.objectives.tract import tract_schedule
+
+        T_ = cfgs["diffusion"].steps
+        if name == "tract":
+            sched = tract_schedule(distill.tract_steps, T_)[0]
+        else:
+            sched = round_schedule(distill.progressive_start, distill.progressive_end, T_)
+        assert train.max_steps == len(sched) * distill.round_steps and train.lr_anneal_steps == 0
+
+
+def test_progressive_under_mpiexec(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip("mpiexec (pip install mpich) not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "run"
+    cmd = [
+        mpiexec,
+        "-n",
+        "2",
+        sys.executable,
+        os.path.join(root, "scripts", "dkdm_train.py"),
+        "--objective",
+        "progressive",
+        "--student.arch",
+        "digits-teacher",
+        "--progressive_start",
+        "2",
+        "--round_steps",
+        "2",
+        "--max_steps",
+        "3",
+        "--lr_anneal_steps",
+        "0",
+        "--pool",
+        "iterative",
+        "--batch_size",
+        "8",
+        "--log_dir",
+        str(run),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = torch.load(run / "rounds000003.pt"), torch.load(run / "rounds000003_rank1.pt")
+    assert a["round"] == b["round"] == 1  # both ranks handed over to round 1 with the same teacher weights
+    assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])
+    pa, pb = (
+        torch.load(run / "pool000003.pt", weights_only=False),
+        torch.load(run / "pool000003_rank1.pt", weights_only=False),
+    )
+    assert not torch.equal(pa["x"], pb["x"])  # each rank its own pool
+    assert (run / "round00_2steps.pt").exists()
+
+
+@pytest.mark.parametrize("name", sorted(RESUME))
+def test_bf16_steps_are_finite(tmp_path, name):
+    kw = dict(RESUME[name][0])
+    loop = make_loop(tmp_path, teacher=net_teacher(), max_steps=2, precision="bf16", teacher_precision="bf16", **kw)
+    loop.prepare_pool(progress=False)
+    batch = loop.next_batch()
+    assert all(v.dtype in (torch.float32, torch.long) for v in batch.values())
+    with loop.trainer.precision.autocast():
+        loss, terms = loop.loss_fn(loop.trainer.ddp_model, batch)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and "loss" in terms
