@@ -65,6 +65,8 @@ class ModelConfig:
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     conv_resample: bool = True
+    level_res_blocks: str = ""  # residual blocks per level on the way down, e.g. "2,1,2" ("" = num_res_blocks each)
+    mid_block: str = "full"  # full (res, attention, res) | res (no attention) | none
     # ViT (DiT-style)
     hidden_size: int = 384
     depth: int = 12

@@ -221,6 +221,7 @@ def check_unet_args(
     num_head_channels: int,
     num_heads_upsample: int,
     dims: int = 2,
+    mid_block: str = "full",
 ) -> None:
     """Refuse hyperparameters the UNet cannot be built from, with the numbers involved.
 
@@ -255,7 +256,7 @@ def check_unet_args(
             )
         ds = 2**level
         checks = []
-        if ds in attention or level == levels - 1:  # the middle block always attends
+        if ds in attention or (level == levels - 1 and mid_block == "full"):  # the full middle block attends
             checks.append((num_heads, "num_heads"))
         if ds in attention:
             checks.append((up_heads, "num_heads_upsample"))
@@ -279,6 +280,12 @@ class UNetModel(nn.Module):
     compatibility; the torso switches precision only through ``convert_to_fp16()``, so a
     model built with it still runs in float32 until converted. ``forward(x, timesteps,
     y=None)`` returns ``out_channels`` channels.
+
+    Two options exist for students cut from a teacher (:mod:`dkdm.models.compress`):
+    ``level_res_blocks`` gives each level its own number of residual blocks on the way down
+    (the way up always has one more, for the extra skip), and ``mid_block`` is ``"full"``
+    (res, attention, res), ``"res"`` (no attention) or ``"none"`` (no middle block).
+    The defaults build guided-diffusion's network.
     """
 
     def __init__(
@@ -302,9 +309,19 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
+        level_res_blocks: Sequence[int] | None = None,
+        mid_block: str = "full",
     ):
         super().__init__()
         attention_resolutions = tuple(attention_resolutions)
+        per_level = tuple(level_res_blocks) if level_res_blocks else (num_res_blocks,) * len(channel_mult)
+        if len(per_level) != len(channel_mult) or min(per_level, default=1) < 1:
+            raise ValueError(
+                f"level_res_blocks {list(per_level)} must give at least one residual block for each of the "
+                f"{len(channel_mult)} levels of channel_mult"
+            )
+        if mid_block not in ("full", "res", "none"):
+            raise ValueError(f"mid_block must be full, res or none, not {mid_block!r}")
         check_unet_args(
             image_size,
             model_channels,
@@ -314,6 +331,7 @@ class UNetModel(nn.Module):
             num_head_channels,
             num_heads_upsample,
             dims,
+            mid_block,
         )
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -322,6 +340,8 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.num_res_blocks = num_res_blocks
+        self.level_res_blocks = per_level
+        self.mid_block = mid_block
         self.attention_resolutions = attention_resolutions
         self.dropout = dropout
         self.channel_mult = tuple(channel_mult)
@@ -366,7 +386,7 @@ class UNetModel(nn.Module):
         skip_chans = [ch]
         ds = 1
         for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
+            for _ in range(per_level[level]):
                 width = int(mult * model_channels)
                 layers: list = [res(ch, width)]
                 ch = width
@@ -380,17 +400,18 @@ class UNetModel(nn.Module):
                 skip_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(res(ch), attn(ch, num_heads), res(ch))
+        middle = {"full": lambda: [res(ch), attn(ch, num_heads), res(ch)], "res": lambda: [res(ch), res(ch)]}
+        self.middle_block = TimestepEmbedSequential(*middle.get(mid_block, list)())
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
+            for i in range(per_level[level] + 1):
                 width = int(mult * model_channels)
                 layers = [res(ch + skip_chans.pop(), width)]
                 ch = width
                 if ds in attention_resolutions:
                     layers.append(attn(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
+                if level and i == per_level[level]:
                     layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))

@@ -225,6 +225,8 @@ def unet_kwargs(cfg: ModelConfig) -> dict:
         "use_scale_shift_norm": cfg.use_scale_shift_norm,
         "resblock_updown": cfg.resblock_updown,
         "use_new_attention_order": cfg.use_new_attention_order,
+        "level_res_blocks": _parse_numbers(cfg.level_res_blocks, "level_res_blocks", int) or None,
+        "mid_block": cfg.mid_block,
     }
 
 
