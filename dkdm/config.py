@@ -158,8 +158,12 @@ class DistillConfig:
     simple_only: bool = False
     clip_teacher_mean: bool = False  # True: the official release's variance term (teacher mean from clipped x_0)
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
+    feature_kd_weight: float = 0.0  # lambda_feat: adds lambda * feature MSE of named stages (0: off)
+    feature_kd_layers: str = ""  # stages for feature KD, e.g. down0,mid,up1 ("" = every stage both networks have)
 
     def __post_init__(self) -> None:
+        if self.feature_kd_weight < 0:
+            raise ConfigError(f"--feature_kd_weight must be 0 (off) or positive, got {self.feature_kd_weight}")
         dev = self.pool_device
         if not (dev in ("", "auto", "cpu") or dev == "cuda" or re.fullmatch(r"cuda:\d+", dev)):
             raise ConfigError(f"--pool_device must be auto (the training device), cpu or cuda[:N], got {dev!r}")

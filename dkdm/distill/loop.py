@@ -11,6 +11,7 @@ rides along as ``extra_state`` (``poolNNNNNN.pt`` per rank).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -156,6 +157,11 @@ class DistillLoop:
             extra_state={"pool": self.pool},
         )
         self._timer = _Timer(self.device)
+        self.features = None
+        if distill.feature_kd_weight > 0:  # hooks record the teacher's stages in the step's one teacher call
+            from dkdm.distill.features import FeatureKD
+
+            self.features = FeatureKD(self.teacher, student, distill.feature_kd_layers, distill.feature_kd_weight)
 
     @staticmethod
     def _sample_shape(tcfg: Any, scfg: Any) -> tuple[int, int, int]:
@@ -207,7 +213,8 @@ class DistillLoop:
             idx = self.pool.draw()
             batch = self.pool.gather(idx)
             timer.mark("teacher_start")
-            out = self.teacher_forward(batch["x_t"], batch["t"], batch.get("y"))
+            with self.features.teacher_call() if self.features else contextlib.nullcontext():
+                out = self.teacher_forward(batch["x_t"], batch["t"], batch.get("y"))
             timer.mark("teacher_end")
             self.pool.update(idx, out)
             timer.mark("update_end")
@@ -219,12 +226,17 @@ class DistillLoop:
             for i in range(4):
                 logger.logkv_mean(f"pool_t_q{i}", hist[i])
         batch["teacher_out"] = out
+        if self.features:
+            batch.update(self.features.teacher_targets())
         return batch
 
     def loss_fn(self, model: torch.nn.Module, micro: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """The DKDM objective on a microbatch: ``(mean loss, per-sample terms with t)``."""
         kwargs = {"y": micro["y"]} if "y" in micro else {}
         terms = self.objective.losses(model, micro["x_t"], micro["t"], micro["teacher_out"], kwargs)
+        if self.features:
+            terms["feat"] = self.features.terms(micro)
+            terms["loss"] = terms["loss"] + self.features.weight * terms["feat"]
         terms["t"] = micro["t"]
         return terms["loss"].mean(), terms
 

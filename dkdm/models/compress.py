@@ -39,7 +39,7 @@ from .unet import AttentionBlock, Downsample, ResBlock, UNetModel, Upsample
 from .vit import ViT
 from .zoo import create_model, unet_kwargs
 
-__all__ = ["RECIPES", "build_student", "recipe", "removable", "remove_blocks"]
+__all__ = ["RECIPES", "build_student", "recipe", "removable", "remove_blocks", "unet_layout"]
 
 RECIPES = ("bk-base", "bk-small", "bk-tiny")
 
@@ -47,7 +47,7 @@ RECIPES = ("bk-base", "bk-small", "bk-tiny")
 # --------------------------------------------------------------------------- layout
 
 
-def _unet_layout(per_level: Sequence[int]) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
+def unet_layout(per_level: Sequence[int]) -> tuple[list[tuple[str, int, int]], list[tuple[str, int, int]]]:
     """Roles of ``input_blocks`` and ``output_blocks`` by index: ``(role, level, position)``.
 
     Down: ``conv``, then per level its ``res`` blocks and (except the last level) a ``down``.
@@ -101,7 +101,7 @@ def removable(model: nn.Module) -> list[str]:
         return [f"blocks.{k}" for k in range(len(model.blocks))]
     if not isinstance(model, UNetModel):
         raise TypeError(f"block removal supports the zoo's UNet and ViT, not {type(model).__name__}")
-    down, up = _unet_layout(model.level_res_blocks)
+    down, up = unet_layout(model.level_res_blocks)
     names = [f"input_blocks.{k}" for k, (role, _, _) in enumerate(down) if role == "res"]
     names += [f"output_blocks.{k}" for k, (role, _, _) in enumerate(up) if role == "res"]
     if model.mid_block != "none":
@@ -130,7 +130,7 @@ def recipe(name: str, model: nn.Module) -> list[str]:
         raise ValueError(f"unknown recipe '{name}'; choose one of {', '.join(RECIPES)} or list the blocks")
     if not isinstance(model, UNetModel):
         raise TypeError(f"the {name} recipe is for the UNet; for a ViT list the blocks.K to remove")
-    down, up = _unet_layout(model.level_res_blocks)
+    down, up = unet_layout(model.level_res_blocks)
     out: list[str] = []
     for level, n in enumerate(model.level_res_blocks):
         if n < 2:
@@ -198,7 +198,7 @@ def _remove_unet(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     n = list(teacher.level_res_blocks)
     last = len(n) - 1
-    down, up = _unet_layout(n)
+    down, up = unet_layout(n)
     inner = "innermost_stage" in remove
     gone_down = {int(r.split(".")[1]) for r in remove if r.startswith("input_blocks.")}
     gone_up = {int(r.split(".")[1]) for r in remove if r.startswith("output_blocks.")}
