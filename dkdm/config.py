@@ -67,6 +67,7 @@ class ModelConfig:
     conv_resample: bool = True
     level_res_blocks: str = ""  # residual blocks per level on the way down, e.g. "2,1,2" ("" = num_res_blocks each)
     mid_block: str = "full"  # full (res, attention, res) | res (no attention) | none
+    channel_widths: str = ""  # a pruned network's narrowed layers, name:a,b;... (dkdm.models.prune)
     # ViT (DiT-style)
     hidden_size: int = 384
     depth: int = 12
@@ -160,6 +161,7 @@ class DistillConfig:
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
     feature_kd_weight: float = 0.0  # lambda_feat: adds lambda * feature MSE of named stages (0: off)
     feature_kd_layers: str = ""  # stages for feature KD, e.g. down0,mid,up1 ("" = every stage both networks have)
+    student_init: str = ""  # start the student from these weights (scripts/compress.py's student.pt); "" = random
 
     def __post_init__(self) -> None:
         if self.feature_kd_weight < 0:

@@ -172,7 +172,7 @@ class ResBlock(TimestepBlock):
         else:
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)
-        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
+        emb_out = emb_out[(..., *([None] * (h.ndim - 2)))]  # unsqueeze, not reshape: torch-pruning traces it
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_layers[0](h) * (1 + scale) + shift

@@ -268,6 +268,10 @@ def create_model(name_or_config: str | ModelConfig, **overrides) -> nn.Module:
     except ValueError as e:
         label = f"'{cfg.name}'" if cfg.name else "the model config"
         raise ConfigError(f"cannot build {label}: {e}") from None
+    if cfg.channel_widths:  # a pruned network: the same layers, narrower
+        from .prune import apply_widths
+
+        apply_widths(model, cfg.channel_widths)
     model.config = cfg
     return model
 
