@@ -7,13 +7,13 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow test-all demo paper lint clean
+.PHONY: install test test-slow test-all demo paper lint mutation clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[mpi,eval,dev,paper]"
+	$(PY) -m pip install -q -e ".[mpi,eval,dev,paper,latent]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,6 +30,11 @@ test-all: install
 # The paper's tables and figures at small scale (docs/paper_tables.md); resumable, tens of minutes.
 paper: install
 	$(PY) benchmarks/paper_tables.py --jobs 2
+
+# Mutation testing of the core equations (setup.cfg [mutmut]); not in CI: about 20 minutes.
+mutation: install
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(PY) benchmarks/mutation_summary.py
 
 lint: install
 	$(VENV)/bin/ruff check .

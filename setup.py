@@ -23,6 +23,7 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "eval": ["tensorflow-cpu", "requests"],
         "paper": ["matplotlib"],  # benchmarks/paper_tables.py figures
-        "dev": ["pytest", "ruff", "matplotlib"],
+        "latent": ["diffusers"],  # diffusers teachers (dkdm/models/foreign.py), first-stage autoencoders
+        "dev": ["pytest", "ruff", "matplotlib", "diffusers"],
     },
 )

@@ -245,16 +245,16 @@ class Plan:
             )
             vit_path = os.path.join("table5", "vit_teacher", "run", f"ema_0.995_{s.teacher_steps:06d}.pt")
             for seed in s.seeds["table5"]:
-                self.dkdm(f"table5/cnn_to_vit_s{seed}", seed, "--student_arch", "digits-vit", row="CNN -> ViT")
+                self.dkdm(f"table5/cnn_to_vit_s{seed}", seed, "--student.arch", "digits-vit", row="CNN -> ViT")
                 for student, row in (("digits-student", "ViT -> CNN"), ("digits-vit", "ViT -> ViT")):
                     self.dkdm(
                         f"table5/vit_to_{student.split('-')[1]}_s{seed}",
                         seed,
-                        "--teacher_arch",
+                        "--teacher.arch",
                         "digits-vit",
                         "--teacher_path",
                         f"@{vit_path}",
-                        "--student_arch",
+                        "--student.arch",
                         student,
                         deps=[vit_teacher],
                         row=row,

@@ -38,13 +38,15 @@ class ConfigError(ValueError):
 class ModelConfig:
     """A network of the zoo. Field names follow guided-diffusion's flags.
 
-    ``arch`` picks the family (``unet`` or ``vit``); the UNet fields are guided-diffusion's
+    ``arch`` picks the family (``unet``, ``vit``, or ``diffusers`` for a model of that library
+    loaded from the folder ``pretrained``); the UNet fields are guided-diffusion's
     ``create_model`` arguments, the ViT fields DiT's. ``name`` records the zoo entry the
     config came from (informational; the fields are what is built).
     """
 
     name: str = ""
     arch: str = "unet"
+    pretrained: str = ""  # arch diffusers: the pipeline or model folder the network and weights come from
     image_size: int = 32
     in_channels: int = 3
     learn_sigma: bool = False
@@ -86,6 +88,7 @@ class DiffusionConfig:
     sigma_small: bool = False
     use_kl: bool = False
     predict_xstart: bool = False
+    predict_v: bool = False  # v-prediction (Salimans & Ho); exclusive with predict_xstart
     rescale_timesteps: bool = False
     rescale_learned_sigmas: bool = False
     timestep_respacing: str = ""
@@ -317,7 +320,8 @@ class ConfigParser:
 
     ``groups`` maps group names to dataclass types (two groups may share a type, e.g.
     ``teacher`` and ``student``). ``plain`` lists the groups that un-prefixed flags set;
-    by default all groups whose type no other group shares.
+    by default all groups whose type no other group shares. ``renamed`` maps retired flags
+    (without ``--``) to their spelling now; using one is an error that names it.
     """
 
     def __init__(
@@ -325,6 +329,7 @@ class ConfigParser:
         description: str,
         groups: Mapping[str, type],
         plain: Sequence[str] | None = None,
+        renamed: Mapping[str, str] | None = None,
     ) -> None:
         self.groups = dict(groups)
         if plain is None:
@@ -355,6 +360,10 @@ class ConfigParser:
         for g in self.plain:
             for f in fields(self.groups[g]):
                 plain_fields.setdefault(f.name, []).append((g, f.name, f.type))
+        self.renamed = dict(renamed or {})
+        for old, new in self.renamed.items():
+            plain_fields.pop(old, None)
+            self.parser.add_argument(f"--{old}", dest=f"renamed__{old}", default=None, help=f"now spelled {new}")
         for name, targets in plain_fields.items():
             self._add(name, targets, "sets " + ", ".join(f"{g}.{n}" for g, n, _ in targets))
 
@@ -387,6 +396,9 @@ class ConfigParser:
             bad = next((u for u in unknown if u.startswith("-")), unknown[0])
             name = bad.split("=")[0]
             self.parser.error(f"unknown argument {bad}{_closest(name, self._all_flags())}")
+        for old, new in self.renamed.items():
+            if getattr(ns, f"renamed__{old}") is not None:
+                self.parser.error(f"--{old} is now spelled {new}")
         overrides: dict = {g: {} for g in self.groups}
         for path in ns.config:
             data = load_yaml(path)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from scipy.linalg import LinAlgWarning
 from torch import nn
 
-from dkdm.sampling import to_uint8
+from dkdm.data.arrays import to_uint8
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 CLASSIFIER_PATH = os.path.join(ASSET_DIR, "digits_classifier.pt")

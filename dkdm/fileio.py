@@ -125,8 +125,15 @@ def _alive(pid: int) -> bool:
 
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes; of a folder, of its files' relative paths and hashes."""
     h = hashlib.sha256()
+    if os.path.isdir(path):
+        for d, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                full = os.path.join(d, name)
+                h.update(f"{os.path.relpath(full, path)}\0{file_sha256(full, chunk)}\n".encode())
+        return h.hexdigest()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)

@@ -15,16 +15,15 @@ the shards into one npz laid out as guided-diffusion's ``image_sample.py`` write
 ``arr_0`` uint8 ``[N, H, W, C]`` (C is the model's channel count, so the embedded 1-channel
 digits stay ``8x8x1``) and ``arr_1`` int64 labels for class-conditional models.
 
-Reading datasets into the same layout (image folders, npz files, CIFAR-10's python
-pickles, the embedded digits) lives here too, for the reference-batch and mixing scripts.
+The layout itself (conversion, npz and grid writers, dataset readers) is
+:mod:`dkdm.data.arrays`; which network and diffusion a checkpoint holds is
+:mod:`dkdm.resolve`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
-import tarfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, differences, to_dict
+from dkdm.data.arrays import npz_name, save_grid, save_npz, to_uint8
 from dkdm.fileio import atomic_write
 from dkdm.training.precision import AUTOCAST_DTYPES, autocast
 
@@ -44,157 +44,6 @@ MANIFEST_FORMAT = 1
 
 class SamplingError(ValueError):
     """A sampling run cannot go ahead; the message says why and what to do."""
-
-
-# --------------------------------------------------------------------------- ADM arrays
-
-
-def npz_name(num: int, height: int, width: int, channels: int) -> str:
-    """guided-diffusion's file name for ``num`` samples: ``samples_50000x32x32x3.npz``."""
-    return f"samples_{num}x{height}x{width}x{channels}.npz"
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images ``[N, C, H, W]`` in [-1, 1] to the ADM layout: uint8 ``[N, H, W, C]``."""
-    x = ((images.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-
-
-def save_npz(path: str, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-    """Write ``arr_0`` (and ``arr_1`` when ``labels`` is given) atomically, uncompressed."""
-    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-
-
-def save_grid(images: np.ndarray, path: str, nrow: int = 8, min_side: int = 256) -> None:
-    """A PNG grid of uint8 NHWC ``images`` (up to ``nrow**2``), upscaled so it is viewable."""
-    from PIL import Image
-
-    images = images[: nrow * nrow]
-    n, h, w, c = images.shape
-    rows = -(-n // nrow)
-    grid = np.zeros((rows * (h + 2) + 2, nrow * (w + 2) + 2, c), dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        grid[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + k * (w + 2) : 2 + k * (w + 2) + w] = images[i]
-    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, -(-min_side // max(grid.shape[:2])))
-    if scale > 1:  # nearest keeps 8x8 digits crisp
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
-
-
-def _cifar_pickles(source: str, names: list[str]) -> dict[str, bytes | None]:
-    """The raw bytes of CIFAR-10 batch files from a folder or a tar archive (None if absent)."""
-    if os.path.isdir(source):
-        out: dict[str, bytes | None] = {}
-        for n in names:
-            path = os.path.join(source, n)
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    out[n] = f.read()
-            else:
-                out[n] = None
-        return out
-    with tarfile.open(source) as tar:
-        members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
-        out = dict.fromkeys(names)
-        for n in names:
-            if n in members:
-                f = tar.extractfile(members[n])
-                out[n] = f.read() if f else None
-        return out
-
-
-def is_cifar_python(source: str) -> bool:
-    """True for the ``cifar-10-batches-py`` folder or the ``cifar-10-python.tar.gz`` archive."""
-    if os.path.isdir(source):
-        return os.path.isfile(os.path.join(source, "test_batch")) or os.path.isfile(
-            os.path.join(source, "data_batch_1")
-        )
-    return source.endswith((".tar.gz", ".tgz", ".tar")) and os.path.isfile(source)
-
-
-def read_cifar_python(source: str, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10's python pickles (folder or tar.gz) as uint8 ``[N, 32, 32, 3]`` and labels."""
-    if split not in ("train", "test"):
-        raise SamplingError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    images, labels = [], []
-    for name, raw in _cifar_pickles(source, names).items():
-        if raw is None:
-            raise SamplingError(
-                f"{source} has no '{name}'; expected the python version of CIFAR-10 "
-                "(cifar-10-batches-py with data_batch_1..5 and test_batch)"
-            )
-        batch = pickle.loads(raw, encoding="bytes")
-        data = batch.get(b"data", batch.get("data")) if isinstance(batch, dict) else None
-        if data is None:
-            raise SamplingError(f"{source}/{name} is not a CIFAR-10 python batch (no 'data' entry)")
-        images.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch.get(b"labels", batch.get("labels")), dtype=np.int64))
-    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
-
-
-def read_images(
-    source: str, image_size: int | None = None, split: str = "train", class_labels: bool = False
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Any dataset a user has as an ADM array: uint8 ``[N, H, W, C]`` and labels or None.
-
-    ``source`` is ``digits`` (the embedded default), an ``.npz`` (``arr_0``, labels from
-    ``arr_1``), CIFAR-10's python pickles (folder or tar.gz; ``split`` picks train or
-    test), or an image folder (read recursively in sorted order; labels from the file-name
-    prefix before ``_`` when ``class_labels``). ``image_size`` resizes and centre-crops as
-    ADM does; without it, every image must already have the same size.
-    """
-    from dkdm.data.images import (
-        DataError,
-        center_crop_arr,
-        class_labels_from_names,
-        list_image_files,
-        read_npz,
-    )
-
-    if source == "digits":
-        from dkdm.data.digits import load_digits
-
-        x, y = load_digits(image_size=image_size or 8)
-        return to_uint8(x), y.numpy()
-    if not os.path.exists(source):
-        raise SamplingError(
-            f"dataset '{source}' does not exist (give 'digits', an .npz, a CIFAR-10 python folder or an image folder)"
-        )
-    try:
-        if is_cifar_python(source):
-            images, labels = read_cifar_python(source, split)
-        elif os.path.isfile(source):
-            images, labels = read_npz(source, want_labels=False)
-            images = np.asarray(images)
-        else:
-            from PIL import Image
-
-            files = list_image_files(source)
-            arrays = []
-            for path in files:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    arrays.append(center_crop_arr(im, image_size) if image_size else np.asarray(im))
-            shapes = {a.shape for a in arrays}
-            if len(shapes) > 1:
-                raise SamplingError(
-                    f"images under {source} have different sizes ({sorted(shapes)[:3]}...); pass --image_size"
-                )
-            images = np.stack(arrays)
-            labels = class_labels_from_names(files)[0] if class_labels else None
-    except DataError as e:
-        raise SamplingError(str(e)) from None
-    if image_size and images.shape[1:3] != (image_size, image_size):
-        from PIL import Image
-
-        gray = images.shape[3] == 1
-        resized = [center_crop_arr(Image.fromarray(a[..., 0] if gray else a), image_size) for a in images]
-        images = np.stack(resized).reshape(len(images), image_size, image_size, images.shape[3])
-    return images, labels
 
 
 # --------------------------------------------------------------------------- shards
@@ -463,80 +312,3 @@ def finish(
     if not keep_shards:
         store.remove()
     return images, labels
-
-
-# --------------------------------------------------------------------------- configs
-
-TEACHER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "digits_teacher.pt")
-
-
-def checkpoint_configs(model_path: str) -> tuple[dict | None, dict | None, str]:
-    """The model and diffusion configs recorded beside a checkpoint, and the file they came from.
-
-    Looks for the run directory's ``config.yaml`` (written by the Trainer; the model under
-    ``model`` or, for a distilled student, ``student``), then for a ``.json`` of the same
-    name (the embedded teacher's provenance). Returns ``(None, None, "")`` when neither exists.
-    """
-    from dkdm.config import load_yaml
-
-    run_yaml = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.yaml")
-    side_json = os.path.splitext(model_path)[0] + ".json"
-    if os.path.isfile(run_yaml):
-        data, source = load_yaml(run_yaml), run_yaml
-    elif os.path.isfile(side_json):
-        with open(side_json) as f:
-            data, source = json.load(f), side_json
-    else:
-        return None, None, ""
-    if isinstance(data.get("config"), dict):  # provenance files may nest the configs one level down
-        data = data["config"]
-    model = next((data[k] for k in ("model", "student", "model_config") if isinstance(data.get(k), dict)), None)
-    diffusion = next(
-        (data[k] for k in ("diffusion", "student_diffusion", "diffusion_config") if isinstance(data.get(k), dict)), None
-    )
-    return model, diffusion, source
-
-
-def resolve_configs(model_path: str, overrides: dict[str, dict]) -> tuple[ModelConfig, DiffusionConfig, str]:
-    """The model and diffusion configs to sample ``model_path`` with.
-
-    Base: ``overrides['model']['arch']`` when it names a zoo entry or YAML file, else what
-    :func:`checkpoint_configs` finds beside the checkpoint. Then the remaining overrides
-    (``--config`` files and flags) are applied. ``learn_sigma`` follows the model unless the
-    diffusion overrides set it. Raises :class:`SamplingError` when no architecture is known.
-    """
-    from dkdm.config import from_dict, update
-    from dkdm.models import get_config
-
-    model_over = dict(overrides.get("model", {}))
-    diff_over = dict(overrides.get("diffusion", {}))
-    arch = model_over.pop("arch", None)
-    model_dict, diff_dict, source = checkpoint_configs(model_path)
-    if arch and arch not in ("unet", "vit"):
-        base, source = get_config(arch), f"--arch {arch}"
-    elif model_dict is not None:
-        model_dict = dict(model_dict)
-        named = model_dict.get("arch")
-        if named not in (None, "unet", "vit"):  # a zoo name left unresolved in a hand-written config
-            base = update(get_config(named), {k: v for k, v in model_dict.items() if k != "arch"})
-        else:
-            base = from_dict(ModelConfig, model_dict, source)
-        if arch:
-            base = update(base, {"arch": arch})
-    elif arch:
-        base, source = ModelConfig(arch=arch), "flags"
-    elif not os.path.isfile(model_path):
-        raise SamplingError(f"checkpoint not found: {model_path}; pass --model_path a modelNNNNNN.pt or ema_*.pt file")
-    else:
-        raise SamplingError(
-            f"no config.yaml or .json beside {model_path} says which network it holds; pass --arch "
-            "(a zoo name such as cifar10-14M, or a model YAML) and the diffusion flags it was trained with "
-            "(e.g. --config configs/diffusion/cosine-1000-learned.yaml)"
-        )
-    model_cfg = update(base, model_over, "model")
-    diff_base = from_dict(DiffusionConfig, diff_dict, source) if diff_dict else DiffusionConfig()
-    diff_over.setdefault("learn_sigma", model_cfg.learn_sigma)
-    diff_cfg = update(diff_base, diff_over, "diffusion")
-    if diff_cfg.learn_sigma != model_cfg.learn_sigma:
-        raise SamplingError("model.learn_sigma and diffusion.learn_sigma differ; set both with --learn_sigma")
-    return model_cfg, diff_cfg, source

@@ -22,8 +22,7 @@ import torch
 
 from dkdm import digits_metric, fileio, sampling
 from dkdm.config import SampleConfig
-from dkdm.diffusion import create_diffusion
-from dkdm.models import create_model, load_checkpoint
+from dkdm.resolve import EMBEDDED_TEACHER, resolve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,14 +37,14 @@ def newest_ema(run_dir: str) -> str:
 
 def sample(name: str, path: str, cfg: SampleConfig, respacing: str, out: str) -> dict:
     """Draw cfg.num_samples images from the checkpoint at ``path``; return its row of the table."""
-    model_cfg, diff_cfg, _ = sampling.resolve_configs(path, {"diffusion": {"timestep_respacing": respacing}})
-    model = load_checkpoint(create_model(model_cfg), path)
-    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    net = resolve({}, {"timestep_respacing": respacing}, checkpoint=path)
+    model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
+    model = net.build()
     output = sampling.resolve_output(os.path.join(out, name), cfg.num_samples, shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), "cpu")
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
     store.prepare()
-    stats = sampling.draw_shards(model, create_diffusion(diff_cfg), store, cfg, shape)
+    stats = sampling.draw_shards(model, net.create_diffusion(), store, cfg, shape)
     images, _ = sampling.finish(store, cfg, output)
     print(f"{name}: {len(images)} images -> {output} ({stats.images_per_second:.0f} images/s)", flush=True)
     return {
@@ -81,7 +80,7 @@ def main() -> int:
     distill_s = time.time() - t0
     cfg = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
     rows = [
-        sample("teacher", sampling.TEACHER_PATH, cfg, args.timestep_respacing, args.out),
+        sample("teacher", EMBEDDED_TEACHER, cfg, args.timestep_respacing, args.out),
         sample("student", newest_ema(student_dir), cfg, args.timestep_respacing, args.out),
     ]
     lines = [

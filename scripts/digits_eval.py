@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from dkdm import digits_metric
-from dkdm.sampling import SamplingError, read_images
+from dkdm.data import DataError
+from dkdm.data.arrays import read_images
 
 
 def main() -> int:
@@ -31,7 +32,7 @@ def main() -> int:
             print(
                 f"{path:<40} {len(images):>6} {max(m['fd'], 0.0):>9.3f} {m['is']:>7.3f} {m['precision']:>10.4f} {m['recall']:>7.4f}"
             )
-    except (SamplingError, ValueError, OSError) as e:
+    except (DataError, ValueError, OSError) as e:
         print(f"digits_eval.py: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -13,16 +13,10 @@ import os
 import sys
 
 from dkdm import dist, logger
-from dkdm.config import (
-    ConfigError,
-    ConfigParser,
-    DiffusionConfig,
-    ModelConfig,
-    TrainConfig,
-)
+from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, TrainConfig
 from dkdm.data import load_data, per_rank_batch
-from dkdm.diffusion import create_diffusion, create_named_schedule_sampler
-from dkdm.models import create_model, get_config
+from dkdm.diffusion import create_named_schedule_sampler
+from dkdm.resolve import DEFAULT_TEACHER, resolve
 from dkdm.training import Trainer, batches_from_stream, diffusion_loss_fn, seed_all
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "digits", "teacher.yaml")
@@ -33,14 +27,8 @@ def main(argv: list[str]) -> None:
         argv = ["--config", DEFAULT_CONFIG, *argv]
     groups = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
     args = ConfigParser(__doc__, groups).parse(argv)
-    arch = args.overrides["model"].pop("arch", "digits-teacher")
-    base = ModelConfig(arch=arch) if arch in ("unet", "vit") else get_config(arch)
-    model_cfg = args.resolve("model", base)
-    # One learn_sigma for both, as guided-diffusion's single flag: the model's unless set.
-    args.overrides["diffusion"].setdefault("learn_sigma", model_cfg.learn_sigma)
-    diff_cfg, train = args.resolve("diffusion"), args.resolve("train")
-    if diff_cfg.learn_sigma != model_cfg.learn_sigma:
-        raise ConfigError("model.learn_sigma and diffusion.learn_sigma differ; set both with --learn_sigma")
+    net = resolve(args.overrides["model"], args.overrides["diffusion"], default=DEFAULT_TEACHER)
+    model_cfg, diff_cfg, train = net.model, net.diffusion, args.resolve("train")
 
     dist.setup_dist()
     batch = per_rank_batch(train.batch_size, dist.get_world_size())
@@ -60,8 +48,8 @@ def main(argv: list[str]) -> None:
         seed=train.seed,
     )
     seed_all(train.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    model = create_model(model_cfg)
-    diffusion = create_diffusion(diff_cfg)
+    model = net.build()
+    diffusion = net.create_diffusion()
     sampler = create_named_schedule_sampler(train.schedule_sampler, diffusion)
     logger.log(
         f"{model_cfg.name or model_cfg.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -75,8 +63,7 @@ def main(argv: list[str]) -> None:
         config_to_save={"model": model_cfg, "diffusion": diff_cfg, "train": train},
         loop_state={"data": data, "schedule_sampler": sampler},
     )
-    expect = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
-    trainer.run(batches_from_stream(data, dist.dev(), expect), diffusion_loss_fn(diffusion, sampler))
+    trainer.run(batches_from_stream(data, dist.dev(), net.space.shape), diffusion_loss_fn(diffusion, sampler))
     dist.cleanup()
 
 

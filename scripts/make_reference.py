@@ -17,7 +17,8 @@ import sys
 
 import numpy as np
 
-from dkdm.sampling import SamplingError, read_images, save_npz
+from dkdm.data import DataError
+from dkdm.data.arrays import read_images, save_npz
 
 
 def main() -> int:
@@ -34,12 +35,12 @@ def main() -> int:
         images, labels = read_images(args.source, args.image_size or None, args.split, class_labels=args.labels)
         if args.num:
             if args.num > len(images):
-                raise SamplingError(f"--num {args.num} exceeds the {len(images)} images in {args.source}")
+                raise DataError(f"--num {args.num} exceeds the {len(images)} images in {args.source}")
             keep = np.sort(np.random.default_rng(args.seed).choice(len(images), args.num, replace=False))
             images, labels = images[keep], (labels[keep] if labels is not None else None)
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         save_npz(args.output, np.ascontiguousarray(images), labels if args.labels else None)
-    except (SamplingError, OSError) as e:
+    except (DataError, OSError) as e:
         print(f"make_reference.py: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}: arr_0 {images.dtype} {list(images.shape)}")

@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 
-from dkdm.sampling import SamplingError, read_images, save_npz
+from dkdm.data import DataError
+from dkdm.data.arrays import read_images, save_npz
 
 Array = np.ndarray
 
@@ -24,16 +25,16 @@ def mix(
     """Return (images, labels or None, number of real images) for the P% mix."""
     (xr, yr), (xs, ys) = real, synthetic
     if not 0.0 <= real_fraction <= 1.0:
-        raise SamplingError(f"--real_fraction must lie in [0, 1], got {real_fraction}")
+        raise DataError(f"--real_fraction must lie in [0, 1], got {real_fraction}")
     if xr.shape[1:] != xs.shape[1:]:
-        raise SamplingError(
+        raise DataError(
             f"real images are {xr.shape[1:]} but synthetic ones {xs.shape[1:]} (H, W, C); "
             "make the real set at the same size (e.g. make_reference.py --image_size)"
         )
     n = len(xs)
     n_real = int(np.floor(real_fraction * n + 0.5))
     if n_real > len(xr):
-        raise SamplingError(f"{real_fraction:.0%} of {n} is {n_real} real images, but the real set has only {len(xr)}")
+        raise DataError(f"{real_fraction:.0%} of {n} is {n_real} real images, but the real set has only {len(xr)}")
     rng = np.random.default_rng(seed)
     ri = np.sort(rng.choice(len(xr), n_real, replace=False))
     si = np.sort(rng.choice(n, n - n_real, replace=False))
@@ -59,7 +60,7 @@ def main() -> int:
         real = read_images(args.real, image_size=synthetic[0].shape[1], split=args.split)
         images, labels, n_real = mix(real, synthetic, args.real_fraction, args.seed)
         save_npz(args.output, images, labels)
-    except (SamplingError, OSError) as e:
+    except (DataError, OSError) as e:
         print(f"mix_dataset.py: error: {e}", file=sys.stderr)
         return 1
     print(

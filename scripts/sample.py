@@ -17,8 +17,7 @@ from tqdm import tqdm
 
 from dkdm import dist, fileio, logger, sampling
 from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
-from dkdm.diffusion import create_diffusion
-from dkdm.models import create_model, load_checkpoint
+from dkdm.resolve import EMBEDDED_TEACHER, resolve
 
 
 def main(argv: list[str]) -> None:
@@ -26,11 +25,11 @@ def main(argv: list[str]) -> None:
     args = ConfigParser(__doc__, groups).parse(argv)
     cfg = args.resolve("sample")
     dist.setup_dist()
-    path = cfg.model_path or sampling.TEACHER_PATH
-    model_cfg, diff_cfg, source = sampling.resolve_configs(path, args.overrides)
-    model = load_checkpoint(create_model(model_cfg), path).to(dist.dev())
-    diffusion = create_diffusion(diff_cfg)  # validate everything before the manifest binds the output
-    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    path = cfg.model_path or EMBEDDED_TEACHER
+    net = resolve(args.overrides["model"], args.overrides["diffusion"], checkpoint=path)
+    model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
+    model = net.build().to(dist.dev())
+    diffusion = net.create_diffusion()  # validate everything before the manifest binds the output
     output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), dist.dev().type)
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
@@ -44,7 +43,7 @@ def main(argv: list[str]) -> None:
     if error:
         raise sampling.SamplingError(error)
     logger.log(
-        f"sampling {path} ({model_cfg.name or model_cfg.arch}, config from {source}), "
+        f"sampling {path} ({net.name}, config from {net.source}), "
         f"{diff_cfg.timestep_respacing or diff_cfg.steps} {'DDIM' if cfg.use_ddim else 'IDDPM'} steps, "
         f"{cfg.num_samples} images on {dist.get_world_size()} process(es) -> {output}"
     )
@@ -63,7 +62,7 @@ def main(argv: list[str]) -> None:
         store,
         cfg,
         shape,
-        num_classes=model_cfg.num_classes if model_cfg.class_cond else 0,
+        num_classes=net.space.num_classes,
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         device=dist.dev(),

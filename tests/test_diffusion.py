@@ -203,8 +203,15 @@ def test_variance_types_interpolate_as_iddpm_eq12():
     x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
     t = torch.tensor([0, 10, 29])
     eps = torch.zeros_like(x)
-    lo = torch.from_numpy(d.posterior_log_variance_clipped)[t].view(-1, 1, 1, 1).expand_as(x)
-    hi = torch.from_numpy(np.log(d.betas))[t].view(-1, 1, 1, 1).expand_as(x)
+    # beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), written from the betas; at t = 0 it is
+    # 0, and IDDPM clips its log to beta~_1's.
+    betas = np.asarray(d.betas)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.append(1.0, abar[:-1])
+    beta_tilde = betas * (1 - abar_prev) / (1 - abar)
+    clipped = np.log(np.append(beta_tilde[1], beta_tilde[1:]))
+    lo = torch.from_numpy(clipped)[t].view(-1, 1, 1, 1).expand_as(x)
+    hi = torch.from_numpy(np.log(betas))[t].view(-1, 1, 1, 1).expand_as(x)
     for v, want in ((-1.0, lo), (1.0, hi), (0.0, 0.5 * (lo + hi))):
         out = d.p_mean_variance_from_output(torch.cat([eps, torch.full_like(x, v)], 1), x, t)
         torch.testing.assert_close(out["log_variance"], want)
@@ -354,8 +361,10 @@ def test_mse_targets_per_mean_type():
     for mean_type in MEAN_TYPES:
         d = make(steps=20, mean=mean_type, var=ModelVarType.FIXED_SMALL)
         xt = d.q_sample(x0, t, noise=noise)
+        abar = torch.from_numpy(np.cumprod(1 - np.asarray(d.betas)))[t].view(-1, 1, 1, 1)
         target = {
             ModelMeanType.EPSILON: noise,
+            ModelMeanType.VELOCITY: abar.sqrt() * noise - (1 - abar).sqrt() * x0,
             ModelMeanType.START_X: x0,
             ModelMeanType.PREVIOUS_X: d.q_posterior_mean_variance(x0, xt, t)[0],
         }[mean_type]
@@ -436,3 +445,293 @@ def test_presets_load_and_build(name):
     if name == "digits":
         assert (cfg.steps, cfg.noise_schedule, cfg.learn_sigma) == (100, "cosine", True)
         assert d.model_var_type == ModelVarType.LEARNED_RANGE
+
+
+# ----------------------------------------------------------------------------- found by mutation testing
+# Every entry point must forward its options (labels, clipping, denoised_fn, eta) to each step.
+# References are written with the one-step building blocks and the DDIM formulas, not the loops.
+
+
+class LabelModel(torch.nn.Module):
+    """Needs its labels (a missing y is an error) and predicts large x_0, so clipping matters."""
+
+    def forward(self, x, t, y):
+        tt = t.to(x.dtype).view(-1, 1, 1, 1)
+        shift = y.to(x.dtype).view(-1, 1, 1, 1)
+        eps = -3.0 * torch.tanh(x) + 0.1 * shift + 0.001 * tt
+        return torch.cat([eps, torch.tanh(x + shift)], 1)
+
+
+def _halve(x0):
+    return 0.5 * x0
+
+
+def _ddim_reference(d, model, x, t, y, eta, noise, clip, denoised_fn):
+    out = d.p_mean_variance_from_output(model(x, t, y), x, t, clip_denoised=clip, denoised_fn=denoised_fn)
+    abar = np.cumprod(1 - np.asarray(d.betas))
+    ab, abp = abar[t.numpy()], np.append(1.0, abar[:-1])[t.numpy()]
+    ab, abp = (torch.from_numpy(a).view(-1, 1, 1, 1) for a in (ab, abp))
+    eps = (x - ab.sqrt() * out["pred_xstart"]) / (1 - ab).sqrt()
+    sigma = eta * ((1 - abp) / (1 - ab)).sqrt() * (1 - ab / abp).sqrt()
+    mean = out["pred_xstart"] * abp.sqrt() + (1 - abp - sigma**2).sqrt() * eps
+    return mean + (t != 0).view(-1, 1, 1, 1) * sigma * noise, out["pred_xstart"]
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_loops_forward_labels_clipping_and_denoised_fn(clip):
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    model = LabelModel()
+    y = torch.tensor([0, 3])
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kw = {"clip_denoised": clip, "denoised_fn": _halve, "model_kwargs": {"y": y}}
+    # Ancestral: the loop equals p_sample_from_output stepped by hand with the same draws.
+    torch.manual_seed(5)
+    got = d.p_sample_loop(model, start.shape, noise=start, **kw)
+    torch.manual_seed(5)
+    x = start
+    for i in range(5, -1, -1):
+        t = torch.full((2,), i)
+        out = model(x, t, y)
+        x = d.p_sample_from_output(out, x, t, clip_denoised=clip, noise=torch.randn_like(x), denoised_fn=_halve)
+        x = x["sample"]
+    torch.testing.assert_close(got, x, rtol=1e-12, atol=1e-12)
+    # DDIM with eta: the loop, and each step's pred_xstart, equal the DDIM formulas.
+    torch.manual_seed(6)
+    got = d.ddim_sample_loop(model, start.shape, noise=start, eta=0.5, **kw)
+    torch.manual_seed(6)
+    x = start
+    for i in range(5, -1, -1):
+        t = torch.full((2,), i)
+        step = d.ddim_sample(model, x, t, eta=0.5, **kw)
+        torch.manual_seed(100 + i)
+        x_ref, x0_ref = _ddim_reference(d, model, x, t, y, 0.5, torch.randn_like(x), clip, _halve)
+        torch.manual_seed(100 + i)
+        step = d.ddim_sample(model, x, t, eta=0.5, **kw)
+        torch.testing.assert_close(step["sample"], x_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(step["pred_xstart"], x0_ref, rtol=1e-12, atol=1e-12)
+        x = x_ref
+    assert got.shape == start.shape
+    # DDIM reversed: x_{t+1} = sqrt(abar_{t+1}) x_0 + sqrt(1 - abar_{t+1}) eps.
+    t = torch.tensor([1, 4])
+    rev = d.ddim_reverse_sample(model, start, t, **kw)
+    out = d.p_mean_variance_from_output(model(start, t, y), start, t, clip_denoised=clip, denoised_fn=_halve)
+    abar = torch.from_numpy(np.cumprod(1 - np.asarray(d.betas)))
+    ab, an = abar[t].view(-1, 1, 1, 1), abar[t + 1].view(-1, 1, 1, 1)
+    eps = (start - ab.sqrt() * out["pred_xstart"]) / (1 - ab).sqrt()
+    torch.testing.assert_close(rev["sample"], out["pred_xstart"] * an.sqrt() + (1 - an).sqrt() * eps)
+    torch.testing.assert_close(rev["pred_xstart"], out["pred_xstart"])
+
+
+def test_the_loops_really_use_their_options():
+    """The options change the result (so the test above could see them dropped)."""
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    model, y = LabelModel(), torch.tensor([0, 3])
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for kw in ({}, {"clip_denoised": False}, {"denoised_fn": _halve}, {"model_kwargs": {"y": y + 1}}):
+        torch.manual_seed(5)
+        args = {"model_kwargs": {"y": y}, **kw}
+        steps = d.ddim_sample_loop_progressive(model, start.shape, noise=start, **args)
+        results.append(torch.stack([o["sample"] for o in steps]))
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.allclose(results[a], results[b])
+    with pytest.raises(TypeError):
+        d.p_sample_loop(model, start.shape, noise=start)  # the labels are required
+
+
+@pytest.mark.parametrize("loss", [LossType.MSE, LossType.KL])
+def test_training_losses_forward_labels_and_keep_the_vb_unclipped_in_bits(loss):
+    d = make(steps=10, var=ModelVarType.LEARNED_RANGE, loss=loss)
+    model, y = LabelModel(), torch.tensor([1, 2, 0])
+    x0 = torch.rand(3, 1, 3, 3, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([1, 5, 9])
+    noise = torch.randn_like(x0)
+    terms = d.training_losses(model, x0, t, model_kwargs={"y": y}, noise=noise)
+    # KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) / log 2 by formula, with the model's x_0 unclipped.
+    betas = np.asarray(d.betas)
+    abar = np.cumprod(1 - betas)
+    abp = np.append(1.0, abar[:-1])
+    bt = betas * (1 - abp) / (1 - abar)
+    lo, hi = np.log(np.append(bt[1], bt[1:])), np.log(betas)
+    c1, c2 = betas * np.sqrt(abp) / (1 - abar), np.sqrt(1 - betas) * (1 - abp) / (1 - abar)
+
+    def col(a):
+        return torch.from_numpy(a[t.numpy()]).view(-1, 1, 1, 1)
+
+    x_t = col(np.sqrt(abar)) * x0 + col(np.sqrt(1 - abar)) * noise
+    out = model(x_t, t, y)
+    eps, v = out[:, :1], out[:, 1:]
+    x0_hat = (x_t - col(np.sqrt(1 - abar)) * eps) / col(np.sqrt(abar))
+    m_true, m_model = col(c1) * x0 + col(c2) * x_t, col(c1) * x0_hat + col(c2) * x_t
+    lv_true, lv_model = col(lo), (v + 1) / 2 * col(hi) + (1 - v) / 2 * col(lo)
+    kl = 0.5 * (
+        -1 + lv_model - lv_true + torch.exp(lv_true - lv_model) + (m_true - m_model) ** 2 * torch.exp(-lv_model)
+    )
+    want = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
+    if loss == LossType.KL:
+        torch.testing.assert_close(terms["loss"], want, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(terms["vb"], want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(terms["mse"], ((eps - noise) ** 2).mean(dim=(1, 2, 3)))
+
+
+def _cond_fn(x, t, y):
+    return 0.2 * torch.ones_like(x) * (1 + y.view(-1, 1, 1, 1))
+
+
+def test_loops_forward_the_guidance_function():
+    d = make(steps=5, var=ModelVarType.LEARNED_RANGE)
+    model, y = LabelModel(), torch.tensor([0, 2])
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    kw = {"model_kwargs": {"y": y}, "clip_denoised": False}
+    for loop, step in ((d.p_sample_loop, d.p_sample), (d.ddim_sample_loop, d.ddim_sample)):
+        torch.manual_seed(1)
+        guided = loop(model, start.shape, noise=start, cond_fn=_cond_fn, **kw)
+        torch.manual_seed(1)
+        x = start
+        for i in range(4, -1, -1):
+            x = step(model, x, torch.full((2,), i), cond_fn=_cond_fn, **kw)["sample"]
+        torch.testing.assert_close(guided, x, rtol=1e-12, atol=1e-12)
+        torch.manual_seed(1)
+        assert not torch.allclose(guided, loop(model, start.shape, noise=start, **kw))
+
+
+def test_calc_bpd_loop_terms_against_their_formulas():
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    model, y = LabelModel(), torch.tensor([1, 0])
+    x0 = torch.rand(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    torch.manual_seed(9)
+    got = d.calc_bpd_loop(model, x0, clip_denoised=False, model_kwargs={"y": y})
+    assert got["vb"].shape == got["mse"].shape == got["xstart_mse"].shape == (2, 6)
+    abar = torch.from_numpy(np.cumprod(1 - np.asarray(d.betas)))
+    torch.manual_seed(9)
+    for col, i in enumerate(range(5, -1, -1)):  # columns run from t = T-1 down to 0
+        noise = torch.randn_like(x0)
+        ab = abar[i]
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        eps = model(x_t, torch.full((2,), i), y)[:, :1]
+        x0_hat = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()  # unclipped, as asked
+        torch.testing.assert_close(got["xstart_mse"][:, col], ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3)))
+        torch.testing.assert_close(got["mse"][:, col], ((eps - noise) ** 2).mean(dim=(1, 2, 3)))
+    prior = 0.5 * (-1 - (1 - abar[-1]).log() + (1 - abar[-1]) + abar[-1] * x0**2)  # KL(q(x_T|x_0) || N(0, 1))
+    torch.testing.assert_close(got["prior_bpd"], prior.mean(dim=(1, 2, 3)) / math.log(2.0))
+    torch.testing.assert_close(got["total_bpd"], got["vb"].sum(1) + got["prior_bpd"])
+    torch.manual_seed(9)
+    clipped = d.calc_bpd_loop(model, x0, clip_denoised=True, model_kwargs={"y": y})
+    assert not torch.allclose(clipped["vb"], got["vb"])  # clipping reaches the VB terms
+
+
+def test_schedule_validation_and_tables_in_float64():
+    for bad in (np.zeros(5), np.array([0.1, 1.5]), np.array([]), np.array([[0.1, 0.2]])):
+        with pytest.raises(ValueError, match="betas must"):
+            GaussianDiffusion(betas=bad, model_mean_type="epsilon", model_var_type="fixed_small", loss_type="mse")
+    for ok in (np.array([0.5]), np.array([0.1, 1.0]), np.array([0.1, 0.2], dtype=np.float32)):
+        d = GaussianDiffusion(betas=ok, model_mean_type="epsilon", model_var_type="fixed_small", loss_type="mse")
+        assert d.betas.dtype == d.alphas_cumprod.dtype == np.float64
+    # IDDPM clips the log of beta~_0 (= 0) to beta~_1; a 2-step chain still has a beta~_1.
+    d = make(steps=2)
+    b = np.asarray(d.betas)
+    beta_tilde_1 = b[1] * (1 - (1 - b[0])) / (1 - (1 - b[0]) * (1 - b[1]))
+    assert d.posterior_log_variance_clipped[0] == pytest.approx(math.log(beta_tilde_1), rel=1e-12)
+    # DDIM reversed from the last step goes to abar = 0: pure noise, x_T = eps.
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    x, t = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.tensor([5, 5])
+    rev = d.ddim_reverse_sample(LabelModel(), x, t, clip_denoised=False, model_kwargs={"y": torch.tensor([0, 1])})
+    ab = float(np.cumprod(1 - np.asarray(d.betas))[5])
+    eps = (x - math.sqrt(ab) * rev["pred_xstart"]) / math.sqrt(1 - ab)
+    torch.testing.assert_close(rev["sample"], eps)
+
+
+def test_wrong_channel_counts_say_what_was_expected():
+    x, t = torch.zeros(1, 2, 2, 2), torch.tensor([1])
+    with pytest.raises(ValueError, match=r"\(the variance is learned, so 2C channels are expected\)"):
+        make(var=ModelVarType.LEARNED_RANGE).p_mean_variance_from_output(torch.zeros(1, 2, 2, 2), x, t)
+    with pytest.raises(ValueError, match=r"\(the variance is fixed\)"):
+        make().p_mean_variance_from_output(torch.zeros(1, 4, 2, 2), x, t)
+
+
+def test_the_output_level_step_applies_denoised_fn():
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    x, t = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.tensor([2, 4])
+    out = LabelModel()(x, t, torch.tensor([0, 1]))
+    plain = d.p_mean_variance_from_output(out, x, t, clip_denoised=False)
+    halved = d.p_sample_from_output(out, x, t, clip_denoised=False, noise=torch.zeros_like(x), denoised_fn=_halve)
+    torch.testing.assert_close(halved["pred_xstart"], 0.5 * plain["pred_xstart"])
+
+
+def test_guidance_shifts_by_the_stated_formulas():
+    """condition_mean: mean + variance * grad (Sohl-Dickstein et al.); condition_score:
+    eps - sqrt(1 - abar) * grad, then x_0 and the posterior mean from it (Song et al.)."""
+    d = make(steps=6, var=ModelVarType.LEARNED_RANGE)
+    x, t, y = torch.randn(2, 1, 3, 3, dtype=torch.float64), torch.tensor([1, 4]), torch.tensor([0, 2])
+
+    def grad(x_, t_, y):  # depends on t, so a wrong t shows
+        return 0.1 * (1 + t_.view(-1, 1, 1, 1).to(x_.dtype)) * (1 + y.view(-1, 1, 1, 1)) * torch.ones_like(x_)
+
+    out = d.p_mean_variance(LabelModel(), x, t, clip_denoised=False, model_kwargs={"y": y})
+    g = grad(x, t, y)
+    torch.testing.assert_close(d.condition_mean(grad, out, x, t, {"y": y}), out["mean"] + out["variance"] * g)
+    abar = torch.from_numpy(np.cumprod(1 - np.asarray(d.betas)))[t].view(-1, 1, 1, 1)
+    eps = (x - abar.sqrt() * out["pred_xstart"]) / (1 - abar).sqrt() - (1 - abar).sqrt() * g
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    got = d.condition_score(grad, out, x, t, {"y": y})
+    torch.testing.assert_close(got["pred_xstart"], x0)
+    torch.testing.assert_close(got["mean"], d.q_posterior_mean_variance(x0, x, t)[0])
+    torch.manual_seed(0)
+    a = d.p_sample(LabelModel(), x, t, clip_denoised=False, cond_fn=grad, model_kwargs={"y": y})["mean"]
+    torch.testing.assert_close(a, out["mean"] + out["variance"] * g)
+
+
+def test_the_deterministic_ddim_loop_is_its_steps():
+    d = make(steps=5, var=ModelVarType.LEARNED_RANGE)
+    model, y = LabelModel(), torch.tensor([1, 3])
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    for clip in (True, False):
+        kw = {"clip_denoised": clip, "denoised_fn": _halve, "model_kwargs": {"y": y}}
+        x = start
+        for i in range(4, -1, -1):
+            x, _ = _ddim_reference(d, model, x, torch.full((2,), i), y, 0.0, torch.zeros_like(x), clip, _halve)
+        torch.testing.assert_close(d.ddim_sample_loop(model, start.shape, noise=start, **kw), x)
+        steps = list(d.ddim_sample_loop_progressive(model, start.shape, noise=start, **kw))  # eta defaults to 0
+        torch.testing.assert_close(steps[-1]["sample"], x)
+
+
+def test_public_sampling_defaults_are_guided_diffusions():
+    """Called without them, the entry points clip x_0 (and DDIM is deterministic), as guided-diffusion's do."""
+    d = make(steps=4, var=ModelVarType.LEARNED_RANGE)
+    model, kw = LabelModel(), {"model_kwargs": {"y": torch.tensor([1, 2])}}
+    start = torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([1, 3])
+
+    def same(call):
+        torch.manual_seed(3)
+        a = call({})
+        torch.manual_seed(3)
+        b = call({"clip_denoised": True})
+        torch.manual_seed(3)
+        c = call({"clip_denoised": False})
+        assert torch.equal(a, b) and not torch.allclose(a, c)
+
+    same(lambda o: d.p_sample_loop(model, start.shape, noise=start, **kw, **o))
+    same(
+        lambda o: torch.stack(
+            [s["sample"] for s in d.p_sample_loop_progressive(model, start.shape, noise=start, **kw, **o)]
+        )
+    )
+    same(lambda o: d.ddim_sample(model, start, t, **kw, **o)["sample"])
+    same(lambda o: d.ddim_reverse_sample(model, start, t, **kw, **o)["sample"])
+    same(lambda o: d.ddim_sample_loop(model, start.shape, noise=start, **kw, **o))
+    same(lambda o: d._vb_terms_bpd(model, start.clamp(-1, 1), start, t, **kw, **o)["output"])
+    same(lambda o: d.calc_bpd_loop(model, start.clamp(-1, 1), **kw, **o)["vb"])
+    steps = [s["sample"] for s in d.ddim_sample_loop_progressive(model, start.shape, noise=start, **kw)]
+    torch.manual_seed(99)
+    again = [s["sample"] for s in d.ddim_sample_loop_progressive(model, start.shape, noise=start, **kw)]
+    assert all(torch.equal(a, b) for a, b in zip(steps, again, strict=True))  # eta defaults to 0
+
+
+def test_unknown_enum_names_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown ModelMeanType 'bogus'"):
+        GaussianDiffusion(
+            betas=np.array([0.1, 0.2]), model_mean_type="bogus", model_var_type="fixed_small", loss_type="mse"
+        )

@@ -48,7 +48,8 @@ def test_uniform_sampler():
     assert t.dtype == torch.long and w.dtype == torch.float32 and t.shape == w.shape == (6000,)
     assert t.min() == 0 and t.max() == 11 and torch.all(w == 1)
     counts = torch.bincount(t, minlength=12).double()
-    assert (counts / 6000 - 1 / 12).abs().max() < 0.02
+    se = (1 / 12 * 11 / 12 / 6000) ** 0.5  # binomial standard error of one bin's frequency: 0.0036
+    assert (counts / 6000 - 1 / 12).abs().max() < 4.5 * se
 
 
 def test_loss_second_moment_matches_reference_semantics():
@@ -72,7 +73,7 @@ def test_loss_second_moment_matches_reference_semantics():
     p = ref.weights() / ref.weights().sum()
     np.testing.assert_allclose(w.numpy(), 1 / (T * p[t.numpy()]), rtol=1e-6)
     freq = np.bincount(t.numpy(), minlength=T) / 20000
-    assert np.abs(freq - p).max() < 0.02
+    assert np.all(np.abs(freq - p) < 4.5 * np.sqrt(p * (1 - p) / 20000))  # 4.5 binomial standard errors
 
     # State round trip.
     s2 = LossSecondMomentResampler(diffusion(T), history_per_term=H)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dkdm import digits_metric as dm
-from dkdm.sampling import save_npz
+from dkdm.data.arrays import save_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -107,7 +107,7 @@ def test_flags_override_and_teacher_diffusion(tmp_path):
             "--teacher_path",
             "x.pt",
             "--teacher_diffusion.predict_xstart",
-            "--student_arch",
+            "--student.arch",
             "cifar10-24M",
             "--simple_only",
             "--discard_prob",
@@ -126,7 +126,7 @@ def test_non_digits_teacher_needs_a_checkpoint():
     from dkdm.config import ConfigError
 
     with pytest.raises(ConfigError, match="--teacher_path"):
-        _script().resolve(["--teacher_arch", "cifar10-57M"])
+        _script().resolve(["--teacher.arch", "cifar10-57M"])
 
 
 # ------------------------------------------------------------------ whole runs
@@ -162,12 +162,14 @@ def _args(d, run="run", steps=4):
     return [
         "--teacher_path",
         str(d / "teacher.pt"),
-        "--teacher_arch",
+        "--teacher.arch",
         str(d / "teacher.yaml"),
-        "--student_arch",
+        "--student.arch",
         str(d / "student.yaml"),
         "--steps",
         "20",
+        "--noise_schedule",
+        "cosine",
         "--batch_size",
         "8",
         "--rho",
@@ -345,7 +347,7 @@ def test_bad_device_or_precision_is_a_one_line_error(flags, match, tmp_path):
 
 def test_wrong_teacher_architecture_fails_with_the_checkpoint_message(tiny):
     args = _args(tiny)
-    args[args.index("--teacher_arch") + 1] = str(tiny / "student.yaml")
+    args[args.index("--teacher.arch") + 1] = str(tiny / "student.yaml")
     p = _run([sys.executable, SCRIPT, *args])
     assert p.returncode == 1
     assert "dkdm_train.py: error:" in p.stderr and "does not fit the model" in p.stderr

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from dkdm.sampling import SamplingError, save_npz
+from dkdm.data import DataError
+from dkdm.data.arrays import save_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = runpy.run_path(os.path.join(ROOT, "scripts", "mix_dataset.py"))
@@ -54,12 +55,12 @@ def test_deterministic_with_seed_and_different_across_seeds():
 
 def test_bad_requests_are_refused():
     real, syn = _sets(n_real=10)
-    with pytest.raises(SamplingError, match="only 10"):
+    with pytest.raises(DataError, match="only 10"):
         SCRIPT["mix"](real, syn, 0.2, seed=0)
-    with pytest.raises(SamplingError, match=r"\[0, 1\]"):
+    with pytest.raises(DataError, match=r"\[0, 1\]"):
         SCRIPT["mix"](*_sets(), 1.5, seed=0)
     rgb = (np.zeros((300, 8, 8, 3), np.uint8), None)
-    with pytest.raises(SamplingError, match="same size"):
+    with pytest.raises(DataError, match="same size"):
         SCRIPT["mix"](rgb, _sets()[1], 0.2, seed=0)
 
 

@@ -38,6 +38,12 @@ EXPECTED_COUNTS = {
     "digits-teacher": 890_018,
     "digits-student": 317_826,
     "digits-vit": 1_273_480,
+    # DiT's published models (tests/test_dit.py derives these from DiT's layout; XL/2 is its 675M).
+    "dit-xl2-256": 675_129_632,
+    "dit-xl2-512": 676_014_368,
+    "dit-l2-256": 458_102_816,
+    "dit-b2-256": 130_512_416,
+    "dit-s2-256": 32_963_360,
 }
 
 # sha256 of "\n".join(f"{key} {shape}") over the sorted state dict, computed from

@@ -223,3 +223,70 @@ def test_simple_only_with_fixed_variance_student(batch):
     obj = DKDMObjective(_diff(learn_sigma=False), _diff(learn_sigma=False), simple_only=True)
     terms = obj.terms(sout[:, :C], tout[:, :C], x, t)
     torch.testing.assert_close(terms["loss"], ((tout[:, :C] - sout[:, :C]) ** 2).mean((1, 2, 3)))
+
+
+# ------------------------------------------------------------------ found by mutation testing
+
+
+def _gaussian(betas, learn_sigma=True):
+    from dkdm.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+
+    var = ModelVarType.LEARNED_RANGE if learn_sigma else ModelVarType.FIXED_SMALL
+    return GaussianDiffusion(
+        betas=np.asarray(betas, dtype=np.float64),
+        model_mean_type=ModelMeanType.EPSILON,
+        model_var_type=var,
+        loss_type=LossType.MSE,
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: b * (1 + 3e-6),  # a relative change above the 1e-6 tolerance
+        lambda b: b + 5e-9,  # an absolute change above the 1e-9 floor
+    ],
+)
+def test_schedules_that_differ_slightly_are_still_different(change):
+    betas = np.asarray(_diff().betas)
+    from dkdm.distill.objective import check_compatible
+
+    assert check_compatible(_gaussian(betas), _gaussian(betas)) == []
+    with pytest.raises(ObjectiveError, match=r"^teacher and student use different noise schedules \(betas differ\)"):
+        check_compatible(_gaussian(betas), _gaussian(change(betas)))
+
+
+def test_refusals_name_the_side_and_warnings_fire_exactly_when_due():
+    from dkdm.diffusion import ModelMeanType
+    from dkdm.distill.objective import check_compatible
+
+    for who in ("teacher", "student"):
+        pair = {"teacher": _diff(), "student": _diff()}
+        pair[who].model_mean_type = ModelMeanType.PREVIOUS_X
+        with pytest.raises(ObjectiveError, match=f"^the {who} predicts x_\\(t-1\\) directly"):
+            check_compatible(pair["teacher"], pair["student"])
+        pair = {"teacher": _diff(), "student": _diff(), who: _diff(timestep_respacing="10")}
+        with pytest.raises(ObjectiveError, match=f"^the {who} diffusion is respaced"):
+            check_compatible(pair["teacher"], pair["student"])
+    with pytest.raises(ObjectiveError, match=r"^--simple_only trains the mean only, but the student learns"):
+        check_compatible(_diff(), _diff(), simple_only=True)
+    learned, fixed = _diff(), _diff(learn_sigma=False)
+    warning = check_compatible(fixed, learned)
+    assert len(warning) == 1 and warning[0].startswith("the teacher has a fixed variance; the student's learned")
+    assert check_compatible(learned, learned) == []  # the default is simple_only=False: no refusal
+    assert check_compatible(fixed, fixed) == [] and check_compatible(learned, fixed) == []
+    assert check_compatible(fixed, fixed, simple_only=True) == []
+
+
+def test_losses_pass_the_labels_to_the_student(batch):
+    x, t, tout, _ = batch
+    obj = DKDMObjective(_diff(), _diff())
+    seen = {}
+
+    def student(x_, t_, y=None):
+        seen["y"] = y
+        return torch.zeros(x_.shape[0], 2 * C, *x_.shape[2:], dtype=x_.dtype)
+
+    y = torch.arange(x.shape[0])
+    obj.losses(student, x, t, tout, model_kwargs={"y": y})
+    assert seen["y"] is y

@@ -42,6 +42,73 @@ class GaussTeacher:
         return torch.cat([eps, torch.zeros_like(x)], 1)
 
 
+# ------------------------------------------------------------------ independent references
+# Written from the betas in float64 numpy, not with the diffusion module under test.
+
+
+def _schedule(d):
+    """abar, the posterior-mean coefficients and the variance of the teacher's step (v = 0)."""
+    b = np.asarray(d.betas, dtype=np.float64)
+    ab = np.cumprod(1 - b)
+    abp = np.append(1.0, ab[:-1])
+    bt = b * (1 - abp) / (1 - ab)
+    lo, hi = np.log(np.append(bt[1], bt[1:])), np.log(b)  # IDDPM clips beta~_0 to beta~_1
+    c1, c2 = b * np.sqrt(abp) / (1 - ab), np.sqrt(1 - b) * (1 - abp) / (1 - ab)
+    return ab, c1, c2, np.exp(0.5 * (lo + hi))  # the variance channel 0 is halfway in log space
+
+
+def _x0_gain(ab):
+    """E[x_0 | x_t] = gain * x_t for data N(0, SIGMA2): what GaussTeacher's epsilon implies."""
+    return np.sqrt(ab) * SIGMA2 / (ab * SIGMA2 + 1 - ab)
+
+
+def _reference_step(d, x, t, z, clip=True):
+    """One ancestral step of the Bayes-optimal teacher, float64."""
+    ab, c1, c2, var = _schedule(d)
+    x = np.asarray(x, dtype=np.float64)
+    x0 = _x0_gain(ab[t]) * x
+    x0 = np.clip(x0, -1, 1) if clip else x0
+    return c1[t] * x0 + c2[t] * x + (np.sqrt(var[t]) * np.asarray(z, dtype=np.float64) if t > 0 else 0.0)
+
+
+def _reference_variance(d, ends, respaced=None):
+    """E[x^2] per dimension of a sample brought from N(0, 1) at T - 1 to each end step without
+    clipping: every step is linear in x (an ancestral step adds its variance, a DDIM jump none).
+    ``respaced=(grid, exact)`` walks the respaced warm-up's path, written out here."""
+    ab, c1, c2, var = _schedule(d)
+    k, steps = _x0_gain(ab), len(ab)
+
+    def walk(end):
+        t, v = steps - 1, 1.0
+        while t > end:
+            s = t - 1
+            if respaced and t - end > respaced[1]:
+                s = max(((t - 1) // respaced[0]) * respaced[0], end + respaced[1])
+            if s == t - 1:
+                v = (c1[t] * k[t] + c2[t]) ** 2 * v + var[t]
+            else:  # x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps, both linear in x_t
+                eps_gain = (1 - np.sqrt(ab[t]) * k[t]) / np.sqrt(1 - ab[t])
+                v = (np.sqrt(ab[s]) * k[t] + np.sqrt(1 - ab[s]) * eps_gain) ** 2 * v
+            t = s
+        return v
+
+    table = {e: walk(e) for e in set(ends.tolist())}
+    return np.array([table[e] for e in ends.tolist()])
+
+
+def _check_marginal(pool, d, respaced=None):
+    """The pool's second moment, normalised by the data's true marginal, against the exact value
+    of the chain it ran, within 4 standard errors (z^2 of a N(0, r) value has variance 2 r^2)."""
+    ab = _schedule(d)[0][pool.t.numpy()]
+    ratio = _reference_variance(d, pool.t.numpy(), respaced) / (ab * SIGMA2 + 1 - ab)
+    z2 = (pool.x.flatten(1).double().numpy() ** 2) / (ab * SIGMA2 + 1 - ab)[:, None]
+    dims = z2.shape[1]
+    expect = ratio.mean()
+    se = np.sqrt(np.sum(2 * ratio**2) * dims) / z2.size  # about 0.008 for 32,000 values
+    assert abs(z2.mean() - expect) < 4 * se, (z2.mean(), expect, se)
+    return expect, se
+
+
 def _make(batch_size=8, **kw):
     d = kw.pop("diffusion", None) or _diffusion()
     args = {"rho": 0.5, "teacher_batch": 64, "seed": 3}
@@ -73,10 +140,11 @@ def test_preparation_gives_uniform_steps_and_uses_full_teacher_batches():
     assert s["useful_evals"] == s["total_evals"] == (T - 1 - pool.t.numpy()).sum()
     assert teacher.calls == s["iterations"]
     assert teacher.calls <= s["useful_evals"] / 128 + T
-    # Samples look like the teacher's marginals: x_t ~ N(0, abar*SIGMA2 + 1 - abar) roughly.
-    ab = torch.as_tensor(d.alphas_cumprod, dtype=torch.float32)[pool.t]
-    z = pool.x.flatten(1) / (ab * SIGMA2 + 1 - ab).sqrt().unsqueeze(1)
-    assert 0.8 < z.std().item() < 1.2
+    # Without clipping the chain is linear-Gaussian, so its marginal variance is exact (below);
+    # a 5% error in the step's variance moves the mean of z^2 by ~8 standard errors.
+    unclipped, d = _make(batch_size=100, rho=1.0, teacher_batch=128, clip_denoised=False)
+    unclipped.prepare(GaussTeacher(d), progress=False)
+    _check_marginal(unclipped, d)
 
 
 def test_preparation_matches_a_straight_ancestral_chain():
@@ -91,12 +159,12 @@ def test_preparation_matches_a_straight_ancestral_chain():
     first = int(np.argsort(-lengths, kind="stable")[0])
     x = torch.randn((1, *SHAPE), generator=gen)
     t = torch.full((1,), T - 1)
+    x = x.double().numpy()
     for _ in range(lengths[first]):
-        out = teacher(x, t)
-        x = d.p_sample_from_output(out, x, t, noise=torch.randn((1, *SHAPE), generator=gen))["sample"]
+        x = _reference_step(d, x, int(t), torch.randn((1, *SHAPE), generator=gen).numpy())
         t = t - 1
     assert int(t) == int(pool.t[first])
-    torch.testing.assert_close(pool.x[first : first + 1], x, rtol=0, atol=0)
+    np.testing.assert_allclose(pool.x[first : first + 1].double().numpy(), x, rtol=0, atol=2e-5)
 
 
 def test_a_step_replaces_exactly_the_drawn_indices():
@@ -132,8 +200,9 @@ def test_sample_past_zero_restarts_as_fresh_noise():
     assert (pool.t[idx[:3]] == T - 1).all()
     torch.testing.assert_close(pool.x[idx[:3]], noise[:3], rtol=0, atol=0)
     # The others took an ordinary ancestral step with the same noise.
-    step = d.p_sample_from_output(teacher(batch["x_t"], batch["t"]), batch["x_t"], batch["t"], noise=noise)
-    torch.testing.assert_close(pool.x[idx[3:]], step["sample"][3:])
+    for i in range(3, 8):
+        want = _reference_step(d, batch["x_t"][i].numpy(), int(batch["t"][i]), noise[i].numpy())
+        np.testing.assert_allclose(pool.x[idx[i]].double().numpy(), want, rtol=0, atol=1e-5)
 
 
 def test_iterative_walks_one_batch_down_together():
@@ -208,7 +277,7 @@ def test_ranks_and_seeds_give_different_pools():
 def test_discard_probability():
     pool, _ = _make(batch_size=8, discard_prob=0.25)
     frac = np.mean([pool.should_discard() for _ in range(4000)])
-    assert abs(frac - 0.25) < 0.03
+    assert abs(frac - 0.25) < 0.03  # standard error sqrt(0.25 * 0.75 / 4000) = 0.0068: 4.4 SE
     never, _ = _make(batch_size=8)
     assert not any(never.should_discard() for _ in range(100))
 
@@ -284,23 +353,24 @@ def test_interrupted_preparation_resumes(tmp_path):
     teacher = GaussTeacher(d)
     b.prepare(teacher, teacher_id="k", cache_dir=str(tmp_path), progress=False)
     assert teacher.calls == ref.prep_stats["iterations"] - 7  # resumed at the batch where it was interrupted
+    assert b.prep_stats["iterations"] == teacher.calls and np.isnan(b.prep_stats["evals_per_s"])
     assert torch.equal(b.x, ref.x) and torch.equal(b.t, ref.t)
     assert [f.name for f in tmp_path.iterdir()] == [partial[0].replace(".partial", "")]
 
 
 def test_respaced_warmup_is_cheaper_and_lands_on_the_end_steps():
     d = _diffusion(100)
-    full, _ = _make(batch_size=20, diffusion=d, rho=0.5)
+    kw = {"batch_size": 20, "diffusion": d, "rho": 0.5, "clip_denoised": False}
+    full, _ = _make(**kw)
     full.prepare(GaussTeacher(d), progress=False)
-    cheap, _ = _make(batch_size=20, diffusion=d, rho=0.5, warmup="respaced", warmup_jumps=10, warmup_exact=3)
+    cheap, _ = _make(**kw, warmup="respaced", warmup_jumps=10, warmup_exact=3)
     cheap.prepare(GaussTeacher(d), progress=False)
     assert torch.equal(cheap.t, full.t)  # same plan of end steps
     assert cheap.prep_stats["useful_evals"] < 0.35 * full.prep_stats["useful_evals"]
-    # With the Bayes-optimal teacher both reach the right marginal variance.
-    ab = torch.as_tensor(d.alphas_cumprod, dtype=torch.float32)[cheap.t]
-    for p in (full, cheap):
-        z = p.x.flatten(1) / (ab * SIGMA2 + 1 - ab).sqrt().unsqueeze(1)
-        assert 0.85 < z.std().item() < 1.15
+    # Each lands on the exact variance of the chain it ran (grid of ceil(100 / 10) = 10 steps,
+    # the last 3 exact), within 4 standard errors of 16,000 values.
+    _check_marginal(full, d)
+    _check_marginal(cheap, d, respaced=(10, 3))
 
 
 def test_respaced_warmup_with_a_full_grid_equals_full():
@@ -378,3 +448,163 @@ def test_stale_temporaries_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_pa
     a, d = _make(batch_size=8)
     a.prepare(GaussTeacher(d), teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
     assert not stale.exists() and live.exists()
+
+
+# ------------------------------------------------------------------ found by mutation testing
+
+
+def test_every_input_of_the_preparation_changes_the_cache_key():
+    base = {"batch_size": 8, "rho": 0.5, "teacher_batch": 64, "seed": 3}
+    ref, _ = _make(**base)
+    key = ref.cache_key("teacher-a")
+    assert key == _make(**base)[0].cache_key("teacher-a")  # deterministic
+    changes = [
+        {"rho": 0.25},
+        {"batch_size": 4},
+        {"seed": 4},
+        {"rank": 1, "world_size": 2},
+        {"world_size": 2},
+        {"num_classes": 10},
+        {"variant": "shuffled"},
+        {"warmup": "respaced"},
+        {"clip_denoised": False},
+        {"diffusion": create_diffusion(steps=T, noise_schedule="linear:0.001,0.2", learn_sigma=True)},
+    ]
+    keys = {_make(**{**base, **c})[0].cache_key("teacher-a") for c in changes}
+    keys.add(ref.cache_key("teacher-b"))
+    keys.add(_make(**{**base, "warmup": "respaced", "warmup_jumps": 5})[0].cache_key("teacher-a"))
+    bigger = DynamicPool(_diffusion(), (1, 8, 8), 8, rho=0.5, teacher_batch=64, seed=3)
+    keys.add(bigger.cache_key("teacher-a"))
+    assert key not in keys and len(keys) == len(changes) + 3
+
+
+def test_labels_and_the_prepared_flag_survive_a_round_trip():
+    a, d = _make(batch_size=8, num_classes=5)
+    a.prepare(GaussTeacher(d), progress=False)
+    assert a.prepared and a.prep_stats["iterations"] > 0
+    b, _ = _make(batch_size=8, num_classes=5, seed=42)
+    assert not b.prepared and not torch.equal(a.y, b.y)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.y, b.y) and b.prepared
+    fresh, _ = _make(batch_size=8, num_classes=5)
+    state = fresh.state_dict()
+    assert state["prepared"] is False
+    b.load_state_dict(state)
+    assert not b.prepared
+    del state["prepared"]  # a pool saved before the flag existed was always prepared
+    b.load_state_dict(state)
+    assert b.prepared
+    unconditional, _ = _make(batch_size=8)
+    with pytest.raises(ValueError, match="saved pool has labels but this run's has no labels"):
+        unconditional.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match=r"^saved pool \(dynamic, T=20, x \(80, 1, 4, 4\)\) does not match"):
+        _make(batch_size=4)[0].load_state_dict(unconditional.state_dict())
+    iterative, _ = _make(batch_size=8, variant="iterative")
+    iterative.prepare(GaussTeacher(d), progress=False)
+    assert iterative.prepared
+
+
+def test_a_cached_preparation_reports_itself_and_no_cache_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a, d = _make(batch_size=8)
+    a.prepare(GaussTeacher(d), progress=False)
+    assert list(tmp_path.iterdir()) == []  # no cache_dir: nothing on disk
+    cache = tmp_path / "cache"
+    _make(batch_size=8)[0].prepare(GaussTeacher(d), teacher_id="k", cache_dir=str(cache), progress=False)
+    b, _ = _make(batch_size=8)
+    b.prepare(GaussTeacher(d), teacher_id="k", cache_dir=str(cache), progress=False)
+    assert b.prep_stats == {"cached": 1.0} and b.prepared and torch.equal(a.x, b.x)
+
+
+def test_update_uses_the_batch_of_its_own_indices_and_the_pools_clipping():
+    pool, d = _make(batch_size=8, clip_denoised=False)
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    first, second = pool.draw(), pool.draw()
+    pool.gather(first)  # gathered, then another draw is the one updated
+    pool.x[second] = 8 * pool.x[second]  # far out, where clipping x_0 would change the step
+    x, t = pool.x[second].clone(), pool.t[second].clone()
+    state = pool._noise_gen.get_state()
+    pool.update(second, teacher(x, t))
+    noise = torch.randn((8, *SHAPE), generator=torch.Generator().set_state(state))
+    for i in range(8):
+        if int(t[i]) == 0:
+            continue
+        want = _reference_step(d, x[i].numpy(), int(t[i]), noise[i].numpy(), clip=False)
+        np.testing.assert_allclose(pool.x[second[i]].double().numpy(), want, rtol=0, atol=1e-5)
+
+
+def test_the_histogram_has_four_bins_by_default():
+    pool, _ = _make(batch_size=8)
+    assert pool.t_histogram().shape == (4,) and float(pool.t_histogram().sum()) == pytest.approx(1.0)
+
+
+def test_the_memory_model_is_the_documented_one():
+    """x at 4 bytes per value plus an 8-byte step (and an 8-byte label); step buffers of five
+    batch-sized tensors, preparation buffers of eight slot-sized tensors: 12 KB per 32x32 sample."""
+    per = 3 * 32 * 32 * 4
+    m = estimate_pool_bytes(1000, (3, 32, 32), 16, 64, class_cond=True)
+    assert m == {"pool": 1000 * (per + 16), "buffers": max(16 * per * 5, 64 * per * 8), "per_sample": per + 16}
+    m = estimate_pool_bytes(1000, (3, 32, 32), 256, 64, prepare=False)
+    assert m == {"pool": 1000 * (per + 8), "buffers": 256 * per * 5, "per_sample": per + 8}
+    assert estimate_pool_bytes(10, (3, 32, 32), 256, 64)["buffers"] == 256 * per * 5  # step > 10 prep slots
+    pool, _ = _make(batch_size=8, num_classes=3)
+    assert pool.memory["per_sample"] == 16 * 4 + 16 and pool.prep_stats == {} and not pool.prepared
+    assert _make(batch_size=8, variant="iterative")[0].memory["buffers"] == 8 * 16 * 4 * 5
+
+
+def test_free_memory_is_read_from_proc_meminfo_with_a_one_gib_margin():
+    with open("/proc/meminfo") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    free, margin = pool_mod.available_memory(torch.device("cpu"))
+    assert margin == 1 << 30 and abs(free - kb * 1024) < 0.2 * kb * 1024  # memory moves a little meanwhile
+
+
+def test_fitting_is_need_against_free_minus_margin_and_the_message_has_the_numbers(monkeypatch, capsys):
+    gib = 1 << 30
+    monkeypatch.setattr(pool_mod, "available_memory", lambda device: (10 * gib, 2 * gib))
+    pool_mod._check_fits(8 * gib, torch.device("cpu"), "the samples", "fewer")  # exactly fits
+    with pytest.raises(pool_mod.PoolMemoryError) as e:
+        pool_mod._check_fits(8 * gib + 1, torch.device("cpu"), "the samples", "fewer")
+    assert "needs 8.00 GiB for the samples on cpu, but only 10.00 GiB are free and 2.00 GiB are kept" in str(e.value)
+    assert str(e.value).endswith("Options: fewer")
+
+
+def test_pool_arguments_are_checked_and_defaulted_to_the_papers():
+    d = _diffusion(100)
+    plain = DynamicPool(d, SHAPE, 200)  # rho 0.4 (the paper's), 1024 preparation slots, seed 0
+    assert plain.size == 40 * 200 and plain.memory["buffers"] == 1024 * 16 * 4 * 8
+    assert torch.equal(plain.x, DynamicPool(d, SHAPE, 200, seed=0).x)
+    respaced = DynamicPool(d, SHAPE, 8, warmup="respaced")
+    assert (respaced.warmup_grid, respaced.warmup_exact) == (5, 10)  # 20 jumps, 10 exact steps
+    for bad, msg in (
+        ({"discard_prob": 1.0}, r"discard_prob must be in \[0, 1\), got 1.0"),
+        ({"discard_prob": -0.1}, "discard_prob must be in"),
+        ({"teacher_batch": 0}, "batch_size and teacher_batch must be positive, got 8, 0"),
+        ({"batch_size": 0}, "batch_size and teacher_batch must be positive"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            _make(**{"batch_size": 8, **bad})
+    assert _make(batch_size=1)[0].size == 10  # one sample per batch is allowed
+    assert pool_size("dynamic", 0.05, 20, 8) == 8  # round(rho * T) = 1 batch is allowed
+    with pytest.raises(ValueError, match=r"round\(rho\*T\)=0 batches in the pool; use rho >= 0.025"):
+        pool_size("dynamic", 0.02, 20, 8)
+    one, _ = _make(batch_size=8, warmup="respaced", warmup_jumps=1, warmup_exact=1)
+    assert (one.warmup_grid, one.warmup_exact) == (T, 1)
+    other_t, _ = _make(batch_size=8, diffusion=_diffusion(40), rho=0.25)  # same size, other T
+    with pytest.raises(ValueError, match="does not match"):
+        other_t.load_state_dict(_make(batch_size=8)[0].state_dict())
+
+
+def test_preparation_statistics():
+    import inspect
+
+    params = inspect.signature(DynamicPool.prepare).parameters
+    assert (params["checkpoint_every_s"].default, params["checkpoint_every"].default) == (300.0, 0)
+    assert params["cache_dir"].default == "" and params["teacher_id"].default == ""
+    pool, d = _make(batch_size=16, teacher_batch=16)
+    teacher = GaussTeacher(d)
+    pool.prepare(teacher, progress=False)
+    s = pool.prep_stats
+    assert 0 < s["seconds"] < 60 and s["evals_per_s"] == pytest.approx(s["useful_evals"] / s["seconds"])
+    assert s["slots"] == 16 and s["iterations"] == teacher.calls

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dkdm.sampling import read_images, save_npz
+from dkdm.data.arrays import read_images, save_npz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = runpy.run_path(os.path.join(ROOT, "scripts", "make_reference.py"))["main"]

@@ -9,9 +9,11 @@ import torch
 import yaml
 
 from dkdm import sampling
-from dkdm.config import DiffusionConfig, ModelConfig, SampleConfig, to_dict
+from dkdm.config import ConfigError, DiffusionConfig, ModelConfig, SampleConfig, to_dict
+from dkdm.data.arrays import npz_name
 from dkdm.diffusion import create_diffusion
 from dkdm.models import create_model
+from dkdm.resolve import EMBEDDED_TEACHER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = runpy.run_path(os.path.join(ROOT, "scripts", "sample.py"))["main"]
@@ -177,10 +179,10 @@ def test_missing_or_bad_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
-        _sample(str(bad), tmp_path / "x.npz", "--arch", "digits-student")
+        _sample(str(bad), tmp_path / "x.npz", "--arch", "digits-student", "--steps", "4")
     orphan = tmp_path / "orphan.pt"
     torch.save(create_model(TINY).state_dict(), orphan)
-    with pytest.raises(sampling.SamplingError, match="--arch"):  # nothing says which network it is
+    with pytest.raises(ConfigError, match="pass --arch"):  # nothing says which network it is
         _sample(str(orphan), tmp_path / "x.npz")
 
 
@@ -204,10 +206,10 @@ def test_shard_plan_and_seeds():
     assert sampling.shard_sizes(16, 8) == [8, 8]
     seeds = {sampling.shard_seed(s, i) for s in range(3) for i in range(50)}
     assert len(seeds) == 150
-    assert sampling.npz_name(50000, 32, 32, 3) == "samples_50000x32x32x3.npz"
+    assert npz_name(50000, 32, 32, 3) == "samples_50000x32x32x3.npz"
 
 
-@pytest.mark.skipif(not os.path.isfile(sampling.TEACHER_PATH), reason="embedded teacher not built")
+@pytest.mark.skipif(not os.path.isfile(EMBEDDED_TEACHER), reason="embedded teacher not built")
 def test_no_flags_samples_the_embedded_teacher(tmp_path):
     MAIN(["--num_samples", "6", "--batch_size", "6", "--timestep_respacing", "4", "--output", str(tmp_path / "x.npz")])
     assert _load(tmp_path / "x.npz")["arr_0"].shape == (6, 8, 8, 1)
@@ -234,39 +236,6 @@ def test_mpiexec_two_ranks_match_one_process(ckpt, tmp_path):
     assert _load(tmp_path / "m.npz")["arr_0"].tobytes() == _load(tmp_path / "s.npz")["arr_0"].tobytes()
 
 
-def test_configs_of_a_distilled_student_and_of_a_provenance_json(tmp_path):
-    # dkdm_train.py's run directory: teacher, student, diffusion, teacher_diffusion, train, distill.
-    run = tmp_path / "dkdm-run"
-    run.mkdir()
-    big = ModelConfig(**{**to_dict(TINY), "num_channels": 64})
-    with open(run / "config.yaml", "w") as f:
-        yaml.safe_dump(
-            {
-                "teacher": to_dict(big),
-                "student": to_dict(TINY),
-                "diffusion": to_dict(DIFF),
-                "teacher_diffusion": to_dict(DiffusionConfig(steps=1000, learn_sigma=True)),
-            },
-            f,
-        )
-    model_cfg, diff_cfg, source = sampling.resolve_configs(
-        str(run / "ema_0.9999_000100.pt"), {"diffusion": {"timestep_respacing": "2"}}
-    )
-    assert model_cfg == TINY and source.endswith("config.yaml")
-    assert diff_cfg.steps == 4 and diff_cfg.timestep_respacing == "2"
-    # A checkpoint with a provenance .json beside it (the embedded teacher's layout).
-    import json
-
-    (tmp_path / "t.json").write_text(json.dumps({"config": {"model": to_dict(big), "diffusion": to_dict(DIFF)}}))
-    model_cfg, diff_cfg, _ = sampling.resolve_configs(str(tmp_path / "t.pt"), {"model": {"dropout": 0.5}})
-    assert model_cfg.num_channels == 64 and model_cfg.dropout == 0.5 and diff_cfg == DIFF
-    # --arch wins over what lies beside the checkpoint; learn_sigma must agree.
-    model_cfg, _, _ = sampling.resolve_configs(str(tmp_path / "t.pt"), {"model": {"arch": "digits-student"}})
-    assert model_cfg.name == "digits-student"
-    with pytest.raises(sampling.SamplingError, match="learn_sigma"):
-        sampling.resolve_configs(str(tmp_path / "t.pt"), {"diffusion": {"learn_sigma": False}})
-
-
 def test_ddim_with_eta_and_bf16_are_deterministic_too(ckpt, tmp_path):
     flags = ["--use_ddim", "--eta", "0.5", "--timestep_respacing", "ddim2", "--precision", "bf16"]
     _sample(ckpt, tmp_path / "a.npz", *flags)
@@ -275,8 +244,3 @@ def test_ddim_with_eta_and_bf16_are_deterministic_too(ckpt, tmp_path):
     a, b, c = (_load(tmp_path / f"{n}.npz")["arr_0"] for n in "abc")
     assert a.tobytes() == b.tobytes() and a.shape == (20, 8, 8, 1)
     assert not np.array_equal(a, c)  # bf16 really changed the arithmetic
-
-
-def test_a_missing_checkpoint_is_named(tmp_path):
-    with pytest.raises(sampling.SamplingError, match="checkpoint not found: .*nope.pt"):
-        sampling.resolve_configs(str(tmp_path / "nope.pt"), {})

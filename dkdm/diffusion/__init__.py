@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import DiffusionConfig, from_dict, update
+from ..config import ConfigError, DiffusionConfig, from_dict, update
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .respace import SpacedDiffusion, space_timesteps
@@ -38,7 +38,7 @@ def create_diffusion(cfg: DiffusionConfig | Mapping[str, Any] | None = None, **k
     """Build the diffusion a ``DiffusionConfig`` (or a mapping of its fields) describes.
 
     Keywords are guided-diffusion's (``steps``, ``learn_sigma``, ``sigma_small``,
-    ``noise_schedule``, ``use_kl``, ``predict_xstart``, ``rescale_timesteps``,
+    ``noise_schedule``, ``use_kl``, ``predict_xstart``, ``predict_v``, ``rescale_timesteps``,
     ``rescale_learned_sigmas``, ``timestep_respacing``) and override ``cfg``'s fields; an
     unknown one raises ``ConfigError`` naming the closest valid name. The variance is
     learned_range with ``learn_sigma``, else fixed_large (fixed_small with
@@ -66,11 +66,15 @@ def create_diffusion(cfg: DiffusionConfig | Mapping[str, Any] | None = None, **k
         var_type = ModelVarType.LEARNED_RANGE
     else:
         var_type = ModelVarType.FIXED_SMALL if cfg.sigma_small else ModelVarType.FIXED_LARGE
+    if cfg.predict_xstart and cfg.predict_v:
+        raise ConfigError("--predict_xstart and --predict_v both set; a network predicts one of epsilon, x_0, v")
+    mean_type = ModelMeanType.START_X if cfg.predict_xstart else ModelMeanType.EPSILON
+    mean_type = ModelMeanType.VELOCITY if cfg.predict_v else mean_type
     respacing = cfg.timestep_respacing or [cfg.steps]
     return SpacedDiffusion(
         use_timesteps=space_timesteps(cfg.steps, respacing),
         betas=betas,
-        model_mean_type=ModelMeanType.START_X if cfg.predict_xstart else ModelMeanType.EPSILON,
+        model_mean_type=mean_type,
         model_var_type=var_type,
         loss_type=loss_type,
         rescale_timesteps=cfg.rescale_timesteps,

@@ -45,6 +45,7 @@ class ModelMeanType(enum.Enum):
     PREVIOUS_X = enum.auto()  # x_{t-1}
     START_X = enum.auto()  # x_0
     EPSILON = enum.auto()  # the noise
+    VELOCITY = enum.auto()  # v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho's v-prediction)
 
 
 class ModelVarType(enum.Enum):
@@ -310,6 +311,8 @@ class GaussianDiffusion:
         else:
             if mt == ModelMeanType.START_X:
                 pred_xstart = process_xstart(mean_out)
+            elif mt == ModelMeanType.VELOCITY:
+                pred_xstart = process_xstart(self.predict_xstart_from_v(x_t=x, t=t, v=mean_out))
             else:
                 pred_xstart = process_xstart(self.predict_xstart_from_eps(x_t=x, t=t, eps=mean_out))
             mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
@@ -334,6 +337,49 @@ class GaussianDiffusion:
         return (self._coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._coef(
             "sqrt_recipm1_alphas_cumprod", t, x_t
         )
+
+    def predict_xstart_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
+        return self._coef("sqrt_alphas_cumprod", t, x_t) * x_t - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * v
+
+    def predict_eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+        return self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + self._coef("sqrt_alphas_cumprod", t, x_t) * v
+
+    def predict_v_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+        """v = (sqrt(abar_t) x_t - x_0) / sqrt(1 - abar_t)."""
+        return (self._coef("sqrt_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._coef(
+            "sqrt_one_minus_alphas_cumprod", t, x_t
+        )
+
+    def predict_v_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """v = (eps - sqrt(1 - abar_t) x_t) / sqrt(abar_t)."""
+        return (eps - self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t) / self._coef(
+            "sqrt_alphas_cumprod", t, x_t
+        )
+
+    def convert_prediction(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor, source: ModelMeanType, target: ModelMeanType
+    ) -> torch.Tensor:
+        """A prediction of kind ``source`` (epsilon, x_0 or v) as the same estimate of kind ``target``.
+
+        Each pair uses its direct closed form (no detour through a third kind), so a conversion
+        divides by sqrt(abar_t) or sqrt(1 - abar_t) only when the target itself requires it.
+        """
+        kinds = (ModelMeanType.EPSILON, ModelMeanType.START_X, ModelMeanType.VELOCITY)
+        if source not in kinds or target not in kinds:
+            raise ValueError(f"cannot convert {source.name} into {target.name}; epsilon, x_0 and v convert")
+        if source == target:
+            return pred
+        table = {
+            (ModelMeanType.EPSILON, ModelMeanType.START_X): self.predict_xstart_from_eps,
+            (ModelMeanType.EPSILON, ModelMeanType.VELOCITY): self.predict_v_from_eps,
+            (ModelMeanType.START_X, ModelMeanType.EPSILON): self.predict_eps_from_xstart,
+            (ModelMeanType.START_X, ModelMeanType.VELOCITY): self.predict_v_from_xstart,
+            (ModelMeanType.VELOCITY, ModelMeanType.EPSILON): self.predict_eps_from_v,
+            (ModelMeanType.VELOCITY, ModelMeanType.START_X): self.predict_xstart_from_v,
+        }
+        return table[(source, target)](x_t, t, pred)
 
     def ddim_jump_from_xstart(
         self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor, t_next: torch.Tensor
@@ -709,6 +755,11 @@ class GaussianDiffusion:
             target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
         elif self.model_mean_type == ModelMeanType.START_X:
             target = x_start
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            target = (
+                self._coef("sqrt_alphas_cumprod", t, x_start) * noise
+                - self._coef("sqrt_one_minus_alphas_cumprod", t, x_start) * x_start
+            )
         else:
             target = noise
         terms["mse"] = mean_flat((target - mean_out) ** 2)

@@ -1,4 +1,9 @@
-"""Beta schedules: ``linear`` (Ho et al., rescaled to any length) and ``cosine`` (IDDPM).
+"""Beta schedules: ``linear`` (Ho et al., rescaled to any length) and ``cosine`` (IDDPM),
+plus the two with explicit ends that other codebases use: ``linear:START,END`` (betas linear
+from START to END, diffusers' ``linear``) and ``scaled_linear:START,END`` (linear in
+sqrt(beta), i.e. LDM's ``linear`` with ``linear_start``/``linear_end`` and diffusers'
+``scaled_linear``; Stable Diffusion's is ``scaled_linear:0.00085,0.012``, the LDM
+CelebA-HQ/FFHQ models' ``scaled_linear:0.0015,0.0195``).
 
 Arrays are float64 numpy, exactly as guided-diffusion builds them, so a checkpoint
 trained there sees the same noise levels here.
@@ -11,7 +16,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "linear:START,END", "scaled_linear:START,END")
+
+
+def _ends(schedule_name: str) -> tuple[float, float]:
+    kind, _, ends = schedule_name.partition(":")
+    try:
+        start, end = (float(v) for v in ends.split(","))
+    except ValueError:
+        raise ValueError(f"noise schedule '{schedule_name}': write {kind}:START,END, e.g. {kind}:0.0001,0.02") from None
+    if not 0.0 < start <= end < 1.0:
+        raise ValueError(f"noise schedule '{schedule_name}': need 0 < START <= END < 1")
+    return start, end
 
 
 def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) -> np.ndarray:
@@ -32,6 +48,12 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
             )
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
+    if schedule_name.startswith("linear:"):
+        start, end = _ends(schedule_name)
+        return np.linspace(start, end, num_diffusion_timesteps, dtype=np.float64)
+    if schedule_name.startswith("scaled_linear:"):
+        start, end = _ends(schedule_name)
+        return np.linspace(start**0.5, end**0.5, num_diffusion_timesteps, dtype=np.float64) ** 2
     if schedule_name == "cosine":
         return betas_for_alpha_bar(num_diffusion_timesteps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown noise schedule '{schedule_name}'; choose one of: {', '.join(SCHEDULES)}")

@@ -3,7 +3,7 @@
 ``L* = L*_simple + lambda * L*_vlb`` where
 
 - ``L*_simple`` is the mean over dimensions of the squared difference between the teacher's
-  and the student's predictions in the *student's* output space (epsilon, or x_0), eq. 20;
+  and the student's predictions in the *student's* output space (epsilon, x_0 or v), eq. 20;
 - ``L*_vlb`` is ``KL(p_teacher(x_{t-1}|x_t) || p_student(x_{t-1}|x_t))`` in bits per dimension
   (mean over dimensions / log 2), eq. 21, computed only when the student learns its variance.
   As in IDDPM's hybrid loss, the student's mean is detached inside this term, so it trains the
@@ -51,8 +51,8 @@ def check_compatible(teacher_diffusion: Any, student_diffusion: Any, simple_only
     """Refuse teacher/student pairings for which no meaningful target exists; return warnings.
 
     The student learns the teacher's reverse chain, so both must share the noise schedule
-    (same ``T`` and betas) on the full, unrespaced chain. Output parameterisations epsilon and
-    x_0 convert into each other through the schedule; ``previous_x`` (a mean, not a noise or
+    (same ``T`` and betas) on the full, unrespaced chain. Output parameterisations epsilon,
+    x_0 and v convert into each other through the schedule; ``previous_x`` (a mean, not a noise or
     image estimate) is refused. A student with fixed variance is trained with ``L*_simple``
     alone. A student that learns its variance is trained towards the teacher's variance,
     which is defined also for a fixed-variance teacher (``beta_t`` or ``beta~_t``): the
@@ -66,8 +66,8 @@ def check_compatible(teacher_diffusion: Any, student_diffusion: Any, simple_only
         if d.model_mean_type == ModelMeanType.PREVIOUS_X:
             raise ObjectiveError(
                 f"the {who} predicts x_(t-1) directly (model_mean_type PREVIOUS_X); DKDM converts "
-                "between epsilon and x_0 predictions only. Use a teacher/student predicting "
-                "epsilon (default) or x_0 (--predict_xstart)."
+                "between epsilon, x_0 and v predictions only. Use a teacher/student predicting "
+                "epsilon (default), x_0 (--predict_xstart) or v (--predict_v)."
             )
         if _is_respaced(d):
             raise ObjectiveError(
@@ -107,9 +107,10 @@ class DKDMObjective:
     """``L* = L*_simple + lambda L*_vlb`` between a teacher's and a student's outputs.
 
     ``teacher_diffusion`` and ``student_diffusion`` interpret the two outputs (they may differ
-    in mean type, epsilon vs x_0, and variance type, learned vs fixed, but not in schedule).
+    in mean type, epsilon / x_0 / v, and variance type, learned vs fixed, but not in schedule).
     The teacher's prediction is converted into the student's target space through the
-    schedule: epsilon = (x_t - sqrt(abar) x_0) / sqrt(1 - abar) and back, without clipping
+    schedule (``GaussianDiffusion.convert_prediction``: e.g. epsilon = (x_t - sqrt(abar) x_0) /
+    sqrt(1 - abar), v = sqrt(abar) eps - sqrt(1 - abar) x_0), without clipping
     (clipping is a sampling device, and the eps-matching target must be the teacher's raw
     function).
 
@@ -140,11 +141,9 @@ class DKDMObjective:
         self.warnings = check_compatible(teacher_diffusion, student_diffusion, simple_only)
         self.teacher_diffusion = teacher_diffusion
         self.student_diffusion = student_diffusion
-        self.simple_only = simple_only
         self.clip_teacher_mean = clip_teacher_mean
         self.num_timesteps = student_diffusion.num_timesteps
         self.student_learns_var = student_diffusion.model_var_type in _LEARNED
-        self.teacher_learns_var = teacher_diffusion.model_var_type in _LEARNED
         lt = student_diffusion.loss_type
         self.use_kl = lt in (LossType.KL, LossType.RESCALED_KL)
         if self.use_kl and simple_only:
@@ -154,15 +153,10 @@ class DKDMObjective:
 
     # ------------------------------------------------------------------ conversions
     def teacher_target(self, teacher_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """The teacher's prediction in the student's target space (epsilon or x_0), [B, C, ...]."""
-        C = x_t.shape[1]
-        pred = teacher_output[:, :C] if self.teacher_learns_var else teacher_output
+        """The teacher's prediction in the student's target space (epsilon, x_0 or v), [B, C, ...]."""
+        pred = teacher_output[:, : x_t.shape[1]]  # the mean channels (a learned variance follows them)
         tm, sm = self.teacher_diffusion.model_mean_type, self.student_diffusion.model_mean_type
-        if tm == sm:
-            return pred
-        if tm == ModelMeanType.EPSILON:  # student predicts x_0
-            return self.teacher_diffusion.predict_xstart_from_eps(x_t, t, pred)
-        return self.teacher_diffusion.predict_eps_from_xstart(x_t, t, pred)
+        return self.teacher_diffusion.convert_prediction(x_t, t, pred, tm, sm)
 
     def vb_terms(self, teacher_output: Tensor, student_output: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Per-sample ``KL(p_teacher || p_student)`` of ``x_{t-1}`` given ``x_t``, in bits per dim.

@@ -12,15 +12,10 @@ Variants (the paper's ablation): ``dynamic`` (the method: ``N = round(rho * T) *
 draws), ``shuffled`` (``N = b``, shuffle-denoised once, the whole pool drawn every step) and
 ``iterative`` (``N = b``, all samples start at ``T - 1`` and walk down together).
 
-Preparation ("shuffle denoise") gives every sample an end step drawn uniformly from
-``{0, ..., T-1}`` and denoises it from pure noise down to that step with the teacher. It costs
-about ``N * T / 2`` teacher evaluations, so it is packed into full teacher batches: a
-fixed set of ``teacher_batch`` slots each carries one sample at its own current step; when a
-sample reaches its end step it is written into the pool and the slot takes the next sample.
-Which slot finishes when is planned on the host in advance (every length is known from the
-drawn end steps), so the loop never reads the device. Preparation is cached on disk, saves its
-progress periodically and resumes after an interruption.
-
+Preparation ("shuffle denoise", :mod:`dkdm.distill.prepare`) gives every sample an end step
+drawn uniformly from ``{0, ..., T-1}`` and denoises it from pure noise down to that step with
+the teacher, packed into full teacher batches. :meth:`DynamicPool.prepare` caches the result
+on disk; the preparation saves its progress periodically and resumes after an interruption.
 ``warmup="respaced"`` is a cheaper preparation: each sample reaches ``end + warmup_exact``
 through deterministic DDIM jumps on a grid of about ``warmup_jumps`` steps, then takes the
 last ``warmup_exact`` steps exactly (ancestral, with the teacher's variance).
@@ -29,12 +24,9 @@ last ``warmup_exact`` steps exactly (ancestral, with the teacher's variance).
 from __future__ import annotations
 
 import hashlib
-import heapq
 import json
 import math
 import os
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,8 +34,8 @@ import torch
 from torch import Tensor
 
 from dkdm import logger
+from dkdm.distill.prepare import ShuffleDenoise, TeacherFn, read_cache
 from dkdm.fileio import atomic_save, file_sha256, remove_stale_temporaries
-from dkdm.training.checkpoint import load_file
 
 __all__ = [
     "VARIANTS",
@@ -56,7 +48,6 @@ __all__ = [
 ]
 
 VARIANTS = ("dynamic", "shuffled", "iterative")
-TeacherFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 _GiB = float(1 << 30)
 
 
@@ -162,98 +153,6 @@ def _diffusion_fingerprint(diffusion: Any) -> str:
     h = hashlib.sha256(np.asarray(diffusion.betas, dtype=np.float64).tobytes())
     h.update(f"{diffusion.model_mean_type}|{diffusion.model_var_type}|{diffusion.num_timesteps}".encode())
     return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- planning (host)
-
-
-def _next_step(t, end, grid: int, exact: int):
-    """Step after ``t`` on the way to ``end`` (numpy or torch, elementwise, integers >= 0).
-
-    Exact single steps within ``exact`` of the end; before that, jumps down to the grid
-    point below ``t`` (multiples of ``grid``), never past ``end + exact``.
-    """
-    jump = ((t - 1) // grid) * grid
-    if isinstance(t, np.ndarray):
-        jump = np.maximum(jump, end + exact)
-        return np.where(t - end <= exact, t - 1, jump)
-    jump = torch.maximum(jump, end + exact)
-    return torch.where(t - end <= exact, t - 1, jump)
-
-
-def _path_lengths(end: np.ndarray, T: int, warmup: str, grid: int, exact: int) -> np.ndarray:
-    if warmup == "full":
-        return (T - 1 - end).astype(np.int64)
-    t = np.full_like(end, T - 1)
-    length = np.zeros_like(end)
-    active = t > end
-    while active.any():
-        t = np.where(active, _next_step(t, end, grid, exact), t)
-        length += active
-        active = t > end
-    return length.astype(np.int64)
-
-
-def _plan(lengths: np.ndarray, slots: int) -> dict[str, np.ndarray]:
-    """Pack samples into ``slots`` lanes, longest first onto the least-loaded lane (LPT).
-
-    Returns the first sample of each lane, ``active[k]`` (lanes still busy at iteration
-    ``k``) and, sorted by time, the events "after iteration ``time - 1`` lane ``slot`` finishes
-    sample ``item`` and takes sample ``next`` (-1: none left)". Lanes are numbered by
-    decreasing total load, so the busy lanes are always a prefix: the teacher runs on
-    ``lanes[:active[k]]`` and no evaluation is wasted on an idle lane. LPT keeps the lanes'
-    loads within one sample length of each other, so the batch shrinks only at the very end.
-    """
-    order = np.argsort(-lengths, kind="stable")
-    order = order[lengths[order] > 0]
-    heap = [(0, s) for s in range(slots)]
-    queues: list[list[int]] = [[] for _ in range(slots)]
-    for i in order.tolist():
-        load, s = heapq.heappop(heap)
-        queues[s].append(i)
-        heapq.heappush(heap, (load + int(lengths[i]), s))
-    loads = np.array([sum(int(lengths[i]) for i in q) for q in queues], dtype=np.int64)
-    queues = [queues[s] for s in np.argsort(-loads, kind="stable")]
-    loads = np.sort(loads)[::-1]
-    first = np.array([q[0] if q else -1 for q in queues], dtype=np.int64)
-    iters = int(loads[0]) if len(loads) else 0
-    active = (loads[None, :] > np.arange(iters)[:, None]).sum(1) if iters else np.zeros(0, np.int64)
-    ev_time, ev_slot, ev_item, ev_next = [], [], [], []
-    for s, q in enumerate(queues):
-        clock = 0
-        for j, i in enumerate(q):
-            clock += int(lengths[i])
-            ev_time.append(clock)
-            ev_slot.append(s)
-            ev_item.append(i)
-            ev_next.append(q[j + 1] if j + 1 < len(q) else -1)
-    ev_time_a = np.asarray(ev_time, dtype=np.int64)
-    srt = np.argsort(ev_time_a, kind="stable")
-    return {
-        "first": first,
-        "time": ev_time_a[srt],
-        "slot": np.asarray(ev_slot, dtype=np.int64)[srt],
-        "item": np.asarray(ev_item, dtype=np.int64)[srt],
-        "next": np.asarray(ev_next, dtype=np.int64)[srt],
-        "iters": iters,
-        "active": active,
-    }
-
-
-def _read_cache(path: str) -> Any | None:
-    """A pool cache file (finished or partial), or None when it was unreadable and set aside.
-
-    The cache may be shared between runs and people, so a truncated or empty file (a full
-    disk, a copy that stopped) is named, renamed to ``<file>.corrupt-<time>`` and rebuilt.
-    """
-    try:
-        return load_file(path)
-    except ValueError as e:
-        bad = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(path, bad)
-        reason = str(e).split("(", 1)[-1].split(");", 1)[0]
-        logger.warn(f"pool: the cache file {path} cannot be read ({reason}); set aside as {bad}, preparing afresh")
-        return None
 
 
 # --------------------------------------------------------------------------- the pool
@@ -502,133 +401,20 @@ class DynamicPool:
             done_path = os.path.join(cache_dir, f"pool_{key}.pt")
             part_path = os.path.join(cache_dir, f"pool_{key}.partial.pt")
             remove_stale_temporaries(cache_dir, "pool_*")
-            cached = _read_cache(done_path) if os.path.isfile(done_path) else None
+            cached = read_cache(done_path) if os.path.isfile(done_path) else None
             if cached is not None:
                 self.load_state_dict(cached)
                 logger.log(f"pool: reusing prepared pool {done_path}")
                 self.prep_stats = {"cached": 1.0}
                 return
-        self._shuffle_denoise(teacher_fn, part_path, checkpoint_every_s, checkpoint_every, progress)
+        prep = ShuffleDenoise(self, part_path, checkpoint_every_s, checkpoint_every, progress)
+        self.prep_stats = prep.run(teacher_fn)
         self.prepared = True
         if done_path:
             atomic_save(self.state_dict(), done_path)
             if os.path.isfile(part_path):
                 os.remove(part_path)
             logger.log(f"pool: saved prepared pool to {done_path}")
-
-    def _shuffle_denoise(
-        self, teacher_fn: TeacherFn, part_path: str, every_s: float, every_n: int, progress: bool
-    ) -> None:
-        T, dev = self.T, self.device
-        rng = np.random.Generator(np.random.PCG64(self._plan_seed))
-        end = rng.integers(0, T, size=self.size).astype(np.int64)
-        lengths = _path_lengths(end, T, self.warmup, self.warmup_grid, self.warmup_exact)
-        n_work = int((lengths > 0).sum())
-        slots = max(1, min(self.teacher_batch, n_work))
-        plan = _plan(lengths, slots)
-        iters = plan["iters"]
-        offsets = np.searchsorted(plan["time"], np.arange(iters + 2), side="left")
-
-        end_dev = torch.from_numpy(end).to(dev)
-        ev_slot = torch.from_numpy(plan["slot"]).to(dev)
-        ev_item = torch.from_numpy(plan["item"]).to(self.pool_device)
-        ev_next = torch.from_numpy(np.maximum(plan["next"], 0)).to(dev)
-        first = torch.from_numpy(np.maximum(plan["first"], 0)).to(dev)
-        y_dev = self.y.to(dev) if self.y is not None else None
-
-        start = 0
-        state = _read_cache(part_path) if part_path and os.path.isfile(part_path) else None
-        if state is not None:
-            self.load_state_dict(state["pool"])
-            x_act, t_act, e_act = state["x_act"].to(dev), state["t_act"].to(dev), state["e_act"].to(dev)
-            y_act = state["y_act"].to(dev) if state["y_act"] is not None else None
-            start = int(state["iter"])
-            logger.log(f"pool: resuming preparation at teacher batch {start}/{iters} from {part_path}")
-        else:
-            self.t.copy_(torch.from_numpy(end).to(self.pool_device))
-            x_act = self._randn(slots)
-            t_act = torch.full((slots,), T - 1, dtype=torch.long, device=dev)
-            e_act = end_dev.index_select(0, first)
-            y_act = y_dev.index_select(0, first) if y_dev is not None else None
-
-        useful = int(lengths.sum())
-        logger.log(
-            f"pool: shuffle-denoising {self.size} samples ({self.variant}, warm-up {self.warmup}): "
-            f"{useful} teacher evaluations in {iters} batches of {slots}"
-        )
-        bar = None
-        if progress and self.rank == 0 and iters > start:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=iters, initial=start, desc="pool preparation", unit="batch", dynamic_ncols=True)
-        t0 = last_save = time.perf_counter()
-
-        def save_progress(k: int) -> None:
-            if not part_path:
-                return
-            atomic_save(
-                {
-                    "iter": k,
-                    "pool": self.state_dict(),
-                    "x_act": x_act.cpu(),
-                    "t_act": t_act.cpu(),
-                    "e_act": e_act.cpu(),
-                    "y_act": y_act.cpu() if y_act is not None else None,
-                },
-                part_path,
-            )
-
-        active = plan["active"]
-        for k in range(start, iters):
-            n = int(active[k])  # host-planned: busy lanes are the prefix [:n]
-            xa, ta = x_act[:n], t_act[:n]
-            try:
-                out = teacher_fn(xa, ta, y_act[:n] if y_act is not None else None)
-            except BaseException:
-                save_progress(k)  # state is consistent at the top of an iteration
-                if bar is not None:
-                    bar.close()
-                raise
-            step = self.diffusion.p_sample_from_output(
-                out.float(), xa, ta, clip_denoised=self.clip_denoised, noise=self._randn(n)
-            )
-            if self.warmup == "full":
-                x_act[:n] = step["sample"]
-                t_act[:n] -= 1
-            else:
-                s_next = _next_step(ta, e_act[:n], self.warmup_grid, self.warmup_exact)
-                exact = (s_next == ta - 1).view(-1, *([1] * len(self.sample_shape)))
-                ddim = self.diffusion.ddim_jump_from_xstart(xa, ta, step["pred_xstart"], s_next)
-                x_act[:n] = torch.where(exact, step["sample"], ddim)
-                t_act[:n] = s_next
-            a, b = int(offsets[k + 1]), int(offsets[k + 2])
-            if b > a:
-                sl, nx = ev_slot[a:b], ev_next[a:b]
-                self.x.index_copy_(0, ev_item[a:b], x_act.index_select(0, sl).to(self.pool_device))
-                x_act = x_act.index_copy(0, sl, self._randn(b - a))
-                t_act = t_act.index_fill(0, sl, T - 1)
-                e_act = e_act.index_copy(0, sl, end_dev.index_select(0, nx))
-                if y_act is not None:
-                    y_act = y_act.index_copy(0, sl, y_dev.index_select(0, nx))
-            if bar is not None:
-                bar.update(1)
-            now = time.perf_counter()
-            if (every_n > 0 and (k + 1) % every_n == 0) or (every_s > 0 and now - last_save > every_s):
-                save_progress(k + 1)
-                last_save = now
-        if bar is not None:
-            bar.close()
-        secs = time.perf_counter() - t0
-        total = int(active[start:].sum())
-        self.prep_stats = {
-            "useful_evals": float(useful),
-            "total_evals": float(total),
-            "seconds": secs,
-            "evals_per_s": useful / secs if secs > 0 and start == 0 else float("nan"),
-            "slots": float(slots),
-            "iterations": float(iters - start),
-        }
-        logger.log(f"pool: prepared in {secs:.1f}s ({total} teacher evaluations, {useful} useful)")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -658,9 +444,14 @@ class DynamicPool:
                 f"match this run's ({self.variant}, T={self.T}, x {tuple(self.x.shape)}); resume with the same "
                 "--pool, --rho, --batch_size, number of ranks and diffusion steps, or start a new run directory."
             )
+        if (self.y is None) != (state.get("y") is None):
+            have, saved = ("labels" if v is not None else "no labels" for v in (self.y, state.get("y")))
+            raise ValueError(
+                f"saved pool has {saved} but this run's has {have}; resume with the same class conditioning"
+            )
         self.x.copy_(x)
         self.t.copy_(state["t"])
-        if self.y is not None and state.get("y") is not None:
+        if self.y is not None:
             self.y.copy_(state["y"])
         self._noise_gen.set_state(state["noise_gen"].cpu())
         self._idx_gen.set_state(state["idx_gen"].cpu())

@@ -43,7 +43,8 @@ class TimestepEmbedder(nn.Module):
         )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        emb = timestep_embedding(t, self.frequency_embedding_size)  # float32, as DiT's
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

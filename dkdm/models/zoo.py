@@ -91,6 +91,28 @@ def _digits(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+def _dit(hidden_size: int, depth: int, num_heads: int, image_size: int = 256, patch_size: int = 2) -> ModelConfig:
+    """DiT's published models (Peebles & Xie, Table 1): class-conditional ImageNet on SD-VAE
+    latents (4 channels, 1/8 of the image size), learned sigma, label dropout 0.1 (a null
+    class for classifier-free guidance). Our ViT uses DiT's module names, so the official
+    checkpoints load strictly."""
+    return ModelConfig(
+        arch="vit",
+        image_size=image_size // 8,
+        in_channels=4,
+        learn_sigma=True,
+        class_cond=True,
+        num_classes=1000,
+        class_dropout_prob=0.1,
+        hidden_size=hidden_size,
+        depth=depth,
+        num_heads=num_heads,
+        patch_size=patch_size,
+        mlp_ratio=4.0,
+        dropout=0.0,
+    )
+
+
 ZOO: dict[str, ModelConfig] = {
     "cifar10-57M": _cifar(),
     "cifar10-44M": _cifar(num_res_blocks=2),
@@ -127,6 +149,11 @@ ZOO: dict[str, ModelConfig] = {
         mlp_ratio=4.0,
         dropout=0.0,
     ),
+    "dit-xl2-256": _dit(1152, 28, 16),
+    "dit-xl2-512": _dit(1152, 28, 16, image_size=512),
+    "dit-l2-256": _dit(1024, 24, 16),
+    "dit-b2-256": _dit(768, 12, 12),
+    "dit-s2-256": _dit(384, 12, 6),
 }
 ZOO = {name: dataclasses.replace(cfg, name=name) for name, cfg in ZOO.items()}
 
@@ -261,8 +288,12 @@ def create_model(name_or_config: str | ModelConfig, **overrides) -> nn.Module:
             model: nn.Module = UNetModel(**unet_kwargs(cfg))
         elif cfg.arch == "vit":
             model = ViT(**vit_kwargs(cfg))
+        elif cfg.arch == "diffusers":
+            from dkdm.models import foreign
+
+            model = foreign.load(cfg)
         else:
-            raise ConfigError(f"unknown arch '{cfg.arch}'; valid: unet, vit")
+            raise ConfigError(f"unknown arch '{cfg.arch}'; valid: unet, vit, diffusers")
     except ConfigError:
         raise
     except ValueError as e:
