@@ -164,7 +164,7 @@ class DistillConfig:
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
     feature_kd_weight: float = 0.0  # lambda_feat: adds lambda * feature MSE of named stages (0: off)
     feature_kd_layers: str = ""  # stages for feature KD, e.g. down0,mid,up1 ("" = every stage both networks have)
-    student_init: str = ""  # start the student from these weights (scripts/compress.py's student.pt); "" = random
+    student_init: str = ""  # start from these weights (scripts/compress.py's student.pt, config.yaml beside it)
 
     def __post_init__(self) -> None:
         if self.feature_kd_weight < 0:

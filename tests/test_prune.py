@@ -1,17 +1,18 @@
 """Data-free structural pruning (dkdm.models.prune, dkdm.distill.compress): rebuild, refusals, importance."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from dkdm.config import DistillConfig, TrainConfig, dump_yaml
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.compress import diff_pruning_accumulator, prune_from_images
 from dkdm.models import CheckpointError, create_model, get_config, load_checkpoint
-from dkdm.models.compress import load_student_init, save_student
+from dkdm.models.compress import save_student
 from dkdm.models.prune import parameter_count, parse_widths, prune
+from dkdm.resolve import ConfigError, resolve, resolve_distillation
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
 
@@ -77,11 +78,21 @@ def test_kept_channels_are_copied_from_the_teacher(pruned):
 
 def test_loading_without_the_config_is_refused_clearly(tmp_path, pruned):
     _, cfg, sd, _ = pruned
-    paths = save_student(str(tmp_path / "s"), cfg, sd, {})
+    paths = save_student(str(tmp_path / "s"), cfg, sd, {}, diffusion=d_cfg())
     with pytest.raises(CheckpointError, match="narrower than the model's: it is a pruned network"):
         load_checkpoint(create_model("digits-teacher"), paths["weights"])
-    with pytest.raises(CheckpointError, match=r"pass --student_arch .*student\.yaml"):
-        load_student_init(create_model("digits-teacher"), paths["weights"])
+    # the resolver: the config beside the checkpoint rebuilds it; without that config it is refused
+    r = resolve(checkpoint=paths["weights"])
+    assert r.model == cfg and r.build().state_dict().keys() == sd.keys()
+    os.remove(paths["config"])
+    with pytest.raises(ConfigError, match=r"no config\.yaml or \.json beside .*student\.pt says which network"):
+        resolve(checkpoint=paths["weights"])
+    with pytest.raises(ConfigError, match="pass --student.arch"):
+        resolve_distillation({}, student_init=paths["weights"])
+    # naming an unpruned architecture for it: the strict load says it is a pruned network
+    _, student = resolve_distillation({"student": {"arch": "digits-teacher"}}, student_init=paths["weights"])
+    with pytest.raises(CheckpointError, match="it is a pruned network"):
+        student.build()
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
@@ -182,23 +193,26 @@ def test_taylor_importance_prunes_the_dead_channels():
         assert set(kept) == set(range(tw.shape[0])) - idx, name
 
 
-def test_distill_loop_starts_from_student_init(tmp_path, pruned):
-    from dkdm import logger
-    from dkdm.distill.loop import DistillLoop
+def test_dkdm_train_starts_from_the_pruned_student(tmp_path, pruned):
+    _, cfg, sd, _ = pruned
+    paths = save_student(str(tmp_path / "s"), cfg, sd, {}, diffusion=d_cfg())
+    sys.path.insert(0, f"{ROOT}/scripts")
+    try:
+        import dkdm_train
+    finally:
+        sys.path.remove(f"{ROOT}/scripts")
+    configs, _ = dkdm_train.resolve(["--student_init", paths["weights"], "--max_steps", "1"])
+    assert configs["student"] == cfg and configs["distill"].student_init == paths["weights"]
+    # the student learns the teacher's diffusion (as without --student_init)
+    assert configs["diffusion"].steps == configs["teacher_diffusion"].steps
+    from dkdm.resolve import build_network
 
-    teacher, cfg, sd, _ = pruned
-    paths = save_student(str(tmp_path / "s"), cfg, sd, {})
-    dump_yaml({"model": cfg}, str(tmp_path / "again.yaml"))
-    d = _diffusion()
-    logger.configure(str(tmp_path / "run"), format_strs=["log"])
-    loop = DistillLoop(
-        teacher,
-        create_model(get_config(str(tmp_path / "again.yaml"))),
-        d,
-        d,
-        train=TrainConfig(batch_size=4, max_steps=1, log_dir=str(tmp_path / "run")),
-        distill=DistillConfig(rho=0.1, teacher_batch=8, student_init=paths["weights"]),
-        run_dir=str(tmp_path / "run"),
-    )
-    for k, v in loop.trainer.model.state_dict().items():
+    net = build_network(configs["student"], configs["distill"].student_init)
+    for k, v in net.state_dict().items():
         assert torch.equal(v, sd[k]), k
+
+
+def d_cfg():
+    from dkdm.config import DiffusionConfig
+
+    return DiffusionConfig(steps=100, noise_schedule="cosine", learn_sigma=True)

@@ -148,10 +148,6 @@ class DistillLoop:
         )
         self.run_dir = run_dir
         self.teacher_key = teacher_key
-        if distill.student_init:  # a student cut or pruned from the teacher; a resumed checkpoint still wins
-            from dkdm.models.compress import load_student_init
-
-            load_student_init(student, distill.student_init)
         self.trainer = Trainer(
             student,
             student_diffusion,

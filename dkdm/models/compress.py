@@ -31,6 +31,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,7 +44,6 @@ from .zoo import create_model, unet_kwargs
 __all__ = [
     "RECIPES",
     "build_student",
-    "load_student_init",
     "recipe",
     "removable",
     "remove_blocks",
@@ -307,24 +307,18 @@ def _copy(student_cfg: ModelConfig, tsd: dict, source, block_of, remove: list[st
     return out
 
 
-def load_student_init(model: nn.Module, path: str) -> nn.Module:
-    """Load a compressed student's weights strictly; name the config saved beside them when they do not fit."""
-    from .checkpoints import CheckpointError, load_checkpoint
+def save_student(
+    out_dir: str,
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    provenance: dict,
+    diffusion: Any = None,
+) -> dict:
+    """Write ``config.yaml``, ``student.pt`` and ``compress.json`` into ``out_dir``.
 
-    try:
-        return load_checkpoint(model, path)
-    except CheckpointError as e:
-        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "student.yaml")
-        if os.path.isfile(beside):
-            raise CheckpointError(
-                f"{path} was written with its network's config {beside}: pass --student_arch {beside}\n{e}"
-            ) from None
-        raise
-
-
-def save_student(out_dir: str, config: ModelConfig, state_dict: dict[str, torch.Tensor], provenance: dict) -> dict:
-    """Write ``student.yaml`` (a ``model:`` section), ``student.pt`` and ``compress.json`` into ``out_dir``.
-
+    ``config.yaml`` holds the student's ``model`` (and the teacher's ``diffusion`` when given)
+    where the resolver looks beside a checkpoint, so ``dkdm.resolve.resolve(checkpoint=
+    student.pt)`` rebuilds the network (a pruned one needs it: its widths are in the config).
     Refuses (``FileExistsError``) to overwrite a student already there. Returns the paths.
     """
     import json
@@ -332,13 +326,13 @@ def save_student(out_dir: str, config: ModelConfig, state_dict: dict[str, torch.
     from ..config import dump_yaml
     from ..fileio import atomic_save, atomic_write
 
-    paths = {k: os.path.join(out_dir, f) for k, f in (("config", "student.yaml"), ("weights", "student.pt"))}
+    paths = {k: os.path.join(out_dir, f) for k, f in (("config", "config.yaml"), ("weights", "student.pt"))}
     paths["provenance"] = os.path.join(out_dir, "compress.json")
     if any(os.path.exists(p) for p in paths.values()):
         raise FileExistsError(f"{out_dir} already holds a compressed student; choose another --out or remove it")
     os.makedirs(out_dir, exist_ok=True)
     atomic_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, paths["weights"])
-    dump_yaml({"model": config}, paths["config"])
+    dump_yaml({"model": config, **({"diffusion": diffusion} if diffusion is not None else {})}, paths["config"])
     text = json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n"
     atomic_write(paths["provenance"], lambda f: f.write(text), mode="w")
     return paths
