@@ -3,7 +3,7 @@
   python scripts/compress.py --out runs/cut --remove middle_block,attention@2      (BK-SDM-style removal)
   python scripts/compress.py --out runs/cut --recipe bk-small --teacher_path t.pt --teacher.arch cifar10-57M \\
       --diffusion configs/diffusion/linear-1000-learned.yaml
-  python scripts/compress.py --out runs/pruned --prune 0.3                        (torch-pruning, Taylor importance)
+  python scripts/compress.py --out runs/pruned --pruning_ratio 0.3                       (torch-pruning, Taylor importance)
 The teacher is resolved as dkdm_train.py resolves it (the embedded digits teacher without --teacher_path; the
 config beside a checkpoint, else --teacher.arch and --diffusion). --out gets config.yaml (the student's network
 and the teacher's diffusion), student.pt and compress.json; distill from it with
@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--remove", help="comma-separated blocks to remove (--list shows them)")
     how.add_argument("--recipe", help="bk-base, bk-small or bk-tiny")
-    how.add_argument("--prune", type=float, help="channel pruning ratio in (0, 1)")
+    how.add_argument("--pruning_ratio", type=float, help="prune this share of channels per group, in (0, 1)")
     how.add_argument("--list", action="store_true", help="print the teacher's removable blocks and stop")
     p.add_argument("--threshold", type=float, default=0.05, help="Diff-Pruning's loss threshold for late steps")
     p.add_argument("--images", type=int, default=64, help="teacher images (from the pool) for the importance")
@@ -55,15 +55,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
+        if args.pruning_ratio is not None and not 0.0 < args.pruning_ratio < 1.0:
+            raise ValueError(f"--pruning_ratio must lie strictly between 0 and 1, got {args.pruning_ratio}")
+        if not 0.0 <= args.threshold < 1.0:
+            raise ValueError(f"--threshold must lie in [0, 1) (a share of the largest loss), got {args.threshold}")
+        if args.images < 1:
+            raise ValueError(f"--images must be at least 1, got {args.images}")
         net, diff_cfg, path = teacher(args)
         if args.list:
             print("\n".join(removable(net)))
             return 0
         before = sum(v.numel() for v in net.state_dict().values())
         prov = {"teacher": os.path.abspath(path), "teacher_model": net.config, "command": " ".join(sys.argv)}
-        if args.prune is not None:
-            if not 0.0 < args.prune < 1.0:
-                raise ValueError(f"--prune must lie strictly between 0 and 1, got {args.prune}")
+        if args.pruning_ratio is not None:
             from dkdm.diffusion import create_diffusion
 
             diffusion = create_diffusion(diff_cfg)
@@ -77,8 +81,10 @@ def main(argv: list[str]) -> int:
                 teacher_id=teacher_id(path, net.config),
                 cache_dir=args.pool_cache_dir,
             )
-            cfg, sd, stats = prune_from_images(net, diffusion, x0, args.prune, threshold=args.threshold, seed=args.seed)
-            prov.update(method="prune", ratio=args.prune, threshold=args.threshold, images=args.images, **stats)
+            cfg, sd, stats = prune_from_images(
+                net, diffusion, x0, args.pruning_ratio, threshold=args.threshold, seed=args.seed
+            )
+            prov.update(method="prune", ratio=args.pruning_ratio, threshold=args.threshold, images=args.images, **stats)
         else:
             blocks = recipe(args.recipe, net) if args.recipe else [b for b in args.remove.split(",") if b]
             cfg, sd = remove_blocks(net, blocks)

@@ -1,7 +1,6 @@
 """Data-free structural pruning (dkdm.models.prune, dkdm.distill.compress): rebuild, refusals, importance."""
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -101,16 +100,46 @@ def test_ratio_outside_zero_one_is_refused(ratio):
         prune(_teacher(), ratio, lambda m: None, (_x0(1), torch.zeros(1, dtype=torch.long)))
 
 
-def test_script_refuses_a_bad_ratio(tmp_path):
-    r = subprocess.run(
-        [sys.executable, f"{ROOT}/scripts/compress.py", "--out", str(tmp_path / "o"), "--prune", "1.2"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=False,
-    )
-    assert r.returncode == 1 and "--prune must lie strictly between 0 and 1, got 1.2" in r.stderr
+def _script(name):
+    sys.path.insert(0, f"{ROOT}/scripts")
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(f"{ROOT}/scripts")
+
+
+def _compress(capsys, *args):
+    """scripts/compress.py's main in this process: (exit code, stdout, stderr)."""
+    code = _script("compress").main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--pruning_ratio", "1.2"], "--pruning_ratio must lie strictly between 0 and 1, got 1.2"),
+        (["--pruning_ratio", "0"], "--pruning_ratio must lie strictly between 0 and 1, got 0.0"),
+        (["--pruning_ratio", "0.3", "--threshold", "1"], "--threshold must lie in [0, 1)"),
+    ],
+)
+def test_script_refuses_bad_pruning_flags(tmp_path, capsys, flags, message):
+    code, _, err = _compress(capsys, "--out", str(tmp_path / "o"), *flags)
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_script_cuts_a_student_that_dkdm_train_resolves(tmp_path, capsys):
+    out = tmp_path / "cut"
+    code, stdout, err = _compress(capsys, "--out", str(out), "--remove", "middle_block,attention@2")
+    assert code == 0, err
+    assert f"--student_init {out}/student.pt" in stdout
+    configs, _ = _script("dkdm_train").resolve(["--student_init", str(out / "student.pt")])
+    assert configs["student"].mid_block == "none" and configs["student"].attention_resolutions == "4"
+    assert configs["diffusion"].steps == 100  # the teacher's diffusion, recorded beside the student
+    # a second cut into the same directory does not overwrite the first
+    code, _, err = _compress(capsys, "--out", str(out), "--remove", "middle_block")
+    assert code == 1 and "already holds a compressed student" in err
 
 
 def _shipped_teacher():
@@ -196,12 +225,7 @@ def test_taylor_importance_prunes_the_dead_channels():
 def test_dkdm_train_starts_from_the_pruned_student(tmp_path, pruned):
     _, cfg, sd, _ = pruned
     paths = save_student(str(tmp_path / "s"), cfg, sd, {}, diffusion=d_cfg())
-    sys.path.insert(0, f"{ROOT}/scripts")
-    try:
-        import dkdm_train
-    finally:
-        sys.path.remove(f"{ROOT}/scripts")
-    configs, _ = dkdm_train.resolve(["--student_init", paths["weights"], "--max_steps", "1"])
+    configs, _ = _script("dkdm_train").resolve(["--student_init", paths["weights"], "--max_steps", "1"])
     assert configs["student"] == cfg and configs["distill"].student_init == paths["weights"]
     # the student learns the teacher's diffusion (as without --student_init)
     assert configs["diffusion"].steps == configs["teacher_diffusion"].steps
