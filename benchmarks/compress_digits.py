@@ -45,6 +45,33 @@ from dkdm.models.prune import parameter_count, prune
 from dkdm.resolve import EMBEDDED_TEACHER, build_network, resolve, resolve_distillation
 
 ARMS = ("random", "removed", "removed+fkd", "pruned")
+LABELS = {
+    "random": "random init + DKDM",
+    "removed": "block-removed init + DKDM",
+    "removed+fkd": "block-removed init + DKDM + feature KD",
+    "pruned": "pruned init (Diff-Pruning on pool images) + DKDM",
+}
+
+
+def table(results: dict) -> str:
+    """The README's markdown table: mean and per-seed FD, parameters, FLOPs, sampling speed."""
+    rows = [
+        "| student | params | MFLOPs / call | FD init | FD after DKDM (per seed) | FD mean | images/s |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    t = results["teacher"]
+    rows.append(
+        f"| teacher (reference) | {t['params']:,} | {t['flops_per_call'] / 1e6:.1f} | | | {t['fd']:.1f} "
+        f"| {t['images_per_s']:.0f} |"
+    )
+    for arm, runs in results["arms"].items():
+        fds = [r["fd"] for r in runs]
+        rows.append(
+            f"| {LABELS[arm]} | {runs[0]['params']:,} | {runs[0]['flops_per_call'] / 1e6:.1f} "
+            f"| {np.mean([r['fd_init'] for r in runs]):.1f} | {' / '.join(f'{v:.1f}' for v in fds)} "
+            f"| {np.mean(fds):.1f} | {np.mean([r['images_per_s'] for r in runs]):.0f} |"
+        )
+    return "\n".join(rows)
 
 
 def params(net: torch.nn.Module) -> int:
@@ -103,7 +130,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--workdir", default="", help="runs and pool caches ('' = a temporary directory)")
     p.add_argument("--out", default="benchmarks/results/compress_digits.json")
+    p.add_argument("--table", default="", help="only print the markdown table of this results JSON")
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table(json.load(f)))
+        return 0
     torch.set_num_threads(1)
     arms = [a for a in args.arms.split(",") if a]
     if bad := [a for a in arms if a not in ARMS]:
@@ -216,6 +248,7 @@ def main(argv: list[str]) -> int:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2, default=str)
         f.write("\n")
+    print(table(results))
     return 0
 
 
