@@ -24,6 +24,7 @@ setup(
         "eval": ["tensorflow-cpu", "requests"],
         "paper": ["matplotlib"],  # benchmarks/paper_tables.py figures
         "latent": ["diffusers"],  # diffusers teachers (dkdm/models/foreign.py), first-stage autoencoders
-        "dev": ["pytest", "ruff", "matplotlib", "diffusers"],
+        "compress": ["torch-pruning>=1.6"],  # structural pruning (dkdm/models/prune.py, scripts/compress.py)
+        "dev": ["pytest", "ruff", "matplotlib", "diffusers", "torch-pruning>=1.6"],
     },
 )

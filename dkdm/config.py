@@ -67,6 +67,9 @@ class ModelConfig:
     resblock_updown: bool = False
     use_new_attention_order: bool = False
     conv_resample: bool = True
+    level_res_blocks: str = ""  # residual blocks per level on the way down, e.g. "2,1,2" ("" = num_res_blocks each)
+    mid_block: str = "full"  # full (res, attention, res) | res (no attention) | none
+    channel_widths: str = ""  # a pruned network's narrowed layers, name:a,b;... (dkdm.models.prune)
     # ViT (DiT-style)
     hidden_size: int = 384
     depth: int = 12
@@ -174,7 +177,9 @@ class DistillConfig:
 
     # Step distillation (dkdm.distill.objectives): which objective, and each one's settings.
     objective: str = "dkdm"  # dkdm | luhman | progressive | tract | consistency | boot
-    student_init: str = ""  # "" = the objective's default | random | teacher | a checkpoint path
+    # "" = the objective's default | random | teacher | a checkpoint path (e.g. scripts/compress.py's
+    # student.pt: the config.yaml beside it describes the student network)
+    student_init: str = ""
     parameterization: str = ""  # step students: x0 | v | eps | skip-<one of those>; "" = objective's default
     step_clip: bool = True  # teacher DDIM targets clip x_0 to [-1, 1], as sample.py's DDIM does
     luhman_steps: int = 25  # luhman: teacher DDIM steps per (noise, image) pair
@@ -187,8 +192,13 @@ class DistillConfig:
     cm_steps: int = 18  # consistency, boot: N, the number of grid intervals
     cm_ema: float = 0.95  # consistency: EMA decay of the target network
     sigma_data: float = 0.5  # consistency: sigma_data of the skip/out parameterisation
+    # Compression (dkdm.models.compress, dkdm.distill.features): feature KD on the pool's teacher call.
+    feature_kd_weight: float = 0.0  # lambda_feat: adds lambda * feature MSE of named stages (0: off)
+    feature_kd_layers: str = ""  # stages for feature KD, e.g. down0,mid,up1 ("" = every stage both networks have)
 
     def __post_init__(self) -> None:
+        if self.feature_kd_weight < 0:
+            raise ConfigError(f"--feature_kd_weight must be 0 (off) or positive, got {self.feature_kd_weight}")
         if self.w_min > self.w_max:
             raise ConfigError(f"--w_min {self.w_min} lies above --w_max {self.w_max}; give w_min <= w_max")
         objectives = ("dkdm", "luhman", "progressive", "tract", "consistency", "boot")
@@ -199,6 +209,11 @@ class DistillConfig:
             raise ConfigError(f"--pool_device must be auto (the training device), cpu or cuda[:N], got {dev!r}")
         if self.teacher_precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"--teacher_precision must be fp32, fp16 or bf16, got {self.teacher_precision!r}")
+
+    @property
+    def student_checkpoint(self) -> str:
+        """The checkpoint ``student_init`` names ("" for the named inits ``random`` and ``teacher``)."""
+        return "" if self.student_init in ("", "random", "teacher") else self.student_init
 
 
 @dataclass

@@ -240,7 +240,7 @@ def recorded_diffusion(checkpoint: str) -> DiffusionConfig | None:
 
 
 def resolve_distillation(
-    overrides: Mapping[str, Mapping[str, Any]], teacher_path: str = ""
+    overrides: Mapping[str, Mapping[str, Any]], teacher_path: str = "", student_init: str = ""
 ) -> tuple[Resolved, Resolved]:
     """The teacher and the student of a distillation, with their diffusions.
 
@@ -250,6 +250,9 @@ def resolve_distillation(
     ``digits-student``. The student's diffusion starts from the teacher's recorded one (it
     learns that process) and the teacher's from its record, else from the student's; the
     teacher's never uses the KL term or respacing (it is only evaluated, step by step).
+    ``student_init`` (a student cut or pruned from the teacher, ``scripts/compress.py``) is the
+    student's checkpoint: the config beside it is the student's base, as for any checkpoint, so
+    a pruned network is rebuilt at its own widths and one without its config is refused.
     """
     t_over = dict(overrides.get("teacher", {}))
     if not teacher_path:
@@ -266,7 +269,12 @@ def resolve_distillation(
     if recorded is None and os.path.exists(path) and not _PROCESS_FIELDS & said:
         raise ConfigError(_no_diffusion(path, ""))
     student = resolve(
-        overrides.get("student", {}), overrides.get("diffusion", {}), default=DEFAULT_STUDENT, diffusion_base=recorded
+        overrides.get("student", {}),
+        overrides.get("diffusion", {}),
+        checkpoint=student_init,
+        default=DEFAULT_STUDENT,
+        diffusion_base=recorded,
+        prefix="student.",
     )
     teacher = resolve(
         t_over,

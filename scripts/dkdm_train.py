@@ -7,7 +7,8 @@ With no flags it distills digits-student from the embedded digits teacher (confi
 --student.arch / --teacher.arch take zoo names (dkdm.models.list_models), model YAMLs or a family (unet,
 vit); the teacher is otherwise described by the config.yaml or .json beside --teacher_path. The student
 learns the teacher's recorded diffusion unless --diffusion.* says otherwise (dkdm/resolve.py has the rules).
-Rerunning with the same --log_dir resumes, pool included.
+Rerunning with the same --log_dir resumes, pool included. --student_init DIR/student.pt starts from a student
+cut or pruned from the teacher by scripts/compress.py (its config.yaml beside it describes the network).
 """
 
 import datetime
@@ -36,12 +37,15 @@ RENAMED = {"arch": "--student.arch", "student_arch": "--student.arch", "teacher_
 
 def resolve(argv: list[str]) -> tuple[dict, str]:
     """The resolved config groups and the teacher checkpoint path (no model is built)."""
-    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    default_config = not any(a == "--config" or a.startswith("--config=") for a in argv)
+    if default_config:
         argv = ["--config", DEFAULT_CONFIG, *argv]
     parser = ConfigParser(__doc__, GROUPS, plain=["student", "diffusion", "train", "distill"], renamed=RENAMED)
     args = parser.parse(argv)
     distill = args.resolve("distill")
-    teacher, student = resolve_distillation(args.overrides, distill.teacher_path)
+    if distill.student_checkpoint and default_config and not any(a.startswith("--student.arch") for a in argv):
+        args.overrides.get("student", {}).pop("arch", None)  # the default's digits-student: the init's config wins
+    teacher, student = resolve_distillation(args.overrides, distill.teacher_path, distill.student_checkpoint)
     configs = {
         "teacher": teacher.model,
         "student": student.model,
@@ -62,7 +66,7 @@ def main(argv: list[str]) -> None:
     )
     logger.configure(run_dir)
     seed_all(train.seed)
-    student = build_network(student_cfg)
+    student = build_network(student_cfg, configs["distill"].student_checkpoint)  # a compressed student's own weights
     teacher = build_network(teacher_cfg, path)
     logger.log(
         f"teacher {teacher_cfg.name or teacher_cfg.arch} ({path}), student {student_cfg.name or student_cfg.arch}: "

@@ -173,6 +173,8 @@ def test_a_guided_diffusion_export_is_the_state_dict_with_its_flags(tmp_path):
         ({"guidance_cond": True}, "guidance scale w"),
         ({"num_head_channels": -1, "num_heads": 2, "attention_resolutions": "8,4"}, "head sizes [16, 32]"),
         ({"conv_resample": False, "attention_resolutions": ""}, "conv_resample"),
+        ({"level_res_blocks": "2,1"}, "residual blocks removed from some levels"),
+        ({"mid_block": "res"}, "a cut middle block"),
     ],
 )
 def test_what_diffusers_cannot_hold_is_refused(tmp_path, kw, words):
@@ -186,6 +188,11 @@ def test_what_the_other_targets_cannot_hold_is_refused(tmp_path):
     net = _net()
     with pytest.raises(export.ExportError, match="v-prediction"):
         export.export_guided_diffusion(net, net.config, DiffusionConfig(predict_v=True), str(tmp_path / "a.pt"))
+    cut = _net(mid_block="none")
+    with pytest.raises(export.ExportError, match=r"compressed \(a cut middle block"):
+        export.export_guided_diffusion(cut, cut.config, DiffusionConfig(), str(tmp_path / "b.pt"))
+    with pytest.raises(export.ExportError, match="pruned layer widths"):
+        export.guided_diffusion_flags(ModelConfig(channel_widths="input_blocks.1.0:8,8"), DiffusionConfig())
     with pytest.raises(export.ExportError, match="rescale_timesteps"):
         export.diffusers_scheduler_config(DiffusionConfig(steps=40, rescale_timesteps=True))
     vit = create_model(ModelConfig(arch="vit", image_size=8, in_channels=1, hidden_size=64, depth=1, num_heads=2))

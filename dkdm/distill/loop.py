@@ -22,6 +22,7 @@ whose own state (round, target network) rides in the checkpoints beside the pool
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -202,6 +203,11 @@ class DistillLoop:
         self.student_takes_w = w_range is not None
         self._guide = Guided(self.teacher, distill.guidance_scale) if self.guided else None
         weights = read_class_weights(distill.class_weights, num_classes) if distill.class_weights else None
+        if distill.feature_kd_weight > 0 and (distill.objective != "dkdm" or self.guided):
+            raise ValueError(
+                "--feature_kd_weight adds feature KD to --objective dkdm with an unguided teacher (the stages of its "
+                "one teacher call); drop --feature_kd_weight, or use --objective dkdm without guidance"
+            )
         self.run_dir = run_dir
         self.teacher_key = teacher_key
         # The method decides whether there is a pool; it may initialise the student (before the trainer
@@ -246,6 +252,11 @@ class DistillLoop:
             extra_state=extra,
         )
         self._timer = _Timer(self.device)
+        self.features = None
+        if distill.feature_kd_weight > 0:  # hooks record the teacher's stages in the step's one teacher call
+            from dkdm.distill.features import FeatureKD
+
+            self.features = FeatureKD(self.teacher, student, distill.feature_kd_layers, distill.feature_kd_weight)
 
     @staticmethod
     def _sample_shape(tcfg: Any, scfg: Any) -> tuple[int, int, int]:
@@ -313,7 +324,8 @@ class DistillLoop:
             idx = self.pool.draw()
             batch = self.pool.gather(idx)
             timer.mark("teacher_start")
-            out = self.teacher_forward(batch["x_t"], batch["t"], batch.get("y"), batch.get("w"))
+            with self.features.teacher_call() if self.features else contextlib.nullcontext():
+                out = self.teacher_forward(batch["x_t"], batch["t"], batch.get("y"), batch.get("w"))
             timer.mark("teacher_end")
             self.pool.update(idx, out)
             timer.mark("update_end")
@@ -329,11 +341,19 @@ class DistillLoop:
     def next_batch(self) -> dict[str, Tensor]:
         """One step's batch from the objective (DKDM: the pool batch with the teacher's output)."""
         with torch.no_grad():
-            return self.method.next_batch(self)
+            batch = self.method.next_batch(self)
+        if self.features:  # the stages the pool step's teacher call recorded
+            batch.update(self.features.teacher_targets())
+        return batch
 
     def loss_fn(self, model: torch.nn.Module, micro: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """The objective on a microbatch: ``(mean loss, per-sample terms)``."""
-        return self.method.loss_fn(model, micro)
+        """The objective on a microbatch: ``(mean loss, per-sample terms)``, plus feature KD if asked."""
+        loss, terms = self.method.loss_fn(model, micro)
+        if not self.features:
+            return loss, terms
+        terms["feat"] = self.features.terms(micro)
+        terms["loss"] = terms["loss"] + self.features.weight * terms["feat"]
+        return terms["loss"].mean(), terms
 
     def run(self, progress: bool = True) -> int:
         """Prepare the pool if needed, then distill until the trainer is done; return the step."""

@@ -255,6 +255,11 @@ def load_checkpoint(
         if shapes:
             lines.append(f"  mis-shaped: {_abbreviate(shapes, 5)}")
         hint = suggest_architecture(sd)
+        if shapes and not missing and not unexpected and all(sd[k].numel() <= own[k].numel() for k in own):
+            hint = (
+                "the checkpoint's layers are narrower than the model's: it is a pruned network, which only the "
+                "config saved with it rebuilds (its channel_widths, in the config.yaml scripts/compress.py writes beside it)"
+            )
         lines.append(
             f"  {hint}"
             if hint

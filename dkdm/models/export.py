@@ -58,7 +58,30 @@ def _unet(net: torch.nn.Module, fmt: str):
             f"{fmt} has no input for the guidance scale w of a w-conditioned network (guidance_cond); "
             "export a student distilled at one --guidance_scale instead"
         )
+    cfg = getattr(net, "config", None)
+    _refuse_compressed(
+        len(set(net.level_res_blocks)) > 1 or net.level_res_blocks[0] != net.num_res_blocks,
+        net.mid_block,
+        getattr(cfg, "channel_widths", ""),
+        fmt,
+    )
     return net
+
+
+def _refuse_compressed(uneven_blocks: bool, mid_block: str, channel_widths: str, fmt: str) -> None:
+    """A student cut or pruned by scripts/compress.py has no layout in ``fmt``: say which cut."""
+    why = []
+    if uneven_blocks:
+        why.append("residual blocks removed from some levels (level_res_blocks)")
+    if mid_block != "full":
+        why.append(f"a cut middle block (mid_block {mid_block})")
+    if channel_widths:
+        why.append("pruned layer widths (channel_widths)")
+    if why:
+        raise ExportError(
+            f"{fmt} builds the full ADM UNet; this network is compressed ({'; '.join(why)}), which it cannot "
+            "represent; sample it with scripts/sample.py, or export an uncompressed network"
+        )
 
 
 # ---------------------------------------------------------------------------- guided-diffusion
@@ -75,6 +98,7 @@ def guided_diffusion_flags(model: ModelConfig, diffusion: DiffusionConfig) -> tu
         raise ExportError(f"guided-diffusion builds ADM UNets; this model's arch is {model.arch}")
     if model.guidance_cond:
         raise ExportError("guided-diffusion has no input for the guidance scale w (guidance_cond)")
+    _refuse_compressed(bool(model.level_res_blocks), model.mid_block, model.channel_widths, "guided-diffusion")
     if diffusion.predict_v:
         raise ExportError("guided-diffusion has no v-prediction (predict_v); export to diffusers instead")
     if diffusion.noise_schedule not in ("linear", "cosine"):

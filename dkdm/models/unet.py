@@ -175,7 +175,7 @@ class ResBlock(TimestepBlock):
         else:
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).to(h.dtype)
-        emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
+        emb_out = emb_out[(..., *([None] * (h.ndim - 2)))]  # unsqueeze, not reshape: torch-pruning traces it
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_layers[0](h) * (1 + scale) + shift
@@ -224,6 +224,7 @@ def check_unet_args(
     num_head_channels: int,
     num_heads_upsample: int,
     dims: int = 2,
+    mid_block: str = "full",
 ) -> None:
     """Refuse hyperparameters the UNet cannot be built from, with the numbers involved.
 
@@ -258,7 +259,7 @@ def check_unet_args(
             )
         ds = 2**level
         checks = []
-        if ds in attention or level == levels - 1:  # the middle block always attends
+        if ds in attention or (level == levels - 1 and mid_block == "full"):  # the full middle block attends
             checks.append((num_heads, "num_heads"))
         if ds in attention:
             checks.append((up_heads, "num_heads_upsample"))
@@ -288,6 +289,12 @@ class UNetModel(nn.Module):
     ``label_emb``) and drops training labels to it at that rate, for classifier-free guidance;
     ``guidance_cond`` adds ``guidance_embed``, an MLP of the guidance scale ``w`` whose output
     is added to the timestep embedding (Meng et al., stage one), zero-initialised.
+
+    Two more exist for students cut from a teacher (:mod:`dkdm.models.compress`):
+    ``level_res_blocks`` gives each level its own number of residual blocks on the way down
+    (the way up always has one more, for the extra skip), and ``mid_block`` is ``"full"``
+    (res, attention, res), ``"res"`` (no attention) or ``"none"`` (no middle block).
+    The defaults build guided-diffusion's network.
     """
 
     def __init__(
@@ -313,9 +320,19 @@ class UNetModel(nn.Module):
         use_new_attention_order: bool = False,
         class_dropout_prob: float = 0.0,
         guidance_cond: bool = False,
+        level_res_blocks: Sequence[int] | None = None,
+        mid_block: str = "full",
     ):
         super().__init__()
         attention_resolutions = tuple(attention_resolutions)
+        per_level = tuple(level_res_blocks) if level_res_blocks else (num_res_blocks,) * len(channel_mult)
+        if len(per_level) != len(channel_mult) or min(per_level, default=1) < 1:
+            raise ValueError(
+                f"level_res_blocks {list(per_level)} must give at least one residual block for each of the "
+                f"{len(channel_mult)} levels of channel_mult"
+            )
+        if mid_block not in ("full", "res", "none"):
+            raise ValueError(f"mid_block must be full, res or none, not {mid_block!r}")
         check_unet_args(
             image_size,
             model_channels,
@@ -325,6 +342,7 @@ class UNetModel(nn.Module):
             num_head_channels,
             num_heads_upsample,
             dims,
+            mid_block,
         )
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -333,6 +351,8 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.num_res_blocks = num_res_blocks
+        self.level_res_blocks = per_level
+        self.mid_block = mid_block
         self.attention_resolutions = attention_resolutions
         self.dropout = dropout
         self.channel_mult = tuple(channel_mult)
@@ -384,7 +404,7 @@ class UNetModel(nn.Module):
         skip_chans = [ch]
         ds = 1
         for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
+            for _ in range(per_level[level]):
                 width = int(mult * model_channels)
                 layers: list = [res(ch, width)]
                 ch = width
@@ -398,17 +418,18 @@ class UNetModel(nn.Module):
                 skip_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(res(ch), attn(ch, num_heads), res(ch))
+        middle = {"full": lambda: [res(ch), attn(ch, num_heads), res(ch)], "res": lambda: [res(ch), res(ch)]}
+        self.middle_block = TimestepEmbedSequential(*middle.get(mid_block, list)())
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_res_blocks + 1):
+            for i in range(per_level[level] + 1):
                 width = int(mult * model_channels)
                 layers = [res(ch + skip_chans.pop(), width)]
                 ch = width
                 if ds in attention_resolutions:
                     layers.append(attn(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
+                if level and i == per_level[level]:
                     layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, dims, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))

@@ -254,6 +254,8 @@ def unet_kwargs(cfg: ModelConfig) -> dict:
         "use_new_attention_order": cfg.use_new_attention_order,
         "class_dropout_prob": cfg.class_dropout_prob if cfg.class_cond else 0.0,
         "guidance_cond": cfg.guidance_cond,
+        "level_res_blocks": _parse_numbers(cfg.level_res_blocks, "level_res_blocks", int) or None,
+        "mid_block": cfg.mid_block,
     }
 
 
@@ -300,6 +302,10 @@ def create_model(name_or_config: str | ModelConfig, **overrides) -> nn.Module:
     except ValueError as e:
         label = f"'{cfg.name}'" if cfg.name else "the model config"
         raise ConfigError(f"cannot build {label}: {e}") from None
+    if cfg.channel_widths:  # a pruned network: the same layers, narrower
+        from .prune import apply_widths
+
+        apply_widths(model, cfg.channel_widths)
     model.config = cfg
     return model
 
