@@ -133,6 +133,7 @@ class DistillLoop:
             teacher_batch=distill.teacher_batch,
             num_classes=tcfg.num_classes if class_cond else None,
             discard_prob=distill.discard_prob,
+            clip_denoised=not getattr(tcfg, "first_stage", ""),  # latents have no [-1, 1] range to clip to
             warmup=distill.warmup,
             warmup_jumps=distill.warmup_jumps,
             warmup_exact=distill.warmup_exact,
