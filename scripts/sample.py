@@ -6,7 +6,8 @@ With no flags it samples the embedded digits teacher:
   mpiexec -n 8 python scripts/sample.py --model_path teacher.pt --arch cifar10-57M \
       --config configs/diffusion/cosine-1000-learned.yaml --timestep_respacing 1000 --num_samples 50000
 The architecture and diffusion come from the run's config.yaml beside the checkpoint (or
---arch / --config / flags). Shards land in <output>.shards/ as they finish; rerunning the
+--arch / --config / flags). A latent model's samples are decoded by its first stage (--first_stage,
+recorded with the model) into images, --decode_chunk at a time; latents are never clipped. Shards land in <output>.shards/ as they finish; rerunning the
 same command resumes, a different seed or configuration there is refused.
 """
 
@@ -22,7 +23,9 @@ from dkdm.resolve import EMBEDDED_TEACHER, resolve
 
 def main(argv: list[str]) -> None:
     groups = {"model": ModelConfig, "diffusion": DiffusionConfig, "sample": SampleConfig}
-    args = ConfigParser(__doc__, groups).parse(argv)
+    parser = ConfigParser(__doc__, groups)
+    parser.add_argument("--decode_chunk", type=int, default=64, help="latent models: images decoded at once")
+    args = parser.parse(argv)
     cfg = args.resolve("sample")
     dist.setup_dist()
     path = cfg.model_path or EMBEDDED_TEACHER
@@ -30,7 +33,12 @@ def main(argv: list[str]) -> None:
     model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
     model = net.build().to(dist.dev())
     diffusion = net.create_diffusion()  # validate everything before the manifest binds the output
-    output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
+    stage = None
+    if net.space.latent:  # sample latents, store decoded images
+        stage = net.space.load_first_stage(chunk_size=args.extras["decode_chunk"], precision=cfg.precision)
+        stage = stage.to(dist.dev())
+    image_shape = stage.image_shape(shape) if stage is not None else shape
+    output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, image_shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), dist.dev().type)
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
     error = None
@@ -67,6 +75,7 @@ def main(argv: list[str]) -> None:
         world_size=dist.get_world_size(),
         device=dist.dev(),
         on_shard=progress,
+        decode=stage.decode_uint8 if stage is not None else None,
     )
     bar.close()
     dist.barrier()

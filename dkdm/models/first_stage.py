@@ -254,6 +254,11 @@ class FirstStage(nn.Module):
             raise ConfigError(f"image size {image_size} is not divisible by the first stage's {self.downsampling}x")
         return (self.latent_channels, image_size // self.downsampling, image_size // self.downsampling)
 
+    def image_shape(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The ``(C, H, W)`` of the images that latents of ``latent_shape`` decode to."""
+        _, h, w = latent_shape
+        return (int(self.ae.config.out_channels), h * self.downsampling, w * self.downsampling)
+
     def _chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         for i in range(0, x.shape[0], self.chunk_size):
             yield x[i : i + self.chunk_size].to(self.dtype)

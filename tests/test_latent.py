@@ -1,0 +1,105 @@
+"""DKDM in latent space: the paper's latent configs resolve (Tab. 3 / supplement Tab. 7), a CompVis-layout
+LDM teacher distils a student on latents with the first stage never called, and sample.py decodes the
+student's latents into an ADM npz of images."""
+
+import importlib.util
+import os
+import runpy
+
+import numpy as np
+import pytest
+import torch
+
+from dkdm.models import count_parameters, first_stage
+from tests import ldm_layout as L
+from tests.test_first_stage import TINY_FS, TINY_UNET, ldm_betas
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "celebahq_256": (48, 9.6e-5, 410_000),
+    "ffhq_256": (42, 8.4e-5, 640_000),
+}
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("dataset", list(CONFIGS))
+def test_latent_paper_configs_resolve(dataset):
+    cfgs, path = _script("dkdm_train").resolve(["--config", os.path.join(ROOT, "configs", dataset, "dkdm_89M.yaml")])
+    t, s, d, td = cfgs["teacher"], cfgs["student"], cfgs["diffusion"], cfgs["teacher_diffusion"]
+    train, distill = cfgs["train"], cfgs["distill"]
+    assert path == f"teachers/{dataset.split('_')[0]}-ldm-vq-4.ckpt"
+    assert (train.batch_size, train.lr, train.max_steps) == CONFIGS[dataset]
+    assert distill.rho == 4.0 and distill.simple_only and distill.pool == "dynamic"
+    for diff in (d, td):
+        assert (diff.steps, diff.noise_schedule, diff.sigma_small) == (1000, "scaled_linear:0.0015,0.0195", True)
+        assert not diff.learn_sigma and not diff.predict_xstart and not diff.predict_v
+    assert (t.num_channels, t.channel_mult, t.attention_resolutions, t.num_head_channels) == (
+        224,
+        "1,2,3,4",
+        "32,16,8",
+        32,
+    )
+    assert (t.image_size, t.in_channels, s.image_size, s.in_channels) == (64, 3, 64, 3)
+    assert s.num_channels == 128 and s.channel_mult == t.channel_mult
+    assert count_parameters(t) == 274_056_163 and count_parameters(s) == 89_535_619
+
+
+def _tiny_ckpt(tmp_path):
+    sd = L.ldm_state_dict(L.unet_shapes(TINY_UNET), L.first_stage_shapes(TINY_FS), ema=True, betas=ldm_betas())
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": sd}, path)
+    return str(path)
+
+
+TINY = ["--image_size", "8", "--channel_mult", "1,2", "--attention_resolutions", "4"]
+
+
+def test_latent_distillation_runs_without_the_first_stage_and_samples_decode(tmp_path, monkeypatch):
+    path = _tiny_ckpt(tmp_path)
+    calls = {"encode": 0, "decode": 0, "decode_uint8": 0, "load": 0}
+    for name in ("encode", "decode", "decode_uint8"):
+        orig = getattr(first_stage.FirstStage, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(first_stage.FirstStage, name, counted)
+    orig_load = first_stage.load_first_stage
+
+    def counted_load(*a, **kw):
+        calls["load"] += 1
+        return orig_load(*a, **kw)
+
+    monkeypatch.setattr(first_stage, "load_first_stage", counted_load)
+    run = tmp_path / "run"
+    argv = ["--config", os.path.join(ROOT, "configs", "celebahq_256", "dkdm_89M.yaml"), "--teacher_path", path]
+    for who in ("teacher", "student"):
+        argv += [f"--{who}.{k[2:]}" if k.startswith("--") else k for k in TINY]
+    argv += ["--teacher.num_channels", "32", "--student.num_channels", "32", "--teacher.use_ema"]
+    argv += ["--batch_size", "4", "--rho", "0.01", "--warmup", "respaced", "--max_steps", "3", "--log_dir", str(run)]
+    argv += ["--save_interval", "3", "--log_interval", "1", "--teacher_batch", "200"]
+    _script("dkdm_train").main(argv)
+    assert set(calls.values()) == {0}, f"the first stage was touched while distilling: {calls}"
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["student"]["first_stage"] == saved["teacher"]["first_stage"] == os.path.abspath(path)
+    assert saved["teacher"]["use_ema"] and saved["distill"]["simple_only"]
+    pool = torch.load(run / "pool000003.pt", weights_only=True)
+    xs = [v for v in pool.values() if isinstance(v, torch.Tensor) and v.dim() == 4]
+    assert xs and all(tuple(x.shape[1:]) == (3, 8, 8) for x in xs)  # latents, not 16x16 pixels
+
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "sample.py"))["main"]
+    out = tmp_path / "s.npz"
+    main(["--model_path", str(run / "ema_0.9999_000003.pt"), "--num_samples", "5", "--batch_size", "3"]
+         + ["--use_ddim", "--timestep_respacing", "ddim5", "--output", str(out), "--decode_chunk", "2"])  # fmt: skip
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
+    assert calls["load"] == 1 and calls["decode_uint8"] == 2 and calls["encode"] == 0  # one call per shard
