@@ -85,7 +85,10 @@ class SampleSpace:
 
         if not self.latent:
             raise ConfigError("this model works on pixels: it has no first stage (set --first_stage for a latent one)")
-        stage = load_first_stage(self.first_stage, scale_factor=self.first_stage_scale or None, **kw)
+        path = self.first_stage
+        if not os.path.exists(path) and os.path.exists(os.path.join(ASSETS, path)):
+            path = os.path.join(ASSETS, path)  # a shipped first stage, named relative to dkdm/assets
+        stage = load_first_stage(path, scale_factor=self.first_stage_scale or None, **kw)
         if stage.latent_channels != self.shape[0]:
             raise ConfigError(
                 f"the first stage {self.first_stage} makes {stage.latent_channels}-channel latents but the network "

@@ -103,3 +103,60 @@ def test_latent_distillation_runs_without_the_first_stage_and_samples_decode(tmp
     arr = np.load(out)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     assert calls["load"] == 1 and calls["decode_uint8"] == 2 and calls["encode"] == 0  # one call per shard
+
+
+def _tiny_kl_folder(path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=2,
+        norm_num_groups=4,
+        sample_size=8,
+        scaling_factor=0.7,
+    )
+    ae.save_pretrained(path)
+    return str(path)
+
+
+def test_data_based_latent_training_encodes_the_dataset_once(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from dkdm.data.latents import LatentSource
+
+    calls = {"encode": 0, "decode": 0}
+    for name in calls:
+        orig = getattr(AutoencoderKL, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(AutoencoderKL, name, counted)
+    folder = _tiny_kl_folder(tmp_path / "ae")
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "image_train.py"))["main"]
+    run = tmp_path / "run"
+    argv = ["--first_stage", folder, "--image_size", "4", "--in_channels", "2", "--channel_mult", "1,2"]
+    argv += ["--attention_resolutions", "2", "--batch_size", "8", "--log_dir", str(run), "--save_interval", "4"]
+    main([*argv, "--max_steps", "4"])
+    assert calls == {"encode": 8, "decode": 0}  # 1,797 digits in chunks of 256, once, whatever the step count
+    main([*argv, "--max_steps", "8"])  # resumed: the cache is read, nothing encoded again
+    assert calls == {"encode": 8, "decode": 0}
+    (cache,) = (run / "latent_cache").iterdir()
+    enc = torch.load(cache, weights_only=True)
+    assert enc["mean"].shape == (1797, 2, 4, 4) and enc["std"].shape == (1797, 2, 4, 4)
+    stage = first_stage.load_first_stage(folder)
+    x, _ = __import__("dkdm.data", fromlist=["load_digits"]).load_digits()
+    post = stage.ae.encode(x[:5]).latent_dist
+    torch.testing.assert_close(enc["mean"][:5], post.mean * 0.7, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc["std"][:5], post.std * 0.7, rtol=1e-5, atol=1e-6)
+    src = LatentSource(enc["mean"], enc["std"], None)
+    a, _ = src.batch(np.arange(3), np.zeros(3, dtype=bool))
+    b, _ = src.batch(np.arange(3), np.zeros(3, dtype=bool))
+    assert not torch.equal(a, b)  # a fresh posterior sample each time, around the cached mean
