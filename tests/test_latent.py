@@ -160,3 +160,48 @@ def test_data_based_latent_training_encodes_the_dataset_once(tmp_path, monkeypat
     a, _ = src.batch(np.arange(3), np.zeros(3, dtype=bool))
     b, _ = src.batch(np.arange(3), np.zeros(3, dtype=bool))
     assert not torch.equal(a, b)  # a fresh posterior sample each time, around the cached mean
+
+
+ASSETS = os.path.join(ROOT, "dkdm", "assets")
+LATENT_TEACHER = os.path.join(ASSETS, "digits_latent_teacher.pt")
+
+
+@pytest.mark.skipif(not os.path.isfile(LATENT_TEACHER), reason="latent digits assets not built")
+def test_shipped_latent_digits_assets():
+    """The shipped first stage reconstructs digits, the latent teacher resolves from its provenance into
+    the first stage's latent space, and its decoded samples are digits."""
+    import json
+
+    from sklearn.linear_model import LogisticRegression
+
+    from dkdm.data import load_digits
+    from dkdm.resolve import resolve
+
+    files = [LATENT_TEACHER, LATENT_TEACHER[:-3] + ".json", os.path.join(ASSETS, "digits_autoencoder.json")]
+    files += [
+        os.path.join(ASSETS, "digits_autoencoder", n) for n in os.listdir(os.path.join(ASSETS, "digits_autoencoder"))
+    ]
+    assert sum(os.path.getsize(f) for f in files) <= 5 * 2**20
+    with open(os.path.join(ASSETS, "digits_autoencoder.json")) as f:
+        ae_info = json.load(f)
+    assert "train_digits_autoencoder.py" in ae_info["command"]
+    with open(LATENT_TEACHER[:-3] + ".json") as f:
+        info = json.load(f)
+    assert "image_train.py" in info["command"] and info["model"]["first_stage"] == "digits_autoencoder"
+    net = resolve({}, {"timestep_respacing": "20"}, checkpoint=LATENT_TEACHER)
+    assert net.space.latent and net.space.shape == (2, 4, 4)
+    stage = net.space.load_first_stage()
+    assert stage.kind == "kl" and stage.scale_factor == pytest.approx(ae_info["scaling_factor"])
+    images, labels = load_digits(8)
+    rec = stage.decode(stage.encode(images, sample=False))
+    assert torch.mean((rec - images) ** 2).item() == pytest.approx(ae_info["reconstruction_mse_mode"], rel=1e-3)
+    assert ae_info["reconstruction_mse_mode"] < 0.05
+    model = net.build().eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z = net.create_diffusion().p_sample_loop(model, (128, 2, 4, 4), clip_denoised=False)
+    x = stage.decode(z)
+    clf = LogisticRegression(max_iter=2000).fit(images.reshape(len(images), -1).numpy(), labels.numpy())
+    proba = clf.predict_proba(x.reshape(128, -1).numpy())
+    assert (proba.max(axis=1) >= 0.5).mean() >= 0.8
+    assert len(set(np.argmax(proba, axis=1).tolist())) >= 9
