@@ -7,7 +7,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["dkdm", "dkdm.*", "evaluations"]),
-    package_data={"dkdm": ["assets/*.pt", "assets/*.json"]},
+    package_data={"dkdm": ["assets/*.pt", "assets/*.json", "assets/digits_autoencoder/*"]},
     install_requires=[
         "torch>=2.1",
         "numpy",

@@ -9,8 +9,13 @@
   samples per second of the raw batched teacher forward at the same batch. Target >= 0.95.
 * pool memory per sample and in total for the paper's three pixel settings (rho = 0.4,
   T = 1000), on one device and per rank on 8.
+* ``latent``: the same step ratio in latent space (LDM-VQ-4 UNets at reduced width on 16x16x3
+  latents, L*simple, scaled_linear schedule; the first stage is never called while distilling),
+  and the data-based baseline's cost per step on those latents with the dataset's encodings
+  cached (dkdm.data.latents) against encoding each 64x64 pixel batch with the first stage (a
+  VQ-f4 at half width) every step, as CompVis's LatentDiffusion does.
 
-    python benchmarks/dkdm_step.py [--threads 1] [--rounds 5] [--skip_cifar]
+    python benchmarks/dkdm_step.py [--threads 1] [--rounds 5] [--skip_cifar] [--skip_latent]
 
 Timings interleave the two sides round by round and report medians, so load from other
 processes hits both alike.
@@ -46,12 +51,14 @@ def _median_time(fn, n):
     return statistics.median(times)
 
 
-def step_overhead(teacher_name, student_name, steps, batch, rounds, per_round, teacher_path=None):
+def step_overhead(
+    teacher_name, student_name, steps, batch, rounds, per_round, teacher_path=None, diffusion=None, **distill_kw
+):
     torch.manual_seed(0)
     teacher, student = create_model(teacher_name), create_model(student_name)
     if teacher_path and os.path.isfile(teacher_path):
         load_checkpoint(teacher, teacher_path)
-    d = create_diffusion(steps=steps, noise_schedule="cosine", learn_sigma=True)
+    d = diffusion or create_diffusion(steps=steps, noise_schedule="cosine", learn_sigma=True)
     run_dir = tempfile.mkdtemp(prefix="dkdm_bench_")
     logger.configure(run_dir, format_strs=["log"])
     train = TrainConfig(batch_size=batch, lr=1e-4, ema_rate="0.9999", log_interval=0, save_interval=0)
@@ -63,7 +70,7 @@ def step_overhead(teacher_name, student_name, steps, batch, rounds, per_round, t
         d,
         train=train,
         run_dir=run_dir,
-        distill=DistillConfig(rho=2.0 / steps, teacher_batch=batch, pool_cache_dir=""),
+        distill=DistillConfig(rho=2.0 / steps, teacher_batch=batch, pool_cache_dir="", **distill_kw),
     )
     loop.pool.prepared = True  # the pool's contents do not change the step's cost
     trainer = loop.trainer
@@ -88,7 +95,67 @@ def step_overhead(teacher_name, student_name, steps, batch, rounds, per_round, t
         "distill_step_s": round(statistics.median(distill_t), 5),
         "teacher_forward_plus_plain_step_s": round(statistics.median(base_t), 5),
         "batch": batch,
+        "_trainer": trainer,
+        "_plain": plain,
     }
+
+
+def latent_case(rounds, per_round, batch=4):
+    """DKDM's step ratio on latents, and the data-based baseline with and without cached encodings."""
+    import numpy as np
+
+    from dkdm.data.latents import LatentSource
+    from dkdm.models import first_stage, get_config
+
+    small = {"image_size": 16, "attention_resolutions": "8,4,2", "first_stage": "benchmark-vq-f4"}
+    teacher = get_config("ldm-vq4-274M", num_channels=64, **small)
+    student = get_config("ldm-vq4-89M", num_channels=32, **small)
+    d = create_diffusion(steps=1000, noise_schedule="scaled_linear:0.0015,0.0195", sigma_small=True)
+    calls = {"encode": 0, "decode": 0}
+    originals = {k: getattr(first_stage.FirstStage, k) for k in calls}
+
+    def counting(name):
+        def fn(self, *a, **kw):
+            calls[name] += 1
+            return originals[name](self, *a, **kw)
+
+        return fn
+
+    for k in calls:
+        setattr(first_stage.FirstStage, k, counting(k))
+    torch.manual_seed(0)
+    stage = first_stage.FirstStage(first_stage.Spec("vq", 3, 3, (64, 128, 256), 2, 3, 3, 8192).build(), 1.0)
+    out = step_overhead(teacher, student, 1000, batch, rounds, per_round, diffusion=d, simple_only=True)
+    out["first_stage_calls_while_distilling"] = dict(calls)
+    trainer, plain = out.pop("_trainer"), out.pop("_plain")
+    n = 256
+    pixels = torch.rand(n, 3, 64, 64) * 2 - 1
+    source = LatentSource(stage.encode(pixels[:batch]).repeat(n // batch, 1, 1, 1), None, None)
+    gen = np.random.default_rng(0)
+
+    def cached():
+        x, _ = source.batch(gen.choice(n, batch, replace=False), np.zeros(batch, dtype=bool))
+        return {"x": x}
+
+    def encoded():
+        return {"x": stage.encode(pixels[torch.from_numpy(gen.choice(n, batch, replace=False))])}
+
+    for _ in range(2):
+        trainer.run_step(cached, plain)
+        trainer.run_step(encoded, plain)
+    with_cache, without = [], []
+    for _ in range(rounds * per_round):
+        with_cache.append(_median_time(lambda: trainer.run_step(cached, plain), 1))
+        without.append(_median_time(lambda: trainer.run_step(encoded, plain), 1))
+    for k, fn in originals.items():
+        setattr(first_stage.FirstStage, k, fn)
+    out["data_based_step_s_cached_encodings"] = round(statistics.median(with_cache), 5)
+    out["data_based_step_s_encoding_every_step"] = round(statistics.median(without), 5)
+    out["dkdm_step_over_data_based_encoding_every_step"] = round(
+        out["distill_step_s"] / out["data_based_step_s_encoding_every_step"], 4
+    )
+    out["shapes"] = {"pixels": [3, 64, 64], "latents": [3, 16, 16]}
+    return out
 
 
 def prep_throughput(teacher_name, steps, teacher_batch, rho, rounds, teacher_path=None):
@@ -153,12 +220,18 @@ def main(argv):
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip_cifar", action="store_true")
+    p.add_argument("--skip_latent", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = {"device": "cpu", "threads": a.threads, "torch": torch.__version__}
     out["digits"] = step_overhead("digits-teacher", "digits-student", 100, 64, a.rounds, 8, ASSET)
     if not a.skip_cifar:
         out["cifar10_14M_from_57M"] = step_overhead("cifar10-57M", "cifar10-14M", 1000, 4, max(3, a.rounds // 2), 3)
+    if not a.skip_latent:
+        out["latent"] = latent_case(max(3, a.rounds // 2), 3)
+    for v in out.values():
+        if isinstance(v, dict):
+            v.pop("_trainer", None), v.pop("_plain", None)
     out["step_overhead_ratio"] = max(v["step_overhead_ratio"] for k, v in out.items() if isinstance(v, dict))
     out["prep"] = prep_throughput("digits-teacher", 100, 256, 0.1, max(3, a.rounds // 2), ASSET)
     out["prep_throughput_ratio"] = out["prep"]["prep_throughput_ratio"]

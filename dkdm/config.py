@@ -47,6 +47,11 @@ class ModelConfig:
     name: str = ""
     arch: str = "unet"
     pretrained: str = ""  # arch diffusers: the pipeline or model folder the network and weights come from
+    # Latent models: the first stage whose latents the network models (a diffusers AutoencoderKL/VQModel folder,
+    # or a CompVis .ckpt holding first_stage_model.*); "" = pixel space. Its scale factor (0: the recorded one).
+    first_stage: str = ""
+    first_stage_scale: float = 0.0
+    use_ema: bool = False  # CompVis LDM checkpoints: load the model_ema.* weights
     image_size: int = 32
     in_channels: int = 3
     learn_sigma: bool = False

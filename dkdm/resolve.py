@@ -30,10 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from dkdm.config import ConfigError, DiffusionConfig, ModelConfig, from_dict, load_yaml, to_dict, update
-from dkdm.models import create_model, foreign, get_config, load_checkpoint
+from dkdm.diffusion.schedules import get_named_beta_schedule
+from dkdm.models import create_model, foreign, get_config, ldm, load_checkpoint
 
 FAMILIES = ("unet", "vit", "diffusers")
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -49,16 +51,50 @@ _DIFFUSION_KEYS = ("diffusion", "student_diffusion", "diffusion_config")
 
 @dataclass(frozen=True)
 class SampleSpace:
-    """What one sample of a model is: its tensor shape and its label space (0: unconditional)."""
+    """What one sample of a model is: its tensor shape and its label space (0: unconditional).
+
+    A latent space also names its first stage (``first_stage``, with ``first_stage_scale``, 0 for
+    the recorded one): the network, the pool and the objective see latents of ``shape``; only
+    sampling (decode) and data-based training (encode) load the first stage.
+    """
 
     shape: tuple[int, int, int]
     num_classes: int = 0
+    first_stage: str = ""
+    first_stage_scale: float = 0.0
 
     @classmethod
     def of(cls, model: ModelConfig) -> SampleSpace:
         return cls(
-            (model.in_channels, model.image_size, model.image_size), model.num_classes if model.class_cond else 0
+            (model.in_channels, model.image_size, model.image_size),
+            model.num_classes if model.class_cond else 0,
+            model.first_stage,
+            model.first_stage_scale,
         )
+
+    @property
+    def latent(self) -> bool:
+        return bool(self.first_stage)
+
+    def load_first_stage(self, **kw: Any):
+        """The :class:`~dkdm.models.first_stage.FirstStage` of a latent space, checked against ``shape``.
+
+        Keywords (``chunk_size``, ``precision``) go to the first stage.
+        """
+        from dkdm.models.first_stage import load_first_stage
+
+        if not self.latent:
+            raise ConfigError("this model works on pixels: it has no first stage (set --first_stage for a latent one)")
+        path = self.first_stage
+        if not os.path.exists(path) and os.path.exists(os.path.join(ASSETS, path)):
+            path = os.path.join(ASSETS, path)  # a shipped first stage, named relative to dkdm/assets
+        stage = load_first_stage(path, scale_factor=self.first_stage_scale or None, **kw)
+        if stage.latent_channels != self.shape[0]:
+            raise ConfigError(
+                f"the first stage {self.first_stage} makes {stage.latent_channels}-channel latents but the network "
+                f"takes {self.shape[0]} channels (in_channels); they must agree: give the first stage it was trained on"
+            )
+        return stage
 
 
 @dataclass
@@ -93,10 +129,18 @@ class Resolved:
 
 
 def build_network(model: ModelConfig, checkpoint: str = "") -> torch.nn.Module:
-    """``model``'s network with ``checkpoint``'s weights (strict); a diffusers folder brings its own."""
+    """``model``'s network with ``checkpoint``'s weights (strict); a diffusers folder brings its own.
+
+    A CompVis ``.ckpt`` gives its ``model.diffusion_model.*`` (``model_ema.*`` with ``use_ema``).
+    """
     net = create_model(model)
     if checkpoint and model.arch != "diffusers":
-        net = load_checkpoint(net, checkpoint)
+        if checkpoint.endswith(".ckpt"):
+            net = load_checkpoint(net, ldm.unet_state_dict(ldm.read(checkpoint), model.use_ema, checkpoint))
+        elif model.use_ema:
+            raise ConfigError(f"--use_ema picks the EMA inside a CompVis .ckpt; {checkpoint} is not one: drop it")
+        else:
+            net = load_checkpoint(net, checkpoint)
     return net
 
 
@@ -120,6 +164,12 @@ def configs_beside(checkpoint: str) -> tuple[dict | None, dict | None, str]:
         return model, diffusion, checkpoint
     run_yaml = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.yaml")
     side_json = os.path.splitext(checkpoint)[0] + ".json"
+    if os.path.isfile(run_yaml) and ldm.is_compvis_config(data := load_yaml(run_yaml)):
+        model, diffusion = ldm.configs_from_compvis(data, run_yaml)
+        return model, diffusion, run_yaml
+    if checkpoint.endswith(".ckpt") and not os.path.isfile(run_yaml) and os.path.isfile(checkpoint):
+        recorded = ldm_schedule(ldm.read(checkpoint), checkpoint)
+        return None, recorded, checkpoint if recorded else ""
     if os.path.isfile(run_yaml):
         data, source = load_yaml(run_yaml), run_yaml
     elif os.path.isfile(side_json):
@@ -135,6 +185,32 @@ def configs_beside(checkpoint: str) -> tuple[dict | None, dict | None, str]:
     model = next((data[k] for k in _MODEL_KEYS if isinstance(data.get(k), dict)), None)
     diffusion = next((data[k] for k in _DIFFUSION_KEYS if isinstance(data.get(k), dict)), None)
     return model, diffusion, source
+
+
+def ldm_schedule(sd: Mapping[str, torch.Tensor], source: str = "the checkpoint") -> dict | None:
+    """The ``DiffusionConfig`` fields (steps, noise_schedule) of the ``betas`` an LDM recorded; None if absent.
+
+    LDM's ``linear`` is linear in sqrt(beta) (our ``scaled_linear:START,END``); its ``cosine``
+    and plain-linear variants are matched too. Betas none of them reproduce are refused.
+    """
+    if "betas" not in sd:
+        return None
+    betas = sd["betas"].double().numpy()
+    steps = int(betas.shape[0])
+    # The buffers are float32: the ends are written back with the 6 significant digits configs use.
+    start, end = float(f"{betas[0]:.6g}"), float(f"{betas[-1]:.6g}")
+    for name in (f"scaled_linear:{start},{end}", f"linear:{start},{end}", "cosine"):
+        try:
+            ours = get_named_beta_schedule(name, steps)
+        except ValueError:
+            continue
+        if np.allclose(ours, betas, rtol=1e-5, atol=1e-9):
+            # LDM's sampler uses the posterior variance (v_posterior 0): our sigma_small.
+            return {"steps": steps, "noise_schedule": name, "sigma_small": True}
+    raise ConfigError(
+        f"{source}: its {steps} betas ({start:.6g} .. {end:.6g}) follow none of scaled_linear, linear, cosine; "
+        "dkdm's diffusion cannot represent them"
+    )
 
 
 def _model_from_dict(values: Mapping[str, Any], source: str) -> ModelConfig:
@@ -208,6 +284,11 @@ def resolve(
         base, source = ModelConfig(arch=arch), "flags"
     elif checkpoint and not os.path.exists(checkpoint):
         raise missing
+    elif checkpoint and checkpoint.endswith(".ckpt"):
+        raise ConfigError(
+            f"no config.yaml beside {checkpoint} says which network it holds; pass --{prefix}arch (ldm-vq4-274M "
+            "for the CelebA-HQ / FFHQ LDM-VQ-4 models, or a model YAML), or put its CompVis config.yaml beside it"
+        )
     elif checkpoint:
         raise ConfigError(
             f"no config.yaml or .json beside {checkpoint} says which network it holds; pass --{prefix}arch "
@@ -229,6 +310,9 @@ def resolve(
     dbase = update(dbase, diffusion_changes or {}, "diffusion")
     sigma = _learn_sigma(model_over, diffusion_over, base.learn_sigma, prefix, dprefix)
     model = update(base, {**model_over, "learn_sigma": sigma}, prefix.rstrip(".") or "model")
+    own_stage = checkpoint.endswith(".ckpt") and not model.first_stage and os.path.isfile(checkpoint)
+    if own_stage and any(k.startswith(ldm.FIRST_STAGE) for k in ldm.read(checkpoint)):
+        model = update(model, {"first_stage": os.path.abspath(checkpoint)})  # the LDM's own autoencoder
     diffusion = update(dbase, {**diffusion_over, "learn_sigma": sigma}, dprefix.rstrip(".") or "diffusion")
     return Resolved(model, diffusion, checkpoint, source)
 
@@ -285,4 +369,14 @@ def resolve_distillation(
         prefix="teacher.",
         dprefix="teacher_diffusion.",
     )
+    # The student lives in the teacher's space: its latents decode with the teacher's first stage.
+    s_over = overrides.get("student", {})
+    if teacher.model.first_stage and not s_over.get("first_stage"):
+        space = {"first_stage": teacher.model.first_stage, "first_stage_scale": teacher.model.first_stage_scale}
+        student = Resolved(update(student.model, space), student.diffusion, student.checkpoint, student.source)
+    if student.space.first_stage != teacher.space.first_stage:
+        raise ConfigError(
+            f"the student's first stage ({student.space.first_stage or 'none: pixels'}) is not the teacher's "
+            f"({teacher.space.first_stage or 'none: pixels'}); a student learns in its teacher's space"
+        )
     return teacher, student

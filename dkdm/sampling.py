@@ -211,10 +211,12 @@ def draw_shard(
     cfg: SampleConfig,
     num_classes: int = 0,
     device: torch.device | str = "cpu",
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Draw ``size`` images of ``shape`` (C, H, W) from ``seed``; labels when ``num_classes``.
 
-    The starting noise and labels come from a CPU generator (the same on every device);
+    ``decode`` (a first stage's ``decode_uint8``) turns sampled latents into uint8 NHWC images;
+    latents are never clipped. The starting noise and labels come from a CPU generator (the same on every device);
     the sampler's per-step noise from the global generators, forked so the caller's RNG
     state is untouched.
     """
@@ -232,8 +234,10 @@ def draw_shard(
         torch.manual_seed(seed ^ 0x5DEECE66D)
         loop = diffusion.ddim_sample_loop if cfg.use_ddim else diffusion.p_sample_loop
         extra = {"eta": cfg.eta} if cfg.use_ddim else {}
-        x = loop(net, (size, *shape), noise=noise, clip_denoised=cfg.clip_denoised, model_kwargs=kwargs, **extra)
-    return to_uint8(x), (labels.numpy().astype(np.int64) if labels is not None else None)
+        clip = cfg.clip_denoised and decode is None
+        x = loop(net, (size, *shape), noise=noise, clip_denoised=clip, model_kwargs=kwargs, **extra)
+        images = to_uint8(x) if decode is None else decode(x).numpy()
+    return images, (labels.numpy().astype(np.int64) if labels is not None else None)
 
 
 @dataclass
@@ -262,6 +266,7 @@ def draw_shards(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     on_shard: Callable[[int, bool], None] | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SampleStats:
     """Draw this rank's missing shards (``rank, rank + world_size, ...``) into ``store``.
 
@@ -280,7 +285,8 @@ def draw_shards(
                 on_shard(sizes[i], False)
             continue
         start = time.perf_counter()
-        arr, labels = draw_shard(model, diffusion, sizes[i], shape, shard_seed(cfg.seed, i), cfg, num_classes, device)
+        seed = shard_seed(cfg.seed, i)
+        arr, labels = draw_shard(model, diffusion, sizes[i], shape, seed, cfg, num_classes, device, decode)
         seconds += time.perf_counter() - start
         store.write(i, arr, labels)
         drawn, images = drawn + 1, images + sizes[i]

@@ -7,6 +7,11 @@
 4. print a table and write it (results.md, results.json) to --out, with the student's run in
    distill/ and each model's npz and PNG grid of 64 samples in teacher/ and student/.
 Each run starts afresh (the previous run's student in --out is replaced).
+
+--space latent does the same in latent space as well: the shipped latent teacher
+(dkdm/assets/digits_latent_teacher.pt, on the 4x4x2 latents of dkdm/assets/digits_autoencoder/)
+teaches a latent digits-student data-free; their samples are decoded by the first stage and
+scored next to the pixel-space teacher and student (rows pixel-*, latent-*).
 """
 
 import argparse
@@ -22,9 +27,12 @@ import torch
 
 from dkdm import digits_metric, fileio, sampling
 from dkdm.config import SampleConfig
-from dkdm.resolve import EMBEDDED_TEACHER, resolve
+from dkdm.resolve import ASSETS, EMBEDDED_TEACHER, resolve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LATENT_TEACHER = os.path.join(ASSETS, "digits_latent_teacher.pt")
+# The latent student: digits-student on the teacher's 4x4x2 latents (its first stage comes from the teacher).
+LATENT_STUDENT = ["--teacher_path", LATENT_TEACHER, "--student.image_size", "4", "--student.in_channels", "2"]
 
 
 def newest_ema(run_dir: str) -> str:
@@ -40,11 +48,14 @@ def sample(name: str, path: str, cfg: SampleConfig, respacing: str, out: str) ->
     net = resolve({}, {"timestep_respacing": respacing}, checkpoint=path)
     model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
     model = net.build()
-    output = sampling.resolve_output(os.path.join(out, name), cfg.num_samples, shape)
+    stage = net.space.load_first_stage() if net.space.latent else None  # latents are decoded to images
+    image_shape = stage.image_shape(shape) if stage is not None else shape
+    output = sampling.resolve_output(os.path.join(out, name), cfg.num_samples, image_shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), "cpu")
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
     store.prepare()
-    stats = sampling.draw_shards(model, net.create_diffusion(), store, cfg, shape)
+    decode = stage.decode_uint8 if stage is not None else None
+    stats = sampling.draw_shards(model, net.create_diffusion(), store, cfg, shape, decode=decode)
     images, _ = sampling.finish(store, cfg, output)
     print(f"{name}: {len(images)} images -> {output} ({stats.images_per_second:.0f} images/s)", flush=True)
     return {
@@ -66,23 +77,31 @@ def main() -> int:
     p.add_argument("--timestep_respacing", default="50")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distill_args", default="", help="extra flags for dkdm_train.py (default: none, its defaults)")
+    p.add_argument("--space", choices=("pixel", "latent"), default="pixel", help="latent: pixel and latent rows")
     args = p.parse_args()
     start = time.time()
-    student_dir = os.path.join(args.out, "distill")
-    if os.path.isdir(student_dir):
-        shutil.rmtree(student_dir)  # a rerun would otherwise resume the finished run and skip training
-    cmd = [sys.executable, os.path.join(HERE, "dkdm_train.py"), "--log_dir", student_dir, *args.distill_args.split()]
-    print("$", " ".join(cmd[1:]), flush=True)
-    t0 = time.time()
-    if subprocess.run(cmd, check=False).returncode:
-        print("demo.py: error: the distillation failed (see above)", file=sys.stderr)
-        return 1
-    distill_s = time.time() - t0
+    runs = {"": ("distill", [], EMBEDDED_TEACHER)}
+    if args.space == "latent":
+        runs = {"pixel-": runs[""], "latent-": ("distill_latent", LATENT_STUDENT, LATENT_TEACHER)}
+    distill_s = 0.0
+    for prefix, (folder, extra, _) in runs.items():
+        student_dir = os.path.join(args.out, folder)
+        if os.path.isdir(student_dir):
+            shutil.rmtree(student_dir)  # a rerun would otherwise resume the finished run and skip training
+        cmd = [sys.executable, os.path.join(HERE, "dkdm_train.py"), "--log_dir", student_dir, *extra]
+        cmd += args.distill_args.split()
+        print("$", " ".join(cmd[1:]), flush=True)
+        t0 = time.time()
+        if subprocess.run(cmd, check=False).returncode:
+            print(f"demo.py: error: the {prefix or 'pixel-'}distillation failed (see above)", file=sys.stderr)
+            return 1
+        distill_s += time.time() - t0
     cfg = SampleConfig(num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
-    rows = [
-        sample("teacher", EMBEDDED_TEACHER, cfg, args.timestep_respacing, args.out),
-        sample("student", newest_ema(student_dir), cfg, args.timestep_respacing, args.out),
-    ]
+    rows = []
+    for prefix, (folder, _, teacher) in runs.items():
+        rows.append(sample(f"{prefix}teacher", teacher, cfg, args.timestep_respacing, args.out))
+        rows.append(sample(f"{prefix}student", newest_ema(os.path.join(args.out, folder)), cfg,
+                           args.timestep_respacing, args.out))  # fmt: skip
     lines = [
         "| model | params | FD | IS | precision | recall | sampling images/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -102,7 +121,7 @@ def main() -> int:
         f.write("\n".join(lines) + "\n\n" + note + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"rows": rows, "note": note}, f, indent=2)
-    print(f"grids: {rows[0]['grid']}, {rows[1]['grid']}")
+    print("grids: " + ", ".join(r["grid"] for r in rows))
     return 0
 
 

@@ -6,6 +6,8 @@ With no flags it trains the embedded digits teacher (configs/digits/teacher.yaml
   mpiexec -n 8 python scripts/image_train.py --config exp.yaml --log_dir runs/exp
 --arch is a zoo name (see dkdm.models.list_models), a model YAML, or a family (unet, vit).
 Rerunning with the same --log_dir resumes from its newest complete checkpoint.
+With --first_stage (a diffusers AutoencoderKL/VQModel folder or a CompVis .ckpt) the model learns latents:
+the dataset is encoded once into <log_dir>/latent_cache and batches are sliced from it.
 """
 
 import datetime
@@ -36,18 +38,35 @@ def main(argv: list[str]) -> None:
         os.path.join("runs", f"{model_cfg.name or model_cfg.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
     logger.configure(run_dir)
-    data = load_data(
-        dataset=train.dataset,
-        data_dir=train.data_dir,
-        batch_size=batch,
-        image_size=model_cfg.image_size,
-        class_cond=model_cfg.class_cond,
-        num_classes=model_cfg.num_classes,
-        deterministic=train.deterministic,
-        random_flip=train.random_flip,
-        num_workers=train.num_workers,
-        seed=train.seed,
-    )
+    if net.space.latent:  # encode the dataset once with the first stage (cached), then stream latents
+        from dkdm.data.latents import load_latent_data
+
+        data, info = load_latent_data(
+            net.space,
+            dataset=train.dataset,
+            data_dir=train.data_dir,
+            batch_size=batch,
+            class_cond=model_cfg.class_cond,
+            deterministic=train.deterministic,
+            seed=train.seed,
+            cache_dir=os.path.join(run_dir, "latent_cache"),
+            device=dist.dev(),
+        )
+        how = "cached" if info["cached"] else f"encoded in {info['seconds']:.1f} s"
+        logger.log(f"latents: {info['path']} ({how})")
+    else:
+        data = load_data(
+            dataset=train.dataset,
+            data_dir=train.data_dir,
+            batch_size=batch,
+            image_size=model_cfg.image_size,
+            class_cond=model_cfg.class_cond,
+            num_classes=model_cfg.num_classes,
+            deterministic=train.deterministic,
+            random_flip=train.random_flip,
+            num_workers=train.num_workers,
+            seed=train.seed,
+        )
     seed_all(train.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = net.build()
     diffusion = net.create_diffusion()

@@ -9,7 +9,8 @@ With no flags it samples the embedded digits teacher:
 --guidance_scale w samples a class-conditional model with a null class with classifier-free guidance
 (w = 1: the plain conditional model), or a w-conditioned student at w.
 The architecture and diffusion come from the run's config.yaml beside the checkpoint (or
---arch / --config / flags). Shards land in <output>.shards/ as they finish; rerunning the
+--arch / --config / flags). A latent model's samples are decoded by its first stage (--first_stage,
+recorded with the model) into images, --decode_chunk at a time; latents are never clipped. Shards land in <output>.shards/ as they finish; rerunning the
 same command resumes, a different seed or configuration there is refused.
 """
 
@@ -27,7 +28,9 @@ from dkdm.resolve import EMBEDDED_TEACHER, resolve
 
 def main(argv: list[str]) -> None:
     groups = {"model": ModelConfig, "diffusion": DiffusionConfig, "sample": SampleConfig}
-    args = ConfigParser(__doc__, groups).parse(argv)
+    parser = ConfigParser(__doc__, groups)
+    parser.add_argument("--decode_chunk", type=int, default=64, help="latent models: images decoded at once")
+    args = parser.parse(argv)
     cfg = args.resolve("sample")
     dist.setup_dist()
     path = cfg.model_path or EMBEDDED_TEACHER
@@ -37,7 +40,12 @@ def main(argv: list[str]) -> None:
     diffusion = net.create_diffusion()  # validate everything before the manifest binds the output
     # A step-distilled student (luhman / progressive / tract / consistency / boot run) samples with its own sampler.
     diffusion = step_sampler_for(path, diff_cfg) or diffusion
-    output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, shape)
+    stage = None
+    if net.space.latent:  # sample latents, store decoded images
+        stage = net.space.load_first_stage(chunk_size=args.extras["decode_chunk"], precision=cfg.precision)
+        stage = stage.to(dist.dev())
+    image_shape = stage.image_shape(shape) if stage is not None else shape
+    output = sampling.resolve_output(cfg.output or os.path.join("runs", "samples"), cfg.num_samples, image_shape)
     manifest = sampling.make_manifest(model_cfg, diff_cfg, cfg, fileio.file_sha256(path), dist.dev().type)
     store = sampling.ShardStore(sampling.shard_dir_for(output), manifest)
     error = None
@@ -76,6 +84,7 @@ def main(argv: list[str]) -> None:
         world_size=dist.get_world_size(),
         device=dist.dev(),
         on_shard=progress,
+        decode=stage.decode_uint8 if stage is not None else None,
     )
     bar.close()
     dist.barrier()

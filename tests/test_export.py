@@ -191,6 +191,8 @@ def test_what_the_other_targets_cannot_hold_is_refused(tmp_path):
     cut = _net(mid_block="none")
     with pytest.raises(export.ExportError, match=r"compressed \(a cut middle block"):
         export.export_guided_diffusion(cut, cut.config, DiffusionConfig(), str(tmp_path / "b.pt"))
+    with pytest.raises(export.ExportError, match="without its decoder"):
+        export.guided_diffusion_flags(ModelConfig(first_stage="dkdm/assets/digits_autoencoder"), DiffusionConfig())
     with pytest.raises(export.ExportError, match="pruned layer widths"):
         export.guided_diffusion_flags(ModelConfig(channel_widths="input_blocks.1.0:8,8"), DiffusionConfig())
     with pytest.raises(export.ExportError, match="rescale_timesteps"):

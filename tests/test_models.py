@@ -44,6 +44,8 @@ EXPECTED_COUNTS = {
     "dit-l2-256": 458_102_816,
     "dit-b2-256": 130_512_416,
     "dit-s2-256": 32_963_360,
+    "ldm-vq4-274M": 274_056_163,  # CompVis's UNet for CelebA-HQ / FFHQ 256 (FACTS.md)
+    "ldm-vq4-89M": 89_535_619,  # the official DKDM latent student (supplement Tab. 7 prints "86M")
 }
 
 # sha256 of "\n".join(f"{key} {shape}") over the sorted state dict, computed from

@@ -203,6 +203,12 @@ class DistillLoop:
         self.student_takes_w = w_range is not None
         self._guide = Guided(self.teacher, distill.guidance_scale) if self.guided else None
         weights = read_class_weights(distill.class_weights, num_classes) if distill.class_weights else None
+        self.latent = bool(getattr(tcfg, "first_stage", ""))
+        if self.latent and distill.objective != "dkdm" and distill.step_clip:
+            raise ValueError(
+                f"--objective {distill.objective} clips the teacher's DDIM x_0 to [-1, 1] (--step_clip), but this "
+                "teacher works on latents, which have no such range; set --step_clip false"
+            )
         if distill.feature_kd_weight > 0 and (distill.objective != "dkdm" or self.guided):
             raise ValueError(
                 "--feature_kd_weight adds feature KD to --objective dkdm with an unguided teacher (the stages of its "
@@ -228,6 +234,7 @@ class DistillLoop:
                 class_weights=weights,
                 w_range=w_range,
                 discard_prob=distill.discard_prob,
+                clip_denoised=not self.latent,  # latents have no [-1, 1] range to clip to
                 warmup=distill.warmup,
                 warmup_jumps=distill.warmup_jumps,
                 warmup_exact=distill.warmup_exact,

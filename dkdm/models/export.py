@@ -59,6 +59,7 @@ def _unet(net: torch.nn.Module, fmt: str):
             "export a student distilled at one --guidance_scale instead"
         )
     cfg = getattr(net, "config", None)
+    _refuse_latent(getattr(cfg, "first_stage", ""), fmt)
     _refuse_compressed(
         len(set(net.level_res_blocks)) > 1 or net.level_res_blocks[0] != net.num_res_blocks,
         net.mid_block,
@@ -66,6 +67,14 @@ def _unet(net: torch.nn.Module, fmt: str):
         fmt,
     )
     return net
+
+
+def _refuse_latent(first_stage: str, fmt: str) -> None:
+    if first_stage:
+        raise ExportError(
+            f"this network works on the latents of the first stage {first_stage}; a {fmt} export would hold the "
+            "denoiser without its decoder (a DDPMPipeline or image_sample.py would draw latents, not images)"
+        )
 
 
 def _refuse_compressed(uneven_blocks: bool, mid_block: str, channel_widths: str, fmt: str) -> None:
@@ -98,6 +107,7 @@ def guided_diffusion_flags(model: ModelConfig, diffusion: DiffusionConfig) -> tu
         raise ExportError(f"guided-diffusion builds ADM UNets; this model's arch is {model.arch}")
     if model.guidance_cond:
         raise ExportError("guided-diffusion has no input for the guidance scale w (guidance_cond)")
+    _refuse_latent(model.first_stage, "guided-diffusion")
     _refuse_compressed(bool(model.level_res_blocks), model.mid_block, model.channel_widths, "guided-diffusion")
     if diffusion.predict_v:
         raise ExportError("guided-diffusion has no v-prediction (predict_v); export to diffusers instead")

@@ -91,6 +91,31 @@ def _digits(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+def _ldm(**kw) -> ModelConfig:
+    """CompVis's unconditional LDM UNet on VQ-f4 latents (CelebA-HQ / FFHQ 256: 64x64x3 latents).
+
+    CompVis's ``openaimodel.UNetModel`` defaults otherwise: no scale-shift norm, conv resampling,
+    legacy attention order, epsilon prediction with a fixed variance (3 output channels).
+    """
+    base = {
+        "arch": "unet",
+        "image_size": 64,
+        "in_channels": 3,
+        "learn_sigma": False,
+        "num_channels": 224,
+        "num_res_blocks": 2,
+        "channel_mult": "1,2,3,4",
+        "attention_resolutions": "32,16,8",
+        "num_heads": 4,  # overridden by num_head_channels, as in CompVis's configs
+        "num_head_channels": 32,
+        "dropout": 0.0,
+        "use_scale_shift_norm": False,
+        "resblock_updown": False,
+        "use_new_attention_order": False,
+    }
+    return ModelConfig(**{**base, **kw})
+
+
 def _dit(hidden_size: int, depth: int, num_heads: int, image_size: int = 256, patch_size: int = 2) -> ModelConfig:
     """DiT's published models (Peebles & Xie, Table 1): class-conditional ImageNet on SD-VAE
     latents (4 channels, 1/8 of the image size), learned sigma, label dropout 0.1 (a null
@@ -149,6 +174,8 @@ ZOO: dict[str, ModelConfig] = {
         mlp_ratio=4.0,
         dropout=0.0,
     ),
+    "ldm-vq4-274M": _ldm(),
+    "ldm-vq4-89M": _ldm(num_channels=128),
     "dit-xl2-256": _dit(1152, 28, 16),
     "dit-xl2-512": _dit(1152, 28, 16, image_size=512),
     "dit-l2-256": _dit(1024, 24, 16),

@@ -1,0 +1,218 @@
+"""DKDM in latent space: the paper's latent configs resolve (Tab. 3 / supplement Tab. 7), a CompVis-layout
+LDM teacher distils a student on latents with the first stage never called, and sample.py decodes the
+student's latents into an ADM npz of images."""
+
+import importlib.util
+import os
+import runpy
+
+import numpy as np
+import pytest
+import torch
+
+from dkdm.models import count_parameters, first_stage
+from tests import ldm_layout as L
+from tests.test_first_stage import TINY_FS, TINY_UNET, ldm_betas
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "celebahq_256": (48, 9.6e-5, 410_000),
+    "ffhq_256": (42, 8.4e-5, 640_000),
+}
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("dataset", list(CONFIGS))
+def test_latent_paper_configs_resolve(dataset):
+    cfgs, path = _script("dkdm_train").resolve(["--config", os.path.join(ROOT, "configs", dataset, "dkdm_89M.yaml")])
+    t, s, d, td = cfgs["teacher"], cfgs["student"], cfgs["diffusion"], cfgs["teacher_diffusion"]
+    train, distill = cfgs["train"], cfgs["distill"]
+    assert path == f"teachers/{dataset.split('_')[0]}-ldm-vq-4.ckpt"
+    assert (train.batch_size, train.lr, train.max_steps) == CONFIGS[dataset]
+    assert distill.rho == 4.0 and distill.simple_only and distill.pool == "dynamic"
+    for diff in (d, td):
+        assert (diff.steps, diff.noise_schedule, diff.sigma_small) == (1000, "scaled_linear:0.0015,0.0195", True)
+        assert not diff.learn_sigma and not diff.predict_xstart and not diff.predict_v
+    assert (t.num_channels, t.channel_mult, t.attention_resolutions, t.num_head_channels) == (
+        224,
+        "1,2,3,4",
+        "32,16,8",
+        32,
+    )
+    assert (t.image_size, t.in_channels, s.image_size, s.in_channels) == (64, 3, 64, 3)
+    assert s.num_channels == 128 and s.channel_mult == t.channel_mult
+    assert count_parameters(t) == 274_056_163 and count_parameters(s) == 89_535_619
+
+
+def _tiny_ckpt(tmp_path):
+    sd = L.ldm_state_dict(L.unet_shapes(TINY_UNET), L.first_stage_shapes(TINY_FS), ema=True, betas=ldm_betas())
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": sd}, path)
+    return str(path)
+
+
+TINY = ["--image_size", "8", "--channel_mult", "1,2", "--attention_resolutions", "4"]
+
+
+def test_latent_distillation_runs_without_the_first_stage_and_samples_decode(tmp_path, monkeypatch):
+    path = _tiny_ckpt(tmp_path)
+    calls = {"encode": 0, "decode": 0, "decode_uint8": 0, "load": 0}
+    for name in ("encode", "decode", "decode_uint8"):
+        orig = getattr(first_stage.FirstStage, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(first_stage.FirstStage, name, counted)
+    orig_load = first_stage.load_first_stage
+
+    def counted_load(*a, **kw):
+        calls["load"] += 1
+        return orig_load(*a, **kw)
+
+    monkeypatch.setattr(first_stage, "load_first_stage", counted_load)
+    run = tmp_path / "run"
+    argv = ["--config", os.path.join(ROOT, "configs", "celebahq_256", "dkdm_89M.yaml"), "--teacher_path", path]
+    for who in ("teacher", "student"):
+        argv += [f"--{who}.{k[2:]}" if k.startswith("--") else k for k in TINY]
+    argv += ["--teacher.num_channels", "32", "--student.num_channels", "32", "--teacher.use_ema"]
+    argv += ["--batch_size", "4", "--rho", "0.01", "--warmup", "respaced", "--max_steps", "3", "--log_dir", str(run)]
+    argv += ["--save_interval", "3", "--log_interval", "1", "--teacher_batch", "200"]
+    _script("dkdm_train").main(argv)
+    assert set(calls.values()) == {0}, f"the first stage was touched while distilling: {calls}"
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["student"]["first_stage"] == saved["teacher"]["first_stage"] == os.path.abspath(path)
+    assert saved["teacher"]["use_ema"] and saved["distill"]["simple_only"]
+    pool = torch.load(run / "pool000003.pt", weights_only=True)
+    xs = [v for v in pool.values() if isinstance(v, torch.Tensor) and v.dim() == 4]
+    assert xs and all(tuple(x.shape[1:]) == (3, 8, 8) for x in xs)  # latents, not 16x16 pixels
+
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "sample.py"))["main"]
+    out = tmp_path / "s.npz"
+    main(["--model_path", str(run / "ema_0.9999_000003.pt"), "--num_samples", "5", "--batch_size", "3"]
+         + ["--use_ddim", "--timestep_respacing", "ddim5", "--output", str(out), "--decode_chunk", "2"])  # fmt: skip
+    arr = np.load(out)["arr_0"]
+    assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
+    assert calls["load"] == 1 and calls["decode_uint8"] == 2 and calls["encode"] == 0  # one call per shard
+
+
+def _tiny_kl_folder(path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    ae = AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=2,
+        norm_num_groups=4,
+        sample_size=8,
+        scaling_factor=0.7,
+    )
+    ae.save_pretrained(path)
+    return str(path)
+
+
+def test_data_based_latent_training_encodes_the_dataset_once(tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    from dkdm.data.latents import LatentSource
+
+    calls = {"encode": 0, "decode": 0}
+    for name in calls:
+        orig = getattr(AutoencoderKL, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(AutoencoderKL, name, counted)
+    folder = _tiny_kl_folder(tmp_path / "ae")
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "image_train.py"))["main"]
+    run = tmp_path / "run"
+    argv = ["--first_stage", folder, "--image_size", "4", "--in_channels", "2", "--channel_mult", "1,2"]
+    argv += ["--attention_resolutions", "2", "--batch_size", "8", "--log_dir", str(run), "--save_interval", "4"]
+    main([*argv, "--max_steps", "4"])
+    assert calls == {"encode": 8, "decode": 0}  # 1,797 digits in chunks of 256, once, whatever the step count
+    main([*argv, "--max_steps", "8"])  # resumed: the cache is read, nothing encoded again
+    assert calls == {"encode": 8, "decode": 0}
+    (cache,) = (run / "latent_cache").iterdir()
+    enc = torch.load(cache, weights_only=True)
+    assert enc["mean"].shape == (1797, 2, 4, 4) and enc["std"].shape == (1797, 2, 4, 4)
+    stage = first_stage.load_first_stage(folder)
+    x, _ = __import__("dkdm.data", fromlist=["load_digits"]).load_digits()
+    post = stage.ae.encode(x[:5]).latent_dist
+    torch.testing.assert_close(enc["mean"][:5], post.mean * 0.7, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc["std"][:5], post.std * 0.7, rtol=1e-5, atol=1e-6)
+    src = LatentSource(enc["mean"], enc["std"], None)
+    a, _ = src.batch(np.arange(3), np.zeros(3, dtype=bool))
+    b, _ = src.batch(np.arange(3), np.zeros(3, dtype=bool))
+    assert not torch.equal(a, b)  # a fresh posterior sample each time, around the cached mean
+
+
+ASSETS = os.path.join(ROOT, "dkdm", "assets")
+LATENT_TEACHER = os.path.join(ASSETS, "digits_latent_teacher.pt")
+
+
+@pytest.mark.skipif(not os.path.isfile(LATENT_TEACHER), reason="latent digits assets not built")
+def test_shipped_latent_digits_assets():
+    """The shipped first stage reconstructs digits, the latent teacher resolves from its provenance into
+    the first stage's latent space, and its decoded samples are digits."""
+    import json
+
+    from sklearn.linear_model import LogisticRegression
+
+    from dkdm.data import load_digits
+    from dkdm.resolve import resolve
+
+    files = [LATENT_TEACHER, LATENT_TEACHER[:-3] + ".json", os.path.join(ASSETS, "digits_autoencoder.json")]
+    files += [
+        os.path.join(ASSETS, "digits_autoencoder", n) for n in os.listdir(os.path.join(ASSETS, "digits_autoencoder"))
+    ]
+    assert sum(os.path.getsize(f) for f in files) <= 5 * 2**20
+    with open(os.path.join(ASSETS, "digits_autoencoder.json")) as f:
+        ae_info = json.load(f)
+    assert "train_digits_autoencoder.py" in ae_info["command"]
+    with open(LATENT_TEACHER[:-3] + ".json") as f:
+        info = json.load(f)
+    assert "image_train.py" in info["command"] and info["model"]["first_stage"] == "digits_autoencoder"
+    net = resolve({}, {"timestep_respacing": "10"}, checkpoint=LATENT_TEACHER)
+    assert net.space.latent and net.space.shape == (2, 4, 4)
+    stage = net.space.load_first_stage()
+    assert stage.kind == "kl" and stage.scale_factor == pytest.approx(ae_info["scaling_factor"])
+    images, labels = load_digits(8)
+    rec = stage.decode(stage.encode(images, sample=False))
+    assert torch.mean((rec - images) ** 2).item() == pytest.approx(ae_info["reconstruction_mse_mode"], rel=1e-3)
+    assert ae_info["reconstruction_mse_mode"] < 0.05
+    model = net.build().eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z = net.create_diffusion().p_sample_loop(model, (96, 2, 4, 4), clip_denoised=False)
+    x = stage.decode(z)
+    clf = LogisticRegression(max_iter=2000).fit(images.reshape(len(images), -1).numpy(), labels.numpy())
+    proba = clf.predict_proba(x.reshape(96, -1).numpy())
+    assert (proba.max(axis=1) >= 0.5).mean() >= 0.8
+    assert len(set(np.argmax(proba, axis=1).tolist())) >= 9
+
+
+def test_step_distillation_of_a_latent_teacher_does_not_clip_latents(tmp_path):
+    path = _tiny_ckpt(tmp_path)
+    argv = ["--config", os.path.join(ROOT, "configs", "celebahq_256", "dkdm_89M.yaml"), "--teacher_path", path]
+    for who in ("teacher", "student"):
+        argv += [f"--{who}.{k[2:]}" if k.startswith("--") else k for k in TINY]
+    argv += ["--teacher.num_channels", "32", "--student.num_channels", "32", "--batch_size", "4", "--rho", "0.01"]
+    argv += ["--objective", "progressive", "--max_steps", "1", "--log_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match="works on latents, which have no such range; set --step_clip false"):
+        _script("dkdm_train").main(argv)
