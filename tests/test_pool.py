@@ -1,5 +1,6 @@
 """The dynamic iterative batch pool: preparation, draw/update semantics, variants, state, cache, memory."""
 
+import math
 import os
 
 import numpy as np
@@ -558,6 +559,21 @@ def test_free_memory_is_read_from_proc_meminfo_with_a_one_gib_margin():
         kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
     free, margin = pool_mod.available_memory(torch.device("cpu"))
     assert margin == 1 << 30 and abs(free - kb * 1024) < 0.2 * kb * 1024  # memory moves a little meanwhile
+
+
+def test_meminfo_kilobytes_become_bytes_exactly(monkeypatch):
+    import io
+
+    fake = "MemTotal:       32000000 kB\nMemAvailable:   12345678 kB\n"
+    monkeypatch.setattr(pool_mod, "open", lambda path, *a, **k: io.StringIO(fake), raising=False)
+    assert pool_mod._meminfo_available() == 12345678 * 1024
+
+
+def test_the_pools_default_warmup_grid_is_the_configs():
+    from dkdm.config import DistillConfig
+
+    pool = DynamicPool(_diffusion(100), SHAPE, 200, warmup="respaced")
+    assert pool.warmup_grid == math.ceil(100 / DistillConfig().warmup_jumps) == 5
 
 
 def test_fitting_is_need_against_free_minus_margin_and_the_message_has_the_numbers(monkeypatch, capsys):
