@@ -86,3 +86,13 @@ def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             gpu.parse(["--tiny", "--cuda_graphs"])
+
+
+def test_cost_model_latent_unets_are_the_released_ones():
+    """The cost model's LDM-VQ-4 teacher and student have CompVis's exact parameter counts (FACTS.md)."""
+    cm = _load("cost_model")
+    for channels, params in ((224, 274_056_163), (128, 89_535_619)):
+        with torch.device("meta"):
+            model = create_model(cm._ldm_unet(channels))
+        assert sum(p.numel() for p in model.parameters()) == params
+    assert cm.SETTINGS["FFHQ 256 (latent)"][2:5] == (42, 4.0, 640_000)  # supplement Table 7
