@@ -224,6 +224,8 @@ def run(a: argparse.Namespace) -> dict:
     with torch.no_grad():  # output layers start at zero; give the teacher something to say
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    # Frozen, as in distillation; autocast then keeps no weight-cast cache to trip a graph capture.
+    teacher.eval().requires_grad_(False)
     with torch.device("meta"):
         tm, sm = create_model(tcfg), create_model(scfg)
     f_teacher = flops_of(tm, tcfg, 1, False)

@@ -96,3 +96,11 @@ def test_cost_model_latent_unets_are_the_released_ones():
             model = create_model(cm._ldm_unet(channels))
         assert sum(p.numel() for p in model.parameters()) == params
     assert cm.SETTINGS["FFHQ 256 (latent)"][2:5] == (42, 4.0, 640_000)  # supplement Table 7
+
+
+@pytest.mark.skipif(not os.environ.get("GUIDED_DIFFUSION_PATH"), reason="GUIDED_DIFFUSION_PATH names no checkout")
+def test_side_by_side_with_guided_diffusion_agrees():
+    vs = _load("vs_guided_diffusion")
+    out = vs.main(["--batch", "1", "--respacing", "2", "--rounds", "1"])
+    assert out["agree_to_tol"], out["max_abs_diff"]
+    assert out["max_abs_diff"]["iddpm"] <= 1e-4 and out["max_abs_diff"]["weights_after_step"] <= 1e-4
