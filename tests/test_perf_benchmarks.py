@@ -1,0 +1,106 @@
+"""benchmarks/roofline.py and benchmarks/gpu.py run at a tiny size on the CPU, so they cannot rot."""
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from dkdm.models import create_model, get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_flops_on_the_meta_device_equal_a_real_runs_attention_included():
+    """The big models are counted on meta; a real CPU run agrees once its flash attention is counted."""
+    roof = _load("roofline")
+    meta = roof.zoo_flops(["digits-vit"], meta_above=0)["digits-vit"]
+    real = roof.zoo_flops(["digits-vit"])["digits-vit"]
+    assert meta["counted_on"] == "meta" and real["counted_on"] == "cpu"
+    assert meta["fwd_GFLOP_per_image"] == real["fwd_GFLOP_per_image"]
+    assert meta["fwd_bwd_GFLOP_per_image"] == real["fwd_bwd_GFLOP_per_image"]
+    # digits-vit: 4 blocks, 16 tokens of 128 channels; attention is 4 * 16 * 16 * 128 FLOPs per block.
+    cfg = get_config("digits-vit")
+    model = create_model(cfg)
+    with torch.no_grad():
+        x, t = torch.randn(1, 1, 8, 8), torch.zeros(1, dtype=torch.long)
+        with roof.FlopCounterMode(display=False) as plain:  # torch's counter alone misses the attention
+            model(x, t)
+    assert roof.count_flops(model, cfg) - plain.get_total_flops() == 4 * 4 * 16 * 16 * 128
+
+
+@pytest.mark.slow
+def test_roofline_tiny(tmp_path):
+    roof = _load("roofline")
+    out = roof.main(["--tiny", "--out", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.json").is_file()
+    assert (
+        out["flops"]["digits-teacher"]["fwd_bwd_GFLOP_per_image"]
+        > 2 * out["flops"]["digits-teacher"]["fwd_GFLOP_per_image"]
+    )
+    per = out["flops_per_call"]
+    assert per["dkdm_step"] == per["teacher_fwd"] + per["student_fwd_bwd"] > 0
+    one = out["per_threads"]["1"]
+    assert one["peak_GFLOP_per_s"]["matmul_fp32"]["median"] > 0
+    for name in ("teacher_fwd", "student_fwd_bwd", "dkdm_step", "sampling_step"):
+        assert 0 < one["achieved"][name]["fraction_of_matmul_peak"]["median"] < 100
+    for shape in one["switches"]["attention_sdpa_over_bmm_time"].values():
+        assert shape["max_abs_diff"] < 1e-5  # the two attention paths compute the same thing
+    for part in ("teacher_fwd", "student_fwd_bwd"):
+        assert math.isclose(sum(out["profile"][part]["share"].values()), 1.0, abs_tol=1e-3)
+    assert out["profile"]["teacher_fwd"]["share"]["conv"] > 0.1  # a UNet's time is in its convolutions
+
+
+def test_attention_shapes_follow_the_unet_config():
+    roof = _load("roofline")
+    # cifar10-57M: 128 channels x (1,2,2,2), attention at 16 and 8 px, 32 channels per head.
+    assert roof.attention_shapes(get_config("cifar10-57M"), 2) == [(2 * 8, 256, 32), (2 * 8, 64, 32)]
+    q, k, v = (torch.randn(3, 10, 8, dtype=torch.float64) for _ in range(3))
+    want = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), -1) @ v
+    torch.testing.assert_close(roof.bmm_attention(q.float(), k.float(), v.float()).double(), want, atol=1e-5, rtol=0)
+
+
+def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(tmp_path):
+    gpu = _load("gpu")
+    out = gpu.main(["--tiny", "--sample_steps", "2", "--out", str(tmp_path / "g.json")])
+    assert out["device"].startswith("cpu") and "tiny" in out["note"]
+    s, d = out["sampling"][0], out["dkdm_step"][0]
+    assert s["image_steps_per_s"] > 0 and 0 < s["MFU"] < 10 and s["host_syncs"] == 0
+    assert d["s_per_step"] > 0 and 0 < d["MFU"] < 10 and d["precision"] == "bf16"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu.parse(["--tiny", "--cuda_graphs"])
+
+
+def test_cost_model_latent_unets_are_the_released_ones():
+    """The cost model's LDM-VQ-4 teacher and student have CompVis's exact parameter counts (FACTS.md)."""
+    cm = _load("cost_model")
+    for channels, params in ((224, 274_056_163), (128, 89_535_619)):
+        with torch.device("meta"):
+            model = create_model(cm._ldm_unet(channels))
+        assert sum(p.numel() for p in model.parameters()) == params
+    assert cm.SETTINGS["FFHQ 256 (latent)"][2:5] == (42, 4.0, 640_000)  # supplement Table 7
+
+
+@pytest.mark.skipif(not os.environ.get("GUIDED_DIFFUSION_PATH"), reason="GUIDED_DIFFUSION_PATH names no checkout")
+def test_side_by_side_with_guided_diffusion_agrees():
+    vs = _load("vs_guided_diffusion")
+    out = vs.main(["--batch", "1", "--respacing", "2", "--rounds", "1"])
+    assert out["agree_to_tol"], out["max_abs_diff"]
+    assert out["max_abs_diff"]["iddpm"] <= 1e-4 and out["max_abs_diff"]["weights_after_step"] <= 1e-4
