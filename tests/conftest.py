@@ -12,6 +12,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
 @pytest.fixture(autouse=True)
+def _environment():
+    """Each test gets the environment the session started with: setup_dist writes the launch
+    variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) into os.environ under a simulated SLURM or
+    mpiexec, and a leftover RANK would make a later test's processes think torchrun started them."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     import numpy as np
 

@@ -109,8 +109,9 @@ def _worker(rank, world, port, result_dir):
 def test_update_gathers_losses_across_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    # fork: the workers inherit the imported modules instead of re-importing torch.
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a forked worker would inherit the process group an earlier test of this
+    # session set up (setup_dist's one-process group) and could not start its own.
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     w0, w1 = torch.load(tmp_path / "w0.pt"), torch.load(tmp_path / "w1.pt")
     assert torch.equal(w0, w1)
     ref = ReferenceHistory(6, 2)
