@@ -392,7 +392,7 @@ class Runner:
                 logfile,
             )
         proc = subprocess.run(
-            [sys.executable, os.path.join(SCRIPTS, "digits_eval.py"), npz],
+            [sys.executable, os.path.join(SCRIPTS, "digits_eval.py"), npz, "--json", npz[:-4] + "_metrics.json"],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -405,9 +405,16 @@ class Runner:
         )
         if proc.returncode:
             raise RuntimeError(f"digits_eval.py failed on {npz}: {proc.stderr.strip()}")
-        fields = proc.stdout.strip().splitlines()[-1].split()
-        fd, is_, prec, rec = (float(v) for v in fields[-4:])
-        return {"step": step, "fd": fd, "is": is_, "precision": prec, "recall": rec, "npz": npz}
+        with open(npz[:-4] + "_metrics.json") as f:
+            (m,) = json.load(f)
+        return {
+            "step": step,
+            "fd": m["fd"],
+            "is": m["is"],
+            "precision": m["precision"],
+            "recall": m["recall"],
+            "npz": npz,
+        }
 
     def run_all(self, tasks: dict[str, Task], jobs: int) -> dict[str, dict]:
         """Run tasks in dependency order, ``jobs`` at a time; return every task's result."""

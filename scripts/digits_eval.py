@@ -6,10 +6,12 @@ Features and class probabilities come from the small CNN shipped in
 dkdm/assets/digits_classifier.pt (the digits' stand-in for Inception); the maths is
 evaluations/metrics.py, the same as the ADM evaluator's. The reference defaults to all
 1,797 real digits. Class-conditional samples (labels in arr_1) also get the accuracy of the
-requested label ("label acc"). For datasets other than digits use evaluations/evaluator.py.
+requested label ("label acc"). ``--json out.json`` also writes the numbers, one record per
+file, for scripts to read. For datasets other than digits use evaluations/evaluator.py.
 """
 
 import argparse
+import json
 import sys
 
 from dkdm import digits_metric
@@ -22,7 +24,9 @@ def main() -> int:
     p.add_argument("samples", nargs="+", help="ADM npz files (arr_0 uint8 N x 8 x 8 x 1 or x 3)")
     p.add_argument("--reference", default="digits", help="'digits' (all real digits) or an npz")
     p.add_argument("--classifier", default=digits_metric.CLASSIFIER_PATH)
+    p.add_argument("--json", default="", help="also write the numbers here (a list, one record per samples file)")
     args = p.parse_args()
+    records = []
     try:
         classifier = digits_metric.load_classifier(args.classifier)
         ref = digits_metric.activations(read_images(args.reference)[0], classifier)
@@ -31,11 +35,20 @@ def main() -> int:
             images, labels = read_images(path)
             acts = digits_metric.activations(images, classifier)
             m = digits_metric.score(acts, ref)
-            acc = f"{digits_metric.label_accuracy(acts, labels)[0]:>9.4f}" if labels is not None else f"{'-':>9}"
+            label_acc = digits_metric.label_accuracy(acts, labels)[0] if labels is not None else None
+            acc = f"{label_acc:>9.4f}" if label_acc is not None else f"{'-':>9}"
             print(
                 f"{path:<40} {len(images):>6} {max(m['fd'], 0.0):>9.3f} {m['is']:>7.3f} {m['precision']:>10.4f} "
                 f"{m['recall']:>7.4f} {acc}"
             )
+            records.append(
+                {"samples": path, "n": len(images), "fd": max(float(m["fd"]), 0.0), "is": float(m["is"]),
+                 "precision": float(m["precision"]), "recall": float(m["recall"]),
+                 "label_accuracy": None if label_acc is None else float(label_acc)}
+            )  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
     except (DataError, ValueError, OSError) as e:
         print(f"digits_eval.py: error: {e}", file=sys.stderr)
         return 1

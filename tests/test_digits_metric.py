@@ -97,9 +97,12 @@ def test_command_line_prints_the_metrics(tmp_path, real, monkeypatch, capsys):
     main = runpy.run_path(os.path.join(ROOT, "scripts", "digits_eval.py"))["main"]
     path = tmp_path / "real.npz"
     save_npz(str(path), real[0][:400])
-    monkeypatch.setattr(sys, "argv", ["digits_eval.py", str(path)])
+    monkeypatch.setattr(sys, "argv", ["digits_eval.py", str(path), "--json", str(tmp_path / "m.json")])
     assert main() == 0
     header, row = capsys.readouterr().out.strip().splitlines()[-2:]
+    (rec_,) = json.loads((tmp_path / "m.json").read_text())  # the printed numbers, for scripts
+    assert rec_["n"] == 400 and rec_["label_accuracy"] is None and rec_["samples"] == str(path)
+    assert [round(rec_[k], 3) for k in ("fd", "is")] == [round(float(v), 3) for v in row.split()[2:4]]
     assert header.split()[1:] == ["N", "FD", "IS", "precision", "recall", "label", "acc"]
     n, fd, is_, prec, rec, acc = row.split()[1:]
     assert 0 < float(rec) <= 1 and acc == "-"  # no labels, no label accuracy
