@@ -13,7 +13,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[mpi,eval,dev,paper,latent]"
+	$(PY) -m pip install -q -e ".[mpi,eval,dev,paper,latent,compress]"
 	touch $(STAMP)
 
 install: $(STAMP)
