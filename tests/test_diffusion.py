@@ -394,10 +394,11 @@ def test_vb_terms_zero_for_the_true_posterior_and_decoder_nll_at_t0():
     assert set(kl) == {"loss"}
 
 
-def test_calc_bpd_loop():
+@pytest.mark.parametrize("channels", [1, 3])  # 3: a batch (2) that is not the channel count
+def test_calc_bpd_loop(channels):
     d = make(steps=8, var=ModelVarType.LEARNED_RANGE)
-    x0 = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 2 - 1
-    res = d.calc_bpd_loop(SmoothModel(1, learned=True), x0)
+    x0 = torch.rand(2, channels, 4, 4, dtype=torch.float64) * 2 - 1
+    res = d.calc_bpd_loop(SmoothModel(channels, learned=True), x0)
     assert res["vb"].shape == res["mse"].shape == res["xstart_mse"].shape == (2, 8)
     torch.testing.assert_close(res["total_bpd"], res["vb"].sum(1) + res["prior_bpd"])
     assert torch.all(res["vb"] >= 0) and torch.all(res["prior_bpd"] >= 0)

@@ -29,15 +29,16 @@ def _diffusion(steps=T):
 class GaussTeacher:
     """The Bayes-optimal teacher for Gaussian data (zero variance output = halfway v)."""
 
-    def __init__(self, diffusion, fail_after=None):
+    def __init__(self, diffusion, fail_after=None, error=None):
         self.abar = torch.as_tensor(diffusion.alphas_cumprod, dtype=torch.float32)
         self.calls = 0
         self.fail_after = fail_after
+        self.error = error or KeyboardInterrupt("simulated interruption")
 
     def __call__(self, x, t, y=None):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt("simulated interruption")
+            raise self.error
         ab = self.abar[t].view(-1, 1, 1, 1)
         eps = (1 - ab).sqrt() * x / (ab * SIGMA2 + 1 - ab)
         return torch.cat([eps, torch.zeros_like(x)], 1)
@@ -327,7 +328,7 @@ def test_cache_is_reused(tmp_path):
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].name.startswith("pool_")
     b, _ = _make(batch_size=8)
-    never = GaussTeacher(d, fail_after=0)
+    never = GaussTeacher(d, fail_after=0, error=AssertionError("the cache was not used: the teacher ran"))
     b.prepare(never, teacher_id="tiny", cache_dir=str(tmp_path), progress=False)
     assert never.calls == 0
     assert torch.equal(a.x, b.x) and torch.equal(a.t, b.t)
