@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -329,6 +330,15 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
     return data
+
+
+def load_json(path: str) -> Any:
+    """Read a JSON file (a diffusers config, a provenance note); unreadable or malformed is a ConfigError."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
 
 
 def dump_yaml(groups: Mapping[str, Any], path: str) -> None:

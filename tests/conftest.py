@@ -23,6 +23,18 @@ def _environment():
         os.environ.update(saved)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    two threads on a shared 2-core box oversubscribe badly, and these models are tiny anyway."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import numpy as np

@@ -15,13 +15,7 @@ from dkdm.models import create_model
 T = 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads on a shared 2-core box oversubscribe badly; these models are tiny anyway.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GaussTeacherNet(torch.nn.Module):

@@ -19,12 +19,7 @@ def _load(name):
     return mod
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_flops_on_the_meta_device_equal_a_real_runs_attention_included():

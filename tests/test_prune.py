@@ -16,12 +16,7 @@ from dkdm.resolve import ConfigError, resolve, resolve_distillation
 ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher():

@@ -31,12 +31,7 @@ TINY = ModelConfig(
 DIFF = DiffusionConfig(steps=4, noise_schedule="cosine", learn_sigma=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run_dir(root, model_cfg=TINY, seed=0):

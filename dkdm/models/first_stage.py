@@ -17,7 +17,6 @@ Images are float in [-1, 1], NCHW.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dkdm.config import ConfigError
+from dkdm.config import ConfigError, load_json
 
 KINDS = ("kl", "vq")
 _CLASSES = {"AutoencoderKL": "kl", "VQModel": "vq"}
@@ -337,19 +336,11 @@ def from_compvis_state_dict(
     return FirstStage(module, scale_factor, **kw)
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-
-
 def from_diffusers_folder(folder: str, kind: str = "", scale_factor: float | None = None, **kw) -> FirstStage:
     """A :class:`FirstStage` from a diffusers ``AutoencoderKL``/``VQModel`` folder (or a pipeline's ``vae/``)."""
     if os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isdir(os.path.join(folder, "vae")):
         folder = os.path.join(folder, "vae")
-    cfg = _read_json(os.path.join(folder, "config.json"))
+    cfg = load_json(os.path.join(folder, "config.json"))
     cls = cfg.get("_class_name")
     if cls not in _CLASSES:
         raise ConfigError(f"{folder} holds a diffusers {cls}; a first stage is one of {', '.join(_CLASSES)}")

@@ -15,14 +15,13 @@ the same Gaussian here.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
-from dkdm.config import ConfigError, ModelConfig
+from dkdm.config import ConfigError, ModelConfig, load_json
 from dkdm.models.export import EXPORT_NOTE
 
 MODEL_CLASSES = ("UNet2DModel",)
@@ -41,14 +40,6 @@ _SCHEDULER_DEFAULTS = {
 }
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
-
-
 def is_diffusers_folder(path: str) -> bool:
     """True for a diffusers pipeline folder or a folder holding one diffusers model."""
     if not os.path.isdir(path):
@@ -56,14 +47,14 @@ def is_diffusers_folder(path: str) -> bool:
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return True
     cfg = os.path.join(path, "config.json")
-    return os.path.isfile(cfg) and "_class_name" in _read_json(cfg)
+    return os.path.isfile(cfg) and "_class_name" in load_json(cfg)
 
 
 def locate(folder: str) -> tuple[str, str]:
     """The model's folder and its scheduler config ("" when there is none) inside ``folder``."""
     index = os.path.join(folder, "model_index.json")
     if os.path.isfile(index):
-        entries = _read_json(index)
+        entries = load_json(index)
         names = [k for k, v in entries.items() if isinstance(v, list) and len(v) == 2 and v[1] in MODEL_CLASSES]
         if not names:
             found = {k: v[1] for k, v in entries.items() if isinstance(v, list) and len(v) == 2}
@@ -73,7 +64,7 @@ def locate(folder: str) -> tuple[str, str]:
         model_dir = os.path.join(folder, names[0])
         sched = os.path.join(folder, "scheduler", "scheduler_config.json")
         return model_dir, sched if os.path.isfile(sched) else ""
-    cls = _read_json(os.path.join(folder, "config.json")).get("_class_name")
+    cls = load_json(os.path.join(folder, "config.json")).get("_class_name")
     if cls not in MODEL_CLASSES:
         raise ConfigError(f"{folder} holds a diffusers {cls}; dkdm wraps {', '.join(MODEL_CLASSES)}")
     for sched in (
@@ -88,7 +79,7 @@ def locate(folder: str) -> tuple[str, str]:
 def model_config(folder: str) -> ModelConfig:
     """Our description of the diffusers model in ``folder`` (``arch: diffusers``)."""
     model_dir, _ = locate(folder)
-    cfg = _read_json(os.path.join(model_dir, "config.json"))
+    cfg = load_json(os.path.join(model_dir, "config.json"))
     size = cfg.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(set(size)) != 1:
@@ -105,7 +96,7 @@ def model_config(folder: str) -> ModelConfig:
         raise ConfigError(f"{model_dir}: class_embed_type {cfg['class_embed_type']!r} is not supported (only None)")
     # Our export records a classifier-free-guidance null class (the last embedding row) beside config.json.
     note_path = os.path.join(model_dir, EXPORT_NOTE)
-    note = _read_json(note_path) if os.path.isfile(note_path) else {}
+    note = load_json(note_path) if os.path.isfile(note_path) else {}
     null = note.get("null_class")
     if null is not None and (classes is None or int(null) != int(classes) - 1):
         raise ConfigError(
@@ -133,7 +124,7 @@ def scheduler_to_diffusion(path: str) -> dict[str, Any]:
     sampling) the variance type; the scheduler class and its sampling-only settings
     (``timestep_spacing``, ``steps_offset``, ``clip_sample``) do not change it.
     """
-    raw = _read_json(path)
+    raw = load_json(path)
     cfg = {**_SCHEDULER_DEFAULTS, **raw}
 
     def refuse(field: str, why: str) -> ConfigError:
@@ -203,7 +194,7 @@ def load(cfg: ModelConfig) -> DiffusersNet:
     except ImportError:
         raise ConfigError("arch diffusers needs the diffusers package: pip install -e .[latent]") from None
     model_dir, _ = locate(cfg.pretrained)
-    cls_name = _read_json(os.path.join(model_dir, "config.json"))["_class_name"]
+    cls_name = load_json(os.path.join(model_dir, "config.json"))["_class_name"]
     net = getattr(diffusers, cls_name).from_pretrained(model_dir, local_files_only=True)
     classes = cfg.num_classes if cfg.class_cond else None
     null = classes if classes is not None and cfg.class_dropout_prob > 0 else None
