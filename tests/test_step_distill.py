@@ -795,3 +795,106 @@ def test_bf16_steps_are_finite(tmp_path, name):
     with loop.trainer.precision.autocast():
         loss, terms = loop.loss_fn(loop.trainer.ddp_model, batch)
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and "loss" in terms
+
+
+# ---------------------------------------------------------------------- guided progressive (Meng et al.)
+
+
+def w_cond_net(seed):
+    """A tiny class-conditional, w-conditioned UNet whose zero-initialised layers (output, w embedding) are perturbed."""
+    torch.manual_seed(seed)
+    m = create_model("digits-student", class_cond=True, num_classes=10, guidance_cond=True, dropout=0.0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def test_guided_progressive_target_uses_each_samples_label_and_w(tmp_path):
+    """Meng et al.'s stage two: a w-conditioned teacher distilled progressively; the pool's y and w reach every call."""
+    d = diffusion()
+    teacher = w_cond_net(0)
+    loop = make_loop(
+        tmp_path,
+        teacher=teacher,
+        student=w_cond_net(1),
+        objective="progressive",
+        progressive_start=4,
+        progressive_end=1,
+        round_steps=5,
+        max_steps=15,
+        w_min=0.0,
+        w_max=4.0,
+    )
+    loop.prepare_pool(progress=False)
+    batch = loop.next_batch()
+    y, w = batch["y"], batch["w"]
+    assert y.shape == w.shape == (16,) and 0 <= float(w.min()) and float(w.max()) <= 4 and len(set(w.tolist())) > 1
+    # The target again from the teacher's epsilon and float64 DDIM formulas (round 0: the teacher, 8-step grid).
+    ab = abar64(d)
+    fine = [-1, 2, 4, 7, 9, 12, 14, 17, 19]
+    z, u = batch["x_t"], batch["t"]
+    for i in range(16):
+        k = fine.index(int(u[i])) // 2
+        t, mid, end = fine[2 * k], fine[2 * k - 1], fine[2 * k - 2]
+
+        def step(x, a_t, s, i=i):
+            with torch.no_grad():
+                eps = teacher(torch.from_numpy(x).float()[None], torch.tensor([a_t]), y=y[i : i + 1], w=w[i : i + 1])
+            eps = eps[0, :1].double().numpy()
+            a = ab[a_t]
+            x0 = np.clip((x - math.sqrt(1 - a) * eps) / math.sqrt(a), -1, 1)
+            eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+            return math.sqrt(ext(ab, s)) * x0 + math.sqrt(1 - ext(ab, s)) * eps
+
+        z0 = z[i].double().numpy()
+        z2 = step(step(z0, t, mid), mid, end)
+        a, s = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
+        a2, s2 = math.sqrt(ext(ab, end)), math.sqrt(1 - ext(ab, end))
+        want = (z2 - s2 / s * z0) / (a2 - s2 / s * a)
+        assert np.abs(batch["target"][i].double().numpy() - want).max() < 1e-4
+    # w reaches the student's loss too: other scales, other predictions.
+    _, terms = loop.loss_fn(loop.trainer.model, batch)
+    _, other = loop.loss_fn(loop.trainer.model, {**batch, "w": 4.0 - batch["w"]})
+    assert not torch.allclose(terms["mse"], other["mse"])
+    loop.trainer.run_step(loop.next_batch, loop.loss_fn)  # a full step with the conditioning
+
+
+def test_guided_progressive_from_a_guided_teacher_and_the_conditional_sampler(tmp_path):
+    """A guided (null-class) teacher at one w, a plain conditional student; its sampler passes the labels."""
+    torch.manual_seed(0)
+    teacher = create_model("digits-student", class_cond=True, num_classes=10, class_dropout_prob=0.1)
+    student = create_model("digits-student", class_cond=True, num_classes=10)
+    loop = make_loop(
+        tmp_path,
+        teacher=teacher,
+        student=student,
+        objective="progressive",
+        progressive_start=2,
+        progressive_end=1,
+        round_steps=2,
+        max_steps=4,
+        guidance_scale=3.0,
+        student_init="random",
+    )
+    loop.prepare_pool(progress=False)
+    calls = []
+    handle = teacher.register_forward_pre_hook(lambda m, a, kw: calls.append(a[0].shape[0]), with_kwargs=True)
+    batch = loop.next_batch()
+    handle.remove()
+    assert "y" in batch and "w" not in batch
+    assert calls == [32, 32, 32]  # pool step + two target steps, each one doubled (cond, null) call of 16
+    from dkdm.distill.objectives.sampling import StepSampler
+
+    sampler = StepSampler(diffusion(), {"objective": "progressive", "progressive_start": 2}, steps=1)
+    noise = torch.randn(4, 1, 8, 8)
+    net = w_cond_net(2).eval()
+    with torch.no_grad():
+        a = sampler.p_sample_loop(lambda x, t, **kw: net(x, t, w=torch.ones(4), **kw), (4, 1, 8, 8), noise=noise,
+                                  model_kwargs={"y": torch.tensor([0, 1, 2, 3])})  # fmt: skip
+        b = sampler.p_sample_loop(lambda x, t, **kw: net(x, t, w=torch.ones(4), **kw), (4, 1, 8, 8), noise=noise,
+                                  model_kwargs={"y": torch.tensor([5, 6, 7, 8])})  # fmt: skip
+    assert not torch.allclose(a, b)  # the labels reached the student
+    cm = StepSampler(diffusion(), {"objective": "consistency", "cm_steps": 4}, steps=1)
+    with pytest.raises(Exception, match="unconditional; it takes no labels"):
+        cm.p_sample_loop(net, (4, 1, 8, 8), noise=noise, model_kwargs={"y": torch.tensor([0, 1, 2, 3])})

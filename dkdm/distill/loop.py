@@ -58,8 +58,9 @@ def check_conditioning(
 
     Returns the pool's number of classes (None: unconditional) and its guidance range (None:
     one scale, ``--guidance_scale``, for every sample). Checks that both networks agree on class
-    conditioning and the number of classes, that guidance has a teacher with a null class, and
-    that a w-conditioned student comes with ``--w_min < --w_max`` (and only then).
+    conditioning and the number of classes, that guidance has a teacher with a null class (or a
+    w-conditioned teacher, which takes ``w`` itself: Meng et al.'s stage two distils such a
+    network again), and that a w-conditioned student comes with ``--w_min < --w_max`` (and only then).
     """
     t_classes = getattr(teacher, "num_classes", None)
     s_classes = getattr(student, "num_classes", None)
@@ -98,15 +99,15 @@ def check_conditioning(
             "--w_min/--w_max are for a w-conditioned student: set --student.guidance_cond true, or use "
             "--guidance_scale for a student of one w"
         )
-    if w_cond or distill.guidance_scale != 1.0:
+    if (w_cond or distill.guidance_scale != 1.0) and not getattr(teacher, "guidance_cond", False):
         check_guidable(teacher, "teacher", "--w_min/--w_max" if w_cond else "--guidance_scale")
     return t_classes, ((distill.w_min, distill.w_max) if w_cond else None)
 
 
 def _frozen_forward(
-    net: Any, diffusion: Any, x: Tensor, t: Tensor, y: Tensor | None, device_type: str, dtype: Any
+    net: Any, diffusion: Any, x: Tensor, t: Tensor, kwargs: dict[str, Tensor], device_type: str, dtype: Any
 ) -> Tensor:
-    kwargs = {"y": y} if y is not None else {}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     ts = diffusion.model_timesteps(t)
     with autocast(device_type, dtype):
         out = net(x, ts, **kwargs)
@@ -201,7 +202,9 @@ class DistillLoop:
         self.guided = w_range is not None or distill.guidance_scale != 1.0
         self.guidance_scale = distill.guidance_scale
         self.student_takes_w = w_range is not None
-        self._guide = Guided(self.teacher, distill.guidance_scale) if self.guided else None
+        # A w-conditioned teacher takes w as its input; any other guided teacher runs as Guided (one doubled call).
+        self.teacher_takes_w = bool(getattr(teacher, "guidance_cond", False))
+        self._guide = Guided(self.teacher, distill.guidance_scale) if self.guided and not self.teacher_takes_w else None
         weights = read_class_weights(distill.class_weights, num_classes) if distill.class_weights else None
         self.latent = bool(getattr(tcfg, "first_stage", ""))
         if self.latent and distill.objective != "dkdm" and distill.step_clip:
@@ -209,7 +212,7 @@ class DistillLoop:
                 f"--objective {distill.objective} clips the teacher's DDIM x_0 to [-1, 1] (--step_clip), but this "
                 "teacher works on latents, which have no such range; set --step_clip false"
             )
-        if distill.feature_kd_weight > 0 and (distill.objective != "dkdm" or self.guided):
+        if distill.feature_kd_weight > 0 and (distill.objective != "dkdm" or self._guide is not None):
             raise ValueError(
                 "--feature_kd_weight adds feature KD to --objective dkdm with an unguided teacher (the stages of its "
                 "one teacher call); drop --feature_kd_weight, or use --objective dkdm without guidance"
@@ -288,17 +291,30 @@ class DistillLoop:
         Guided: the classifier-free-guided output at ``w`` (per sample) or ``--guidance_scale``,
         from one teacher call of doubled batch.
         """
+        if self.teacher_takes_w and w is None:
+            w = torch.full((x.shape[0],), self.guidance_scale, device=x.device, dtype=torch.float32)
         if self._guide is None:
-            return _frozen_forward(self.teacher, self.teacher_diffusion, x, t, y, self.device.type, self.teacher_dtype)
+            kwargs = {"y": y, "w": w if self.teacher_takes_w else None}
+            return _frozen_forward(
+                self.teacher, self.teacher_diffusion, x, t, kwargs, self.device.type, self.teacher_dtype
+            )
         ts = self.teacher_diffusion.model_timesteps(t)
         with autocast(self.device.type, self.teacher_dtype):
             out = self._guide(x, ts, y, w)
         return out if self.teacher_dtype is None else out.float()
 
     @torch.no_grad()
-    def run_net(self, net: torch.nn.Module, diffusion: Any, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def run_net(
+        self,
+        net: torch.nn.Module,
+        diffusion: Any,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        w: Tensor | None = None,
+    ) -> Tensor:
         """A frozen network's output at step indices ``t`` of ``diffusion``, under the teacher's precision."""
-        return _frozen_forward(net, diffusion, x, t, y, self.device.type, self.teacher_dtype)
+        return _frozen_forward(net, diffusion, x, t, {"y": y, "w": w}, self.device.type, self.teacher_dtype)
 
     def prepare_pool(self, progress: bool = True) -> None:
         """Shuffle-denoise the pool (or load it from the cache); every rank its own pool."""

@@ -5,6 +5,8 @@ step-distillation methods make students that sample in few steps, without data:
 
 * ``luhman`` (Luhman & Luhman 2021): noise -> the teacher's deterministic DDIM sample, in one step;
 * ``progressive`` (Salimans & Ho 2022): rounds that halve the step count, ``x_t`` from the pool;
+  class-conditional and guided too (Meng et al. 2023, stage two: a w-conditioned student of a
+  guided or w-conditioned teacher, each pool sample with its own label and ``w``);
 * ``tract`` (Berthelot et al. 2023): progressive's rounds with fewer phases, each student spanning
   several teacher steps through an EMA self-teacher;
 * ``consistency`` (Song et al. 2023, distillation): one teacher DDIM step between adjacent grid
@@ -57,10 +59,10 @@ def build_objective(loop: Any, distill: Any, class_cond: bool = False) -> LoopOb
 
             logger.log(init_student(loop.student, loop.teacher, distill.student_init))
         return DKDMLoopObjective(loop.objective)
-    if class_cond:
+    if class_cond and name != "progressive":
         raise ObjectiveError(
-            f"--objective {name} distills unconditional teachers only for now; use --objective dkdm for a "
-            "class-conditional teacher"
+            f"--objective {name} distills unconditional teachers only for now; use --objective dkdm or progressive "
+            "for a class-conditional teacher"
         )
     if name == "luhman":
         from dkdm.distill.objectives.luhman import LuhmanObjective

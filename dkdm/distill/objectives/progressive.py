@@ -203,20 +203,30 @@ class ProgressiveObjective(LoopObjective):
         if loop.trainer.step == self.total:
             self._save_round(loop, len(self.schedule) - 1)
 
-    def teacher_x0(self, loop: Any, r: int, z: Tensor, t: Tensor) -> Tensor:
-        """Round ``r``'s teacher's x_0 at ``(z, t)``: the original teacher in round 0, else the last round's student."""
+    def teacher_x0(self, loop: Any, r: int, z: Tensor, t: Tensor, cond: dict[str, Tensor] | None = None) -> Tensor:
+        """Round ``r``'s teacher's x_0 at ``(z, t)``: the original teacher in round 0, else the last round's student.
+
+        ``cond`` holds the pool samples' labels ``y`` and guidance scales ``w`` (class-conditional
+        and w-conditioned students, Meng et al.'s guided distillation): round 0's teacher gets them
+        as the loop gives them to it (a guided teacher combines its two passes at ``w``), later
+        rounds' students as inputs.
+        """
+        cond = cond or {}
         if r == 0:
-            out = loop.teacher_forward(z, t)
+            out = loop.teacher_forward(z, t, cond.get("y"), cond.get("w"))
             return self.teacher_diffusion.p_mean_variance_from_output(out, z, t, clip_denoised=self.clip)["pred_xstart"]
-        x0 = self.param.x0(loop.run_net(self.rounds.net, self.student_diffusion, z, t).float(), z, t)
+        out = loop.run_net(self.rounds.net, self.student_diffusion, z, t, cond.get("y"), cond.get("w"))
+        x0 = self.param.x0(out.float(), z, t)
         return x0.clamp(-1, 1) if self.clip else x0
 
-    def target(self, loop: Any, r: int, z: Tensor, j: Tensor) -> tuple[Tensor, Tensor]:
+    def target(
+        self, loop: Any, r: int, z: Tensor, j: Tensor, cond: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(u_j, x~)``: the student's input step and the x_0 target of two teacher DDIM steps from ``z`` at ``u_j``."""
         fine = self.grids[r]["fine"]
         u, mid, end = fine[2 * j], fine[2 * j - 1], fine[2 * j - 2]
-        z1 = self.sch.ddim(z, u, self.teacher_x0(loop, r, z, u), mid)
-        z2 = self.sch.ddim(z1, mid, self.teacher_x0(loop, r, z1, mid), end)
+        z1 = self.sch.ddim(z, u, self.teacher_x0(loop, r, z, u, cond), mid)
+        z2 = self.sch.ddim(z1, mid, self.teacher_x0(loop, r, z1, mid, cond), end)
         return u, two_step_target(self.sch, z, u, z2, end)
 
     def next_batch(self, loop: Any) -> dict[str, Tensor]:
@@ -229,12 +239,14 @@ class ProgressiveObjective(LoopObjective):
         j = self.grids[r]["proj"].index(t) + 1  # student grid index 1..N
         u = self.grids[r]["fine"][2 * j]
         z = self.sch.ddim(x, t, x0, u)
-        u, target = self.target(loop, r, z, j)
-        return {"x_t": z, "t": u, "target": target}
+        cond = {k: batch[k] for k in ("y", "w") if k in batch}
+        u, target = self.target(loop, r, z, j, cond)
+        return {"x_t": z, "t": u, "target": target, **cond}
 
     def loss_fn(self, model: torch.nn.Module, micro: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         x, t = micro["x_t"], micro["t"]
-        pred = self.param.x0(model(x, self.student_diffusion.model_timesteps(t)), x, t).float()
+        cond = {k: micro[k] for k in ("y", "w") if k in micro}
+        pred = self.param.x0(model(x, self.student_diffusion.model_timesteps(t), **cond), x, t).float()
         mse = mean_flat((pred - micro["target"]) ** 2)
         snr = self.sch.table("snr", t, mse).view(-1)
         w = snr.clamp(min=1.0) if self.weighting == "truncated_snr" else snr + 1.0

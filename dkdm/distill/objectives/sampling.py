@@ -28,15 +28,25 @@ __all__ = ["StepSampler", "consistency_sample", "ddim_student_sample", "step_sam
 
 @torch.no_grad()
 def ddim_student_sample(
-    model: Any, param: Parameterization, diffusion: Any, noise: Tensor, steps: int, clip: bool = True
+    model: Any,
+    param: Parameterization,
+    diffusion: Any,
+    noise: Tensor,
+    steps: int,
+    clip: bool = True,
+    model_kwargs: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """Deterministic DDIM of a student on the ``steps``-step grid from ``noise`` (x at T-1); ``steps = 1`` is one call."""
+    """Deterministic DDIM of a student on the ``steps``-step grid from ``noise`` (x at T-1); ``steps = 1`` is one call.
+
+    ``model_kwargs`` (labels ``y``) go to every call, as in the diffusion's loops.
+    """
+    model_kwargs = model_kwargs or {}
     grid = step_grid(int(diffusion.num_timesteps), steps)
     x, b = noise, noise.shape[0]
     for i in range(len(grid) - 1, 0, -1):
         t = torch.full((b,), grid[i], dtype=torch.long, device=x.device)
         s = torch.full((b,), grid[i - 1], dtype=torch.long, device=x.device)
-        x0 = param.x0(model(x, diffusion.model_timesteps(t)).float(), x, t)
+        x0 = param.x0(model(x, diffusion.model_timesteps(t), **model_kwargs).float(), x, t)
         x0 = x0.clamp(-1, 1) if clip else x0
         x = param.schedule.ddim(x, t, x0, s)
     return x
@@ -135,7 +145,11 @@ class StepSampler:
         kind = "multistep consistency" if self.objective == "consistency" else "deterministic"
         return f"{self.steps} step(s) of the {self.objective} student's {kind} sampler"
 
-    def sample(self, model: Any, noise: Tensor, clip: bool = True) -> Tensor:
+    def sample(
+        self, model: Any, noise: Tensor, clip: bool = True, model_kwargs: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        if model_kwargs and self.objective != "progressive":
+            raise ObjectiveError(f"a {self.objective} student is unconditional; it takes no labels")
         if self.objective == "boot":
             from dkdm.distill.objectives.boot import boot_sample
 
@@ -143,12 +157,12 @@ class StepSampler:
         if self.objective == "consistency":
             # Renoising draws from the global generator, which draw_shard seeds per shard.
             return consistency_sample(model, self.param, self.diffusion, noise, self.times, None, clip)
-        return ddim_student_sample(model, self.param, self.diffusion, noise, self.steps, clip)
+        return ddim_student_sample(model, self.param, self.diffusion, noise, self.steps, clip, model_kwargs)
 
-    def _loop(self, model: Any, shape: Any, noise: Tensor | None, clip_denoised: bool, device: Any) -> Tensor:
+    def _loop(self, model: Any, shape: Any, noise: Tensor | None, kw: dict[str, Any]) -> Tensor:
         if noise is None:
-            noise = torch.randn(*shape, device=device)
-        return self.sample(model, noise, clip_denoised)
+            noise = torch.randn(*shape, device=kw.get("device"))
+        return self.sample(model, noise, kw.get("clip_denoised", True), kw.get("model_kwargs"))
 
     def ddim_sample_loop(self, model: Any, shape: Any, noise: Tensor | None = None, *, eta: float = 0.0, **kw: Any):
         if eta != 0.0:
@@ -156,10 +170,10 @@ class StepSampler:
                 f"a {self.objective} student learned a deterministic sampler; --eta {eta} asks for a stochastic "
                 "one: use --eta 0"
             )
-        return self._loop(model, shape, noise, kw.get("clip_denoised", True), kw.get("device"))
+        return self._loop(model, shape, noise, kw)
 
     def p_sample_loop(self, model: Any, shape: Any, noise: Tensor | None = None, **kw: Any):
-        return self._loop(model, shape, noise, kw.get("clip_denoised", True), kw.get("device"))
+        return self._loop(model, shape, noise, kw)
 
 
 def step_sampler_for(model_path: str, diffusion_cfg: Any) -> StepSampler | None:
