@@ -446,6 +446,8 @@ def test_a_multi_node_slurm_step_without_master_addr_is_refused(monkeypatch):
         monkeypatch.setenv(k, v)
     for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
+    # A fresh task: no process group yet (an earlier test of this session may have set up its one-process group).
+    monkeypatch.setattr(dist.dist, "is_initialized", lambda: False)
     assert dist.launched_by_slurm() and dist.launch_rank() == 1
     with pytest.raises(RuntimeError, match="set MASTER_ADDR"):
         dist._slurm_env()
