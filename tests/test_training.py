@@ -170,6 +170,26 @@ def test_microbatches_give_the_full_batch_gradient(tmp_path):
     assert not torch.equal(full.params[0], make(tmp_path, "fresh").params[0])
 
 
+def test_microbatch_gradients_are_the_full_batch_mean_gradient(tmp_path):
+    """The accumulated gradient itself (Adam's step hides a constant factor on every microbatch's loss):
+    each microbatch's mean loss weighted by its share n / b, per-sample 1-D entries sliced with it."""
+    x = Stream()()["x"]
+    weight = torch.linspace(0.5, 2.0, 8)  # a per-sample [B] entry, as DKDM's t
+
+    def weighted_loss(model, b):
+        per = b["weight"] * ((model(b["x"]) - b["x"]) ** 2).mean(dim=1)
+        return per.mean(), {"loss": per}
+
+    torch.manual_seed(0)
+    ref = Tiny()
+    weighted_loss(ref, {"x": x, "weight": weight})[0].backward()
+    for micro in (0, 3, 5):
+        tr = make(tmp_path, f"m{micro}", microbatch=micro, max_steps=1)
+        tr.run_step(lambda: {"x": x, "weight": weight}, weighted_loss)
+        for p, q in zip(ref.parameters(), tr.model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_lr_anneal_and_stop(tmp_path):
     tr = make(tmp_path, lr=0.1, lr_anneal_steps=4, max_steps=0, save_interval=0)
     seen = []

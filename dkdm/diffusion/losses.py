@@ -33,8 +33,9 @@ def normal_kl(
     if ref is None:
         raise TypeError("normal_kl needs at least one tensor argument")
     # exp() does not accept Python numbers, so the log-variances become tensors.
-    lv1 = logvar1 if isinstance(logvar1, torch.Tensor) else torch.tensor(logvar1).to(ref)
-    lv2 = logvar2 if isinstance(logvar2, torch.Tensor) else torch.tensor(logvar2).to(ref)
+    # Made in ref's dtype directly: torch.tensor(number) would round a float64 log-variance to float32 first.
+    lv1 = logvar1 if isinstance(logvar1, torch.Tensor) else torch.tensor(logvar1, dtype=ref.dtype, device=ref.device)
+    lv2 = logvar2 if isinstance(logvar2, torch.Tensor) else torch.tensor(logvar2, dtype=ref.dtype, device=ref.device)
     return 0.5 * (-1.0 + lv2 - lv1 + torch.exp(lv1 - lv2) + (mean1 - mean2) ** 2 * torch.exp(-lv2))
 
 
