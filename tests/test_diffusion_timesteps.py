@@ -58,6 +58,13 @@ def test_loss_second_moment_matches_reference_semantics():
     ref = ReferenceHistory(T, H)
     rng = np.random.default_rng(0)
     np.testing.assert_array_equal(s.weights().numpy(), np.ones(T))
+    _, w0 = s.sample(64, "cpu")  # warming up: uniform, so every importance weight is 1 (the weights sum to T)
+    assert torch.all(w0 == 1)
+    # One batch with more than H losses for a step keeps that step's last H.
+    burst = np.arange(1, 16, dtype=np.float64)
+    s.update_with_local_losses(torch.zeros(15, dtype=torch.long), torch.from_numpy(burst).float())
+    ref.update([0] * 15, burst.tolist())
+    np.testing.assert_allclose(np.sort(s.state_dict()["loss_history"][0].numpy()), burst[-H:])  # a ring buffer
     for step in range(25):
         # Batches repeat timesteps, sometimes more than H times, to exercise the ordering.
         n = int(rng.integers(1, 40))

@@ -190,6 +190,26 @@ def test_microbatch_gradients_are_the_full_batch_mean_gradient(tmp_path):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_precision_modes_loss_scale_and_its_state():
+    from dkdm.training.precision import Precision, growth_interval_from_rate
+
+    # guided-diffusion's fp16_scale_growth (added to log2 scale per good step) as GradScaler's interval.
+    assert [growth_interval_from_rate(r) for r in (1e-3, 1.0, 0.4, 0.0, -1.0)] == [1000, 1, 2, 2000, 2000]
+    fp32, fp16, bf16 = (Precision(m, "cpu") for m in ("fp32", "fp16", "bf16"))
+    assert (fp32.dtype, fp16.dtype, bf16.dtype) == (torch.float32, torch.float16, torch.bfloat16)
+    assert fp32.loss_scale() == 1.0 and bf16.loss_scale() == 1.0 and fp16.loss_scale() == 2.0**20
+    fp16.scaler.scale(torch.ones(()))  # the scale tensor exists once something was scaled
+    fp16.scaler.update(new_scale=1024.0)
+    state = fp16.state_dict()
+    resumed = Precision("fp16", "cpu")
+    resumed.load_state_dict(state)
+    assert resumed.loss_scale() == 1024.0
+    for foreign in ({**state, "mode": "bf16"}, {"mode": "fp16", "scaler": {}}):  # another mode's, or none: ignored
+        fresh = Precision("fp16", "cpu")
+        fresh.load_state_dict(foreign)
+        assert fresh.loss_scale() == 2.0**20
+
+
 def test_lr_anneal_and_stop(tmp_path):
     tr = make(tmp_path, lr=0.1, lr_anneal_steps=4, max_steps=0, save_interval=0)
     seen = []
