@@ -898,3 +898,26 @@ def test_guided_progressive_from_a_guided_teacher_and_the_conditional_sampler(tm
     cm = StepSampler(diffusion(), {"objective": "consistency", "cm_steps": 4}, steps=1)
     with pytest.raises(Exception, match="unconditional; it takes no labels"):
         cm.p_sample_loop(net, (4, 1, 8, 8), noise=noise, model_kwargs={"y": torch.tensor([0, 1, 2, 3])})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["luhman", "tract", "consistency", "boot"])
+def test_each_digits_preset_runs_under_mpiexec(tmp_path, name):
+    """Every method's digits preset, a few steps on two ranks (progressive has its own test above)."""
+    import os
+    import subprocess
+    import sys
+
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if not os.path.exists(mpiexec):
+        pytest.skip("mpiexec (pip install mpich) not installed")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "run"
+    extra = {"tract": ["--round_steps", "2"]}.get(name, [])  # 2 phases x 2 steps, so that step 3 is in the run
+    cmd = [mpiexec, "-n", "2", sys.executable, os.path.join(root, "scripts", "dkdm_train.py"),
+           "--config", os.path.join(root, "configs", "digits", f"step_{name}.yaml"), *extra, "--max_steps", "3",
+           "--save_interval", "3", "--batch_size", "8", "--rho", "0.05", "--warmup", "respaced", "--log_dir", str(run)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "model000003.pt").exists() and (run / "ema_0.995_000003.pt").exists()
