@@ -177,7 +177,12 @@ def test_teacher_precision_really_runs_the_teacher_in_bf16():
     outs = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         fake = types.SimpleNamespace(
-            teacher=Teacher(), teacher_diffusion=d, teacher_dtype=dtype, device=torch.device("cpu"), _guide=None
+            teacher=Teacher(),
+            teacher_diffusion=d,
+            teacher_dtype=dtype,
+            device=torch.device("cpu"),
+            _guide=None,
+            teacher_takes_w=False,
         )
         outs[name] = DistillLoop.teacher_forward(fake, x, t)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16 must mean: the teacher's ops in bfloat16
