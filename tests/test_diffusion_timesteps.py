@@ -52,6 +52,11 @@ def test_uniform_sampler():
     assert (counts / 6000 - 1 / 12).abs().max() < 4.5 * se
 
 
+def test_loss_second_moment_defaults_are_iddpms():
+    s = LossSecondMomentResampler(diffusion(12))
+    assert (s.history_per_term, s.uniform_prob) == (10, 0.001)
+
+
 def test_loss_second_moment_matches_reference_semantics():
     T, H = 12, 10
     s = LossSecondMomentResampler(diffusion(T), history_per_term=H)

@@ -195,6 +195,8 @@ def test_precision_modes_loss_scale_and_its_state():
 
     # guided-diffusion's fp16_scale_growth (added to log2 scale per good step) as GradScaler's interval.
     assert [growth_interval_from_rate(r) for r in (1e-3, 1.0, 0.4, 0.0, -1.0)] == [1000, 1, 2, 2000, 2000]
+    assert Precision("fp16", "cpu").scaler.get_growth_interval() == 2000  # GradScaler's, guided-diffusion's 1e-3
+    assert Precision("fp16", "cpu", growth_interval=7).scaler.get_growth_interval() == 7
     fp32, fp16, bf16 = (Precision(m, "cpu") for m in ("fp32", "fp16", "bf16"))
     assert (fp32.dtype, fp16.dtype, bf16.dtype) == (torch.float32, torch.float16, torch.bfloat16)
     assert fp32.loss_scale() == 1.0 and bf16.loss_scale() == 1.0 and fp16.loss_scale() == 2.0**20
