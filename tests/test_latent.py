@@ -216,3 +216,32 @@ def test_step_distillation_of_a_latent_teacher_does_not_clip_latents(tmp_path):
     argv += ["--objective", "progressive", "--max_steps", "1", "--log_dir", str(tmp_path / "run")]
     with pytest.raises(ValueError, match="works on latents, which have no such range; set --step_clip false"):
         _script("dkdm_train").main(argv)
+
+
+def test_cnn_and_vit_teach_each_other_on_latents(tmp_path):
+    """Paper Table 5 on latents: the shipped latent UNet teaches a ViT (DiT's layout), which then teaches a UNet;
+    both students inherit the first stage and sample.py decodes their latents."""
+    import yaml
+
+    train = _script("dkdm_train").main
+    common = ["--max_steps", "2", "--rho", "0.05", "--warmup", "respaced", "--batch_size", "8", "--save_interval", "2"]
+    vit = tmp_path / "vit"
+    train(["--teacher_path", os.path.join(ROOT, "dkdm", "assets", "digits_latent_teacher.pt"), "--student.arch", "vit",
+           "--student.image_size", "4", "--student.in_channels", "2", "--student.patch_size", "1",
+           "--student.hidden_size", "32", "--student.depth", "2", "--student.num_heads", "2", *common,
+           "--log_dir", str(vit)])  # fmt: skip
+    unet = tmp_path / "unet"
+    train(["--teacher_path", str(vit / "ema_0.995_000002.pt"), "--student.image_size", "4", "--student.in_channels",
+           "2", "--student.channel_mult", "1,2", "--student.attention_resolutions", "2", *common,
+           "--log_dir", str(unet)])  # fmt: skip
+    for run, teacher, student in ((vit, "unet", "vit"), (unet, "vit", "unet")):
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        assert (saved["teacher"]["arch"], saved["student"]["arch"]) == (teacher, student)
+        assert saved["student"]["first_stage"] == saved["teacher"]["first_stage"] != ""
+        pool = torch.load(run / "pool000002.pt", weights_only=True)
+        assert any(isinstance(v, torch.Tensor) and tuple(v.shape[1:]) == (2, 4, 4) for v in pool.values())
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "sample.py"))["main"]
+    out = tmp_path / "vit.npz"
+    main(["--model_path", str(vit / "ema_0.995_000002.pt"), "--num_samples", "6", "--batch_size", "3",
+          "--timestep_respacing", "5", "--output", str(out)])  # fmt: skip
+    assert np.load(out)["arr_0"].shape == (6, 8, 8, 1)  # decoded 8x8 digits, not 4x4x2 latents
