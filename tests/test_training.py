@@ -129,8 +129,9 @@ def assert_same_state(a, b):
 def test_parse_ema_rates():
     assert parse_ema_rates("0.9999,0.999") == ["0.9999", "0.999"]
     assert parse_ema_rates("") == []
-    for bad in ("1.5", "abc", "0.9,0.9"):
-        with pytest.raises(ValueError):
+    assert parse_ema_rates("0") == ["0"]  # rate 0: the EMA is the live weights, allowed
+    for bad, words in (("1.5", r"in \[0, 1\)"), ("1.0", r"in \[0, 1\)"), ("abc", "not a number"), ("0.9,0.9", "twice")):
+        with pytest.raises(ValueError, match=words):
             parse_ema_rates(bad)
 
 
@@ -470,6 +471,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert files == {"model000004.pt", "ema_0.9_000004.pt", "ema_0.5_000004.pt", "opt000004.pt"}
     for f in files:
         assert read_bytes(os.path.join(tr.run_dir, f)) == saved[f]
+
+
+def test_nan_loss_at_the_first_step_is_caught_before_any_save(tmp_path):
+    tr = make(tmp_path, max_steps=4, log_interval=2, save_interval=2)
+
+    def loss_fn(model, b):
+        loss, terms = plain_loss(model, b)
+        return (loss * float("nan") if tr.step == 0 else loss), terms
+
+    with pytest.raises(FloatingPointError, match=r"step 1\b.*none was written"):
+        tr.run(Stream(), loss_fn)
+    assert not [f for f in os.listdir(tr.run_dir) if f.endswith(".pt")]
 
 
 def test_failed_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
