@@ -4,6 +4,7 @@
   python scripts/compress.py --out runs/cut --recipe bk-small --teacher_path t.pt --teacher.arch cifar10-57M \\
       --diffusion configs/diffusion/linear-1000-learned.yaml
   python scripts/compress.py --out runs/pruned --pruning_ratio 0.3                       (torch-pruning, Taylor importance)
+  python scripts/compress.py --out runs/narrow --vit_heads 2 --teacher_path vit.pt            (a narrower ViT)
 The teacher is resolved as dkdm_train.py resolves it (the embedded digits teacher without --teacher_path; the
 config beside a checkpoint, else --teacher.arch and --diffusion). --out gets config.yaml (the student's network
 and the teacher's diffusion), student.pt and compress.json; distill from it with
@@ -19,7 +20,7 @@ import torch
 from dkdm.config import load_yaml
 from dkdm.distill.compress import prune_from_images, teacher_images
 from dkdm.distill.loop import teacher_id
-from dkdm.models.compress import recipe, removable, remove_blocks, save_student
+from dkdm.models.compress import narrow_vit, recipe, removable, remove_blocks, save_student
 from dkdm.resolve import EMBEDDED_TEACHER, resolve
 
 
@@ -47,6 +48,7 @@ def main(argv: list[str]) -> int:
     how.add_argument("--remove", help="comma-separated blocks to remove (--list shows them)")
     how.add_argument("--recipe", help="bk-base, bk-small or bk-tiny")
     how.add_argument("--pruning_ratio", type=float, help="prune this share of channels per group, in (0, 1)")
+    how.add_argument("--vit_heads", type=int, help="a narrower ViT: keep this many attention heads per block")
     how.add_argument("--list", action="store_true", help="print the teacher's removable blocks and stop")
     p.add_argument("--threshold", type=float, default=0.05, help="Diff-Pruning's loss threshold for late steps")
     p.add_argument("--images", type=int, default=64, help="teacher images (from the pool) for the importance")
@@ -85,6 +87,9 @@ def main(argv: list[str]) -> int:
                 net, diffusion, x0, args.pruning_ratio, threshold=args.threshold, seed=args.seed
             )
             prov.update(method="prune", ratio=args.pruning_ratio, threshold=args.threshold, images=args.images, **stats)
+        elif args.vit_heads is not None:
+            cfg, sd = narrow_vit(net, args.vit_heads)
+            prov.update(method="narrow", heads=args.vit_heads)
         else:
             blocks = recipe(args.recipe, net) if args.recipe else [b for b in args.remove.split(",") if b]
             cfg, sd = remove_blocks(net, blocks)

@@ -7,7 +7,7 @@ import torch
 
 from dkdm.config import ModelConfig, dump_yaml
 from dkdm.models import create_model, get_config, load_checkpoint
-from dkdm.models.compress import build_student, recipe, remove_blocks
+from dkdm.models.compress import build_student, narrow_vit, recipe, remove_blocks
 
 # A small UNet with two residual blocks per level, resblock resampling and attention at 8 and 4.
 SMALL = ModelConfig(
@@ -166,6 +166,36 @@ def test_vit_blocks_are_renumbered():
     assert torch.equal(sd["blocks.0.mlp.fc1.weight"], vit.state_dict()["blocks.0.mlp.fc1.weight"])
     with pytest.raises(ValueError, match="without a block"):
         remove_blocks(vit, [f"blocks.{k}" for k in range(4)])
+
+
+def test_a_narrowed_vit_keeps_the_first_heads_of_every_weight(tmp_path):
+    vit = _random(create_model("digits-vit", class_cond=True, num_classes=10, class_dropout_prob=0.1))
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 40, 90]), torch.tensor([0, 3, 10])
+    cfg, sd = narrow_vit(vit, vit.num_heads)  # all heads kept: the teacher itself
+    with torch.no_grad():
+        assert torch.equal(build_student(cfg, sd).eval()(x, t, y=y), vit.eval()(x, t, y=y))
+    big, heads = vit.config.hidden_size, 2
+    hd = big // vit.num_heads
+    cfg, sd = narrow_vit(vit, heads)
+    h = heads * hd
+    assert (cfg.hidden_size, cfg.num_heads, cfg.depth) == (h, heads, vit.config.depth)
+    student = build_student(cfg, sd)  # strict
+    tsd = vit.state_dict()
+    for part in range(3):  # q, k, v: the kept heads' rows of each part, the kept input channels
+        want = tsd["blocks.1.attn.qkv.weight"][part * big : part * big + h, :h]
+        assert torch.equal(sd["blocks.1.attn.qkv.weight"][part * h : (part + 1) * h], want)
+    for part in range(6):  # the six adaLN modulations (shift, scale, gate twice)
+        want = tsd["blocks.0.adaLN_modulation.1.bias"][part * big : part * big + h]
+        assert torch.equal(sd["blocks.0.adaLN_modulation.1.bias"][part * h : (part + 1) * h], want)
+    assert torch.equal(sd["blocks.0.mlp.fc2.weight"], tsd["blocks.0.mlp.fc2.weight"][:h, : 4 * h])
+    assert torch.equal(sd["y_embedder.embedding_table.weight"], tsd["y_embedder.embedding_table.weight"][:, :h])
+    assert torch.equal(sd["final_layer.linear.weight"], tsd["final_layer.linear.weight"][:, :h])
+    assert student(x, t, y=y).shape == (3, 2, 8, 8)
+    for bad, words in ((0, r"in 1\.\.4"), (5, r"in 1\.\.4")):
+        with pytest.raises(ValueError, match=words):
+            narrow_vit(vit, bad)
+    with pytest.raises(TypeError, match="ViT"):
+        narrow_vit(create_model("digits-teacher"), 1)
 
 
 @pytest.mark.parametrize(

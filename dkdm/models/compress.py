@@ -18,6 +18,13 @@ What a removal list may name (``removable(model)`` lists them for a given networ
   (BK-SDM-Tiny's cut); possible where that level is as wide as the one above it;
 * for the ViT, ``blocks.K``.
 
+The ViT can also be made narrower (:func:`narrow_vit`): it keeps the first ``heads`` attention
+heads of every block, so the width becomes ``heads * head_dim`` (the MLP follows by
+``mlp_ratio``), and every weight is the teacher's restricted to the kept channels. The fixed
+sin-cos position table is rebuilt at the new width. Unlike block removal this does not keep
+the teacher's function on a kept path (every LayerNorm now averages over fewer channels); it
+is an initialisation near the teacher, for DKDM to finish.
+
 The named recipes transpose BK-SDM's to our UNet: ``bk-base`` removes the last residual block
 down and the last one before the upsampler up at every level that has two or more;
 ``bk-small`` adds the middle block; ``bk-tiny`` adds the innermost stage. A recipe that
@@ -44,6 +51,7 @@ from .zoo import create_model, unet_kwargs
 __all__ = [
     "RECIPES",
     "build_student",
+    "narrow_vit",
     "recipe",
     "removable",
     "remove_blocks",
@@ -197,6 +205,57 @@ def _remove_vit(teacher: ViT, cfg: ModelConfig, remove: list[str]) -> tuple[Mode
         return f"blocks.{keep[int(m.group(1))]}.{m.group(2)}" if m else key
 
     return student_cfg, _copy(student_cfg, tsd, source, lambda key: key.split(".")[0], remove)
+
+
+def narrow_vit(teacher: ViT, heads: int) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A narrower ViT cut from ``teacher``: its first ``heads`` heads per block; see the module docstring.
+
+    Returns the student's config and state dict (loads strictly into ``create_model(config)``).
+    With ``heads`` equal to the teacher's the student is the teacher. Raises ``ValueError``
+    for a head count outside ``1..num_heads`` and ``TypeError`` for a network that is no ViT.
+    """
+    if not isinstance(teacher, ViT):
+        raise TypeError(f"narrowing keeps attention heads of the zoo's ViT, not a {type(teacher).__name__}")
+    cfg = _config(teacher)
+    if not 1 <= heads <= cfg.num_heads:
+        raise ValueError(f"--vit_heads must lie in 1..{cfg.num_heads} (the teacher's heads), got {heads}")
+    hd = cfg.hidden_size // cfg.num_heads
+    big_h, h = cfg.hidden_size, heads * hd
+    big_m, m = int(big_h * cfg.mlp_ratio), int(h * cfg.mlp_ratio)
+    name = f"{cfg.name or cfg.arch}-{heads}heads" if heads != cfg.num_heads else cfg.name
+    student_cfg = dataclasses.replace(cfg, hidden_size=h, num_heads=heads, name=name)
+    with torch.device("meta"):
+        skeleton = create_model(student_cfg)
+
+    def cut(t: torch.Tensor, want: tuple[int, ...], fused: bool) -> torch.Tensor:
+        """The teacher's tensor on the kept channels: an axis that shrinks keeps its first h (hidden) or
+        m (MLP) entries; a fused projection (qkv: 3H, adaLN: 6H or 2H) keeps the first h of each part."""
+        for axis, (n, k) in enumerate(zip(t.shape, want)):
+            if n == k:
+                continue
+            if fused and axis == 0:
+                parts = n // big_h
+                t = t.reshape(*t.shape[:axis], parts, big_h, *t.shape[axis + 1 :]).narrow(axis + 1, 0, h)
+                t = t.reshape(*t.shape[:axis], parts * h, *t.shape[axis + 2 :])
+            elif (n, k) in ((big_h, h), (big_m, m)):
+                t = t.narrow(axis, 0, k)
+            else:
+                raise ValueError(f"narrowing the ViT: no rule takes axis {axis} from {n} to {k}")
+        return t
+
+    tsd = teacher.state_dict()
+    out = {}
+    for key, like in skeleton.state_dict().items():
+        if key == "pos_embed":  # a fixed sin-cos table of the width, not learned: the student's own
+            t = create_model(student_cfg).pos_embed.detach()
+        else:
+            t = cut(tsd[key], tuple(like.shape), fused=".qkv." in key or ".adaLN_modulation." in key)
+        if tuple(t.shape) != tuple(like.shape):
+            raise ValueError(
+                f"narrowing the ViT to {heads} heads: {key} came out {tuple(t.shape)}, not {tuple(like.shape)}"
+            )
+        out[key] = t.detach().clone().contiguous()
+    return student_cfg, out
 
 
 def _name(cfg: ModelConfig, remove: list[str]) -> str:
