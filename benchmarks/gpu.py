@@ -19,7 +19,6 @@ resident size.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -35,6 +34,7 @@ from dkdm import logger
 from dkdm.config import DistillConfig, TrainConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop
+from dkdm.fileio import emit_json
 from dkdm.models import create_model, get_config
 from dkdm.training.precision import autocast, autocast_dtype
 
@@ -287,11 +287,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> dict:
     a = parse(argv)
     out = run(a)
-    text = json.dumps(out, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit_json(out, a.out)
     return out
 
 

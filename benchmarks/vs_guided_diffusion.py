@@ -15,7 +15,6 @@ updated weights). ``ratio`` = guided-diffusion's time / ours (> 1: we are faster
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ import time
 import torch
 
 from dkdm.diffusion import create_diffusion
+from dkdm.fileio import emit_json
 from dkdm.models import create_model, get_config
 
 
@@ -153,11 +153,7 @@ def main(argv: list[str]) -> dict:
     a = p.parse_args(argv)
     a.argv = argv
     out = run(a)
-    text = json.dumps(out, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    emit_json(out, a.out)
     return out
 
 

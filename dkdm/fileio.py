@@ -88,6 +88,18 @@ def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> N
     _fsync_dir(directory)
 
 
+def emit_json(obj: Any, path: str = "") -> str:
+    """Print ``obj`` as indented JSON (a benchmark's or an evaluation's result) and, when ``path``
+    is given, also write it there through :func:`atomic_write`; returns the text."""
+    import json
+
+    text = json.dumps(obj, indent=1)
+    if path:
+        atomic_write(path, lambda f: f.write(text + "\n"), mode="w")
+    print(text)
+    return text
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
     import torch

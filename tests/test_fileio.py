@@ -1,5 +1,6 @@
 """dkdm.fileio: the one atomic writer, its disk-full message, stale temporaries."""
 
+import json
 import os
 import subprocess
 
@@ -78,3 +79,13 @@ def test_trainer_files_load_weights_only_and_code_is_refused(tmp_path):
     assert str(evil) in str(e.value) and canary.exists()
     load_file(str(evil), trusted=True)  # the user vouched for it: plain torch.load
     assert not canary.exists()
+
+
+def test_emit_json_prints_and_writes_the_same_text(tmp_path, capsys):
+    from dkdm.fileio import emit_json
+
+    path = tmp_path / "r.json"
+    text = emit_json({"a": 1, "b": [2.5]}, str(path))
+    assert capsys.readouterr().out == text + "\n" and path.read_text() == text + "\n"
+    assert json.loads(text) == {"a": 1, "b": [2.5]}
+    assert emit_json({"c": 3}) and not list(tmp_path.glob(".*"))  # no path: printed only; no temporaries left
