@@ -17,6 +17,7 @@ import sys
 from dkdm import digits_metric
 from dkdm.data import DataError
 from dkdm.data.arrays import read_images
+from dkdm.fileio import atomic_write
 
 
 def main() -> int:
@@ -46,9 +47,9 @@ def main() -> int:
                  "precision": float(m["precision"]), "recall": float(m["recall"]),
                  "label_accuracy": None if label_acc is None else float(label_acc)}
             )  # fmt: skip
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(records, f, indent=1)
+        if args.json:  # whole or not at all: paper_tables.py reads it
+            text = json.dumps(records, indent=1) + "\n"
+            atomic_write(args.json, lambda f: f.write(text), mode="w")
     except (DataError, ValueError, OSError) as e:
         print(f"digits_eval.py: error: {e}", file=sys.stderr)
         return 1
