@@ -18,9 +18,11 @@ Three ways to start, picked from the environment by :func:`setup_dist`:
   ``DistributedDataParallel`` and every collective work unchanged; with one rank they
   cost next to nothing.
 
-The backend is NCCL when CUDA is available and gloo otherwise; each process uses the
-GPU of its local rank (:func:`dev`). Every helper also works when :func:`setup_dist` was
-never called: it then behaves as a world of one.
+The backend is NCCL when the processes train on CUDA and gloo otherwise; each process uses
+the GPU of its local rank (:func:`dev`). ``DKDM_DEVICE=cpu`` keeps a run (and the test suite,
+whose tests are CPU tests unless marked) on the CPU of a machine that has GPUs;
+``DKDM_DEVICE=cuda`` insists on CUDA and fails at once where there is none. Every helper also
+works when :func:`setup_dist` was never called: it then behaves as a world of one.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def launch_rank() -> int:
 
 
 def _default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if dev().type == "cuda" else "gloo"
 
 
 def _free_port() -> int:
@@ -149,8 +151,8 @@ def _setup_mpi(backend: str) -> None:
 
 
 def _set_device() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(_LOCAL_RANK % torch.cuda.device_count())
+    if dev().type == "cuda":
+        torch.cuda.set_device(dev())
 
 
 def setup_dist(backend: str | None = None) -> None:
@@ -207,10 +209,24 @@ def local_rank() -> int:
     return _LOCAL_RANK
 
 
+DEVICE_ENV = "DKDM_DEVICE"
+
+
 def dev() -> torch.device:
-    """The device this process trains on: its local rank's GPU, or the CPU."""
+    """The device this process trains on: its local rank's GPU, or the CPU.
+
+    ``DKDM_DEVICE`` overrides the choice: ``cpu``, or ``cuda`` (refused where CUDA is absent);
+    unset or ``auto`` means CUDA when there is one.
+    """
+    want = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"
+    if want not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={want!r}: use cpu, cuda or auto (unset)")
+    if want == "cpu":
+        return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda", _LOCAL_RANK % torch.cuda.device_count())
+    if want == "cuda":
+        raise RuntimeError(f"{DEVICE_ENV}=cuda but torch sees no CUDA device; unset it to run on the CPU")
     return torch.device("cpu")
 
 

@@ -9,6 +9,19 @@ if ROOT not in sys.path:
 
 # Tests run on CPU with few threads; keep them reproducible and polite to a 2-core box.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# A CPU suite also on a machine with GPUs (scripts the tests start inherit it); the CUDA tests
+# ask for the GPU with the ``on_cuda`` fixture.
+os.environ["DKDM_DEVICE"] = "cpu"
+
+
+@pytest.fixture
+def on_cuda(monkeypatch):
+    """The library's device is the GPU for this test (skipped where torch sees none)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.setenv("DKDM_DEVICE", "cuda")
 
 
 @pytest.fixture(autouse=True)

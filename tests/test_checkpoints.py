@@ -1,7 +1,7 @@
 """Checkpoint reading and strict loading: formats, clear errors, zoo suggestions."""
 
 import argparse
-import os
+import random
 
 import pytest
 import torch
@@ -107,7 +107,11 @@ def test_truncated_file_gives_a_clear_error(tmp_path):
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n" * 10, os.urandom(4096)])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"not a checkpoint at all\n" * 10, random.Random(0).randbytes(4096)],
+    ids=["empty", "text", "random-bytes"],
+)
 def test_garbage_or_empty_file_gives_a_clear_error(tmp_path, content):
     path = tmp_path / "teacher.pt"
     path.write_bytes(content)

@@ -242,3 +242,25 @@ def test_single_process_needs_no_mpi():
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_dkdm_device_overrides_the_choice(monkeypatch):
+    """DKDM_DEVICE=cpu keeps a GPU machine's run on the CPU; cuda without a GPU fails loudly;
+    anything else is refused with the values it takes."""
+    import torch
+
+    from dkdm import dist
+
+    monkeypatch.setenv("DKDM_DEVICE", "cpu")
+    assert dist.dev() == torch.device("cpu") and dist._default_backend() == "gloo"
+    monkeypatch.setenv("DKDM_DEVICE", "gpu0")
+    with pytest.raises(ValueError, match="cpu, cuda or auto"):
+        dist.dev()
+    monkeypatch.setenv("DKDM_DEVICE", "cuda")
+    if torch.cuda.is_available():
+        assert dist.dev().type == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            dist.dev()
+    monkeypatch.delenv("DKDM_DEVICE")
+    assert dist.dev().type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -546,9 +546,8 @@ def test_stale_temporaries_are_removed_and_bad_files_named(tmp_path):
         ckpt.load_file(str(d / "opt000002.pt"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_step_never_waits_for_the_host(tmp_path, precision):
+def test_cuda_step_never_waits_for_the_host(tmp_path, precision, on_cuda):
     tr = make(tmp_path, precision=precision, grad_clip=1.0)
     batch = {"x": torch.randn(8, 4, device="cuda")}
     tr.run_step(lambda: batch, noisy_loss)  # warm-up: lazy initialisation may sync once
