@@ -247,14 +247,16 @@ def _linear(dst: dict, name: str, module: torch.nn.Module) -> list[str]:
     return list(module.state_dict())
 
 
-def _split_qkv(block) -> dict[str, torch.Tensor]:
-    """``to_q/to_k/to_v`` weights and biases from a fused ``qkv`` in the block's channel order."""
-    c, heads = block.channels, block.num_heads
+def _split_qkv(w: torch.Tensor, b: torch.Tensor, heads: int, legacy: bool) -> dict[str, torch.Tensor]:
+    """``to_q/to_k/to_v`` weights and biases from a fused ``qkv`` projection ``w`` [3C, C], ``b`` [3C].
+
+    legacy (the UNet's QKVAttentionLegacy): per head [q, k, v]; otherwise (the UNet's QKVAttention
+    and the ViT's timm layout) q of every head, then k, then v.
+    """
+    c = w.shape[1]
     d = c // heads
-    w, b = block.qkv.weight.reshape(3 * c, c), block.qkv.bias
-    # legacy (QKVAttentionLegacy): per head [q, k, v]; new (QKVAttention): q of every head, then k, then v.
-    shape = (heads, 3, d) if block.legacy else (3, heads, d)
-    axis = 1 if block.legacy else 0
+    shape = (heads, 3, d) if legacy else (3, heads, d)
+    axis = 1 if legacy else 0
     w4, b3 = w.reshape(*shape, c), b.reshape(*shape)
     out = {}
     for i, part in enumerate(("to_q", "to_k", "to_v")):
@@ -286,7 +288,9 @@ def diffusers_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
                 used.extend(f"{ours}.{a}.{k}" for k in _linear(out, f"{theirs}.{b}", module.get_submodule(a)))
         elif isinstance(module, AttentionBlock):
             used.extend(f"{ours}.norm.{k}" for k in _linear(out, f"{theirs}.group_norm", module.norm))
-            out.update({f"{theirs}.{k}": v for k, v in _split_qkv(module).items()})
+            c = module.channels
+            qkv = _split_qkv(module.qkv.weight.reshape(3 * c, c), module.qkv.bias, module.num_heads, module.legacy)
+            out.update({f"{theirs}.{k}": v for k, v in qkv.items()})
             used.extend([f"{ours}.qkv.weight", f"{ours}.qkv.bias"])
             out[f"{theirs}.to_out.0.weight"] = module.proj_out.weight.reshape(module.channels, module.channels)
             out[f"{theirs}.to_out.0.bias"] = module.proj_out.bias
@@ -330,14 +334,19 @@ def diffusers_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
             k += 1
     used.extend(f"out.0.{k}" for k in _linear(out, "conv_norm_out", net.out[0]))
     used.extend(f"out.2.{k}" for k in _linear(out, "conv_out", net.out[2]))
+    _check_used(net, used, "UNet")
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _check_used(net: torch.nn.Module, used: list[str], what: str) -> None:
+    """Refuse a map that did not take every key of ``net`` exactly once."""
     ours = set(net.state_dict())
     if len(used) != len(set(used)) or set(used) != ours:
         twice = sorted({k for k in used if used.count(k) > 1})
         raise ExportError(
             f"the diffusers map left {sorted(ours - set(used))[:5]} unused and used {twice[:5]} twice "
-            f"({len(ours)} keys); the UNet's layout changed and export.py does not know it"
+            f"({len(ours)} keys); the {what}'s layout changed and export.py does not know it"
         )
-    return {k: v.detach().clone() for k, v in out.items()}
 
 
 def diffusers_scheduler_config(diffusion: DiffusionConfig) -> dict[str, Any]:
@@ -374,6 +383,23 @@ def diffusers_scheduler_config(diffusion: DiffusionConfig) -> dict[str, Any]:
     }
 
 
+def _fill(theirs: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load ``weights`` (as float32) into the diffusers model ``theirs``: every key, every shape, or refuse."""
+    weights = {k: v.to(torch.float32) for k, v in weights.items()}
+    expected = theirs.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+        for k, v in weights.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra or wrong:
+        raise ExportError(
+            f"diffusers {type(theirs).__name__} mismatch: missing {missing[:5]}, extra {extra[:5]}, shapes {wrong[:5]}"
+        )
+    theirs.load_state_dict(weights, strict=True)
+
+
 def export_diffusers(
     net: torch.nn.Module, model: ModelConfig, diffusion: DiffusionConfig, folder: str, source: str = ""
 ) -> dict:
@@ -390,19 +416,7 @@ def export_diffusers(
     config = diffusers_unet_config(net)
     scheduler = diffusers.DDPMScheduler(**diffusers_scheduler_config(diffusion))
     theirs = diffusers.UNet2DModel(**config)
-    weights = {k: v.to(torch.float32) for k, v in diffusers_state_dict(net).items()}
-    expected = theirs.state_dict()
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in weights.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or extra or wrong:
-        raise ExportError(
-            f"diffusers UNet2DModel mismatch: missing {missing[:5]}, extra {extra[:5]}, shapes {wrong[:5]}"
-        )
-    theirs.load_state_dict(weights, strict=True)
+    _fill(theirs, diffusers_state_dict(net))
     diffusers.DDPMPipeline(unet=theirs, scheduler=scheduler).save_pretrained(folder)
     null = getattr(net, "null_class", None)
     note = {
