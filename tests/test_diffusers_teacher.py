@@ -171,3 +171,27 @@ def test_dkdm_distils_a_student_from_a_diffusers_teacher(tmp_path):
     saved = (run / "config.yaml").read_text()
     assert "arch: diffusers" in saved and "predict_v: true" in saved
     assert (run / "ema_0.995_000002.pt").is_file()
+
+
+def test_a_bare_dit_folder_is_a_teacher_with_diffusers_own_null_row(tmp_path):
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=3,
+    )
+    dit.save_pretrained(str(tmp_path / "dit"))
+    r = resolve({}, {"steps": 40}, checkpoint=str(tmp_path / "dit"))
+    assert (r.model.num_classes, r.model.class_cond, r.model.learn_sigma) == (3, True, True)
+    teacher = r.build().eval()
+    assert (teacher.num_classes, teacher.null_class) == (3, 3)  # no note of ours: the class's null row
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 39]), torch.tensor([2, 3])
+    with torch.no_grad():  # diffusers' own frequencies: no dkdm key in its config.json
+        assert torch.equal(teacher(x, t, y), dit.eval()(x, t, class_labels=y).sample)
+    with pytest.raises(ValueError, match="class-conditional: give labels"):
+        teacher(x, t)

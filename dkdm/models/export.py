@@ -1,4 +1,4 @@
-"""A trained ADM UNet written out for other tools: guided-diffusion ``.pt`` and a diffusers folder.
+"""A trained network written out for other tools: guided-diffusion ``.pt`` and a diffusers folder.
 
 *guided-diffusion*: our UNet's state dict already has guided-diffusion's key names and shapes
 (``tests/test_models.py`` pins them against its ``UNetModel``), so the export is the plain
@@ -6,8 +6,8 @@ state dict in float32, plus the command-line flags its scripts would need to reb
 network and its diffusion (:func:`guided_diffusion_flags`), and what those scripts cannot
 express without an edit (``NUM_CLASSES`` is fixed at 1000 there, ``in_channels`` at 3).
 
-*diffusers*: the same network as a ``UNet2DModel`` (:func:`diffusers_unet_config`) with every
-weight moved by an explicit map (:func:`diffusers_state_dict`: every key of ours used once,
+*diffusers*, a UNet: the same network as a ``UNet2DModel`` (:func:`diffusers_unet_config`) with
+every weight moved by an explicit map (:func:`diffusers_state_dict`: every key of ours used once,
 every parameter of theirs filled, shapes checked, the fused ``qkv`` split into
 ``to_q/to_k/to_v`` in the model's attention order), and the diffusion as a ``DDPMScheduler``
 config (:func:`diffusers_scheduler_config`). Both are written by diffusers itself as a
@@ -15,7 +15,25 @@ config (:func:`diffusers_scheduler_config`). Both are written by diffusers itsel
 classifier-free-guidance model in ``unet/dkdm_export.json`` (diffusers has no field for it),
 which :mod:`dkdm.models.foreign` reads back. What diffusers cannot represent is refused with
 the reason: BigGAN up/downsampling (``resblock_updown``), pooling downsamplers, a first level
-wider or narrower than ``num_channels``, per-level head sizes, a w-conditioned network, a ViT.
+wider or narrower than ``num_channels``, per-level head sizes, a w-conditioned network.
+
+*diffusers*, a ViT: a ``DiTTransformer2DModel`` (:func:`diffusers_dit_config`,
+:func:`diffusers_dit_state_dict`) in ``transformer/`` beside ``scheduler/``; no pipeline file,
+since diffusers' ``DiTPipeline`` needs a VAE (and hard-codes ImageNet's null class 1000). Two
+differences of the class are met as follows. (1) diffusers' DiT is class-conditional only, so
+an unconditional ViT is written as a one-class model whose label rows (the class and diffusers'
+null row) are zero; the conditioning ``t_emb + y_emb`` is then the timestep's alone, exactly,
+for label 0 (recorded as ``unconditional_label``). (2) diffusers' DiT embeds the timestep at
+frequencies ``10000^(-i/127)`` where ours (and DiT's) are ``10000^(-i/128)`` (its
+``Timesteps(downscale_freq_shift=1)`` is hard-coded); no weight or config value makes the two
+equal, and the difference is not small (phases apart by up to 2.9 rad at t = 999). So a ViT is
+refused unless ``dit_frequency_fix`` accepts a folder that records ``TIMESTEP_SHIFT_KEY = 0`` in
+its ``config.json`` (diffusers warns that it ignores the key on every load), which
+:mod:`dkdm.models.foreign` applies (setting every block's ``norm1.emb.time_proj
+.downscale_freq_shift`` to 0) and any other loader must apply by hand; with it the forward is
+ours to float32 rounding (``tests/test_export_dit.py``). Refused too: a w-conditioned or latent
+ViT, an ``mlp_ratio`` other than 4, and ``pos_embed`` other than the sin-cos table diffusers
+recomputes.
 """
 
 from __future__ import annotations
@@ -30,7 +48,10 @@ from dkdm.config import DiffusionConfig, ModelConfig, to_dict
 
 __all__ = [
     "EXPORT_NOTE",
+    "TIMESTEP_SHIFT_KEY",
     "ExportError",
+    "diffusers_dit_config",
+    "diffusers_dit_state_dict",
     "diffusers_scheduler_config",
     "diffusers_state_dict",
     "diffusers_unet_config",
@@ -50,14 +71,11 @@ def _unet(net: torch.nn.Module, fmt: str):
     from dkdm.models.unet import UNetModel
 
     if not isinstance(net, UNetModel):
-        raise ExportError(
-            f"{fmt} export writes ADM UNets; this network is a {type(net).__name__} (a ViT or a foreign model)"
+        hint = (
+            "; export_diffusers writes a ViT as a DiTTransformer2DModel (diffusers_dit_*)" if fmt == "diffusers" else ""
         )
-    if net.guidance_cond:
-        raise ExportError(
-            f"{fmt} has no input for the guidance scale w of a w-conditioned network (guidance_cond); "
-            "export a student distilled at one --guidance_scale instead"
-        )
+        raise ExportError(f"{fmt} export writes ADM UNets here; this network is a {type(net).__name__}{hint}")
+    _refuse_guidance(net.guidance_cond, fmt)
     cfg = getattr(net, "config", None)
     _refuse_latent(getattr(cfg, "first_stage", ""), fmt)
     _refuse_compressed(
@@ -67,6 +85,14 @@ def _unet(net: torch.nn.Module, fmt: str):
         fmt,
     )
     return net
+
+
+def _refuse_guidance(guidance_cond: bool, fmt: str) -> None:
+    if guidance_cond:
+        raise ExportError(
+            f"{fmt} has no input for the guidance scale w of a w-conditioned network (guidance_cond); "
+            "export a student distilled at one --guidance_scale instead"
+        )
 
 
 def _refuse_latent(first_stage: str, fmt: str) -> None:
@@ -247,14 +273,16 @@ def _linear(dst: dict, name: str, module: torch.nn.Module) -> list[str]:
     return list(module.state_dict())
 
 
-def _split_qkv(block) -> dict[str, torch.Tensor]:
-    """``to_q/to_k/to_v`` weights and biases from a fused ``qkv`` in the block's channel order."""
-    c, heads = block.channels, block.num_heads
+def _split_qkv(w: torch.Tensor, b: torch.Tensor, heads: int, legacy: bool) -> dict[str, torch.Tensor]:
+    """``to_q/to_k/to_v`` weights and biases from a fused ``qkv`` projection ``w`` [3C, C], ``b`` [3C].
+
+    legacy (the UNet's QKVAttentionLegacy): per head [q, k, v]; otherwise (the UNet's QKVAttention
+    and the ViT's timm layout) q of every head, then k, then v.
+    """
+    c = w.shape[1]
     d = c // heads
-    w, b = block.qkv.weight.reshape(3 * c, c), block.qkv.bias
-    # legacy (QKVAttentionLegacy): per head [q, k, v]; new (QKVAttention): q of every head, then k, then v.
-    shape = (heads, 3, d) if block.legacy else (3, heads, d)
-    axis = 1 if block.legacy else 0
+    shape = (heads, 3, d) if legacy else (3, heads, d)
+    axis = 1 if legacy else 0
     w4, b3 = w.reshape(*shape, c), b.reshape(*shape)
     out = {}
     for i, part in enumerate(("to_q", "to_k", "to_v")):
@@ -286,7 +314,9 @@ def diffusers_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
                 used.extend(f"{ours}.{a}.{k}" for k in _linear(out, f"{theirs}.{b}", module.get_submodule(a)))
         elif isinstance(module, AttentionBlock):
             used.extend(f"{ours}.norm.{k}" for k in _linear(out, f"{theirs}.group_norm", module.norm))
-            out.update({f"{theirs}.{k}": v for k, v in _split_qkv(module).items()})
+            c = module.channels
+            qkv = _split_qkv(module.qkv.weight.reshape(3 * c, c), module.qkv.bias, module.num_heads, module.legacy)
+            out.update({f"{theirs}.{k}": v for k, v in qkv.items()})
             used.extend([f"{ours}.qkv.weight", f"{ours}.qkv.bias"])
             out[f"{theirs}.to_out.0.weight"] = module.proj_out.weight.reshape(module.channels, module.channels)
             out[f"{theirs}.to_out.0.bias"] = module.proj_out.bias
@@ -330,13 +360,125 @@ def diffusers_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
             k += 1
     used.extend(f"out.0.{k}" for k in _linear(out, "conv_norm_out", net.out[0]))
     used.extend(f"out.2.{k}" for k in _linear(out, "conv_out", net.out[2]))
+    _check_used(net, used, "UNet")
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def _check_used(net: torch.nn.Module, used: list[str], what: str) -> None:
+    """Refuse a map that did not take every key of ``net`` exactly once."""
     ours = set(net.state_dict())
     if len(used) != len(set(used)) or set(used) != ours:
         twice = sorted({k for k in used if used.count(k) > 1})
         raise ExportError(
             f"the diffusers map left {sorted(ours - set(used))[:5]} unused and used {twice[:5]} twice "
-            f"({len(ours)} keys); the UNet's layout changed and export.py does not know it"
+            f"({len(ours)} keys); the {what}'s layout changed and export.py does not know it"
         )
+
+
+# ---------------------------------------------------------------------------- diffusers: the ViT
+
+# diffusers' CombinedTimestepLabelEmbeddings builds Timesteps(256, flip_sin_to_cos=True,
+# downscale_freq_shift=1), frequencies 10000^(-i/127); ours (DiT's) are 10000^(-i/128), the same
+# [cos, sin] order with a shift of 0. Its config has no field for it: the export records the
+# value under this config.json key and the loader sets it on every block.
+TIMESTEP_SHIFT_KEY = "dkdm_time_proj_downscale_freq_shift"
+_HALF = 128  # half of the 256 sinusoid channels, in both
+
+
+def _vit(net: torch.nn.Module, fmt: str):
+    from dkdm.models.vit import ViT
+
+    if not isinstance(net, ViT):
+        raise ExportError(f"{fmt} DiTTransformer2DModel export writes our ViT; this network is a {type(net).__name__}")
+    _refuse_guidance(net.guidance_cond, fmt)
+    _refuse_latent(getattr(getattr(net, "config", None), "first_stage", ""), fmt)
+    hidden, mlp = net.pos_embed.shape[-1], net.blocks[0].mlp.fc1.out_features
+    if mlp != 4 * hidden:
+        raise ExportError(
+            f"the MLP is {mlp} wide for {hidden} channels (mlp_ratio {mlp / hidden:g}); diffusers' "
+            "DiTTransformer2DModel always builds its feed-forward 4 times the width: export a ViT with mlp_ratio 4"
+        )
+    if net.t_embedder.frequency_embedding_size != 2 * _HALF:
+        raise ExportError(
+            f"the timestep sinusoid has {net.t_embedder.frequency_embedding_size} channels; "
+            f"diffusers' DiT embedder has {2 * _HALF}"
+        )
+    return net
+
+
+def diffusers_dit_config(net: torch.nn.Module) -> dict[str, Any]:
+    """``DiTTransformer2DModel`` keyword arguments that build the same network as our ViT ``net``.
+
+    An unconditional ViT becomes a one-class model (diffusers' DiT always adds a label
+    embedding), whose label rows are zero: see :func:`diffusers_dit_state_dict`.
+    """
+    net = _vit(net, "diffusers")
+    hidden = net.pos_embed.shape[-1]
+    return {
+        "num_attention_heads": net.num_heads,
+        "attention_head_dim": hidden // net.num_heads,
+        "in_channels": net.in_channels,
+        "out_channels": net.out_channels,  # 2 * in_channels with learn_sigma
+        "num_layers": len(net.blocks),
+        "dropout": 0.0,
+        "attention_bias": True,
+        "sample_size": net.image_size,
+        "patch_size": net.patch_size,
+        "activation_fn": "gelu-approximate",  # the Mlp's tanh GELU
+        "num_embeds_ada_norm": net.num_classes if net.num_classes is not None else 1,
+        "upcast_attention": False,
+        "norm_type": "ada_norm_zero",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,  # every LayerNorm of ours; diffusers fixes its norm1 and norm_out at 1e-6 already
+    }
+
+
+def diffusers_dit_state_dict(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``net``'s weights under ``DiTTransformer2DModel``'s names (see :func:`diffusers_dit_config`).
+
+    diffusers gives every block its own adaLN embedder (``transformer_blocks.N.norm1.emb``: the
+    timestep MLP and the label table; the final layer uses block 0's); ours is one shared
+    ``t_embedder``/``y_embedder``, so each block gets a copy. Its label table always has a null
+    row after the classes: ours when the ViT has one, else zeros (unused by ``net``). An
+    unconditional ViT gets a one-class table of zeros, so the conditioning t_emb + y_emb is the
+    timestep's alone for label 0 (or 1). ``pos_embed`` has no weight there (diffusers recomputes
+    the table; :func:`export_diffusers` checks it is ours). Raises :class:`ExportError` unless
+    every other key of ours was used, the shared embedder's once.
+    """
+    net = _vit(net, "diffusers")
+    hidden = net.pos_embed.shape[-1]
+    out: dict[str, torch.Tensor] = {}
+    used: list[str] = ["pos_embed"]
+
+    def put(ours: str, theirs: str, dst: dict = out) -> None:
+        used.extend(f"{ours}.{k}" for k in _linear(dst, theirs, net.get_submodule(ours)))
+
+    put("x_embedder.proj", "pos_embed.proj")
+    embedder: dict[str, torch.Tensor] = {}
+    put("t_embedder.mlp.0", "timestep_embedder.linear_1", embedder)
+    put("t_embedder.mlp.2", "timestep_embedder.linear_2", embedder)
+    like = net.t_embedder.mlp[0].weight
+    table = torch.zeros((net.num_classes or 1) + 1, hidden, dtype=like.dtype, device=like.device)
+    if net.num_classes is not None:
+        ours_table = net.y_embedder.embedding_table.weight  # the classes, and the null class if any
+        table[: ours_table.shape[0]] = ours_table.detach()
+        used.append("y_embedder.embedding_table.weight")
+    embedder["class_embedder.embedding_table.weight"] = table
+    for i, block in enumerate(net.blocks):
+        ours, theirs = f"blocks.{i}", f"transformer_blocks.{i}"
+        out.update({f"{theirs}.norm1.emb.{k}": v for k, v in embedder.items()})
+        # both chunk the modulation as (shift, scale, gate) of the attention, then of the MLP
+        put(f"{ours}.adaLN_modulation.1", f"{theirs}.norm1.linear")
+        attn = block.attn
+        qkv = _split_qkv(attn.qkv.weight, attn.qkv.bias, attn.num_heads, legacy=False)
+        out.update({f"{theirs}.attn1.{k}": v for k, v in qkv.items()})
+        used.extend([f"{ours}.attn.qkv.weight", f"{ours}.attn.qkv.bias"])
+        put(f"{ours}.attn.proj", f"{theirs}.attn1.to_out.0")
+        put(f"{ours}.mlp.fc1", f"{theirs}.ff.net.0.proj")
+        put(f"{ours}.mlp.fc2", f"{theirs}.ff.net.2")
+    put("final_layer.adaLN_modulation.1", "proj_out_1")  # both chunk it as (shift, scale)
+    put("final_layer.linear", "proj_out_2")
+    _check_used(net, used, "ViT")
     return {k: v.detach().clone() for k, v in out.items()}
 
 
@@ -374,23 +516,9 @@ def diffusers_scheduler_config(diffusion: DiffusionConfig) -> dict[str, Any]:
     }
 
 
-def export_diffusers(
-    net: torch.nn.Module, model: ModelConfig, diffusion: DiffusionConfig, folder: str, source: str = ""
-) -> dict:
-    """Write ``net`` and ``diffusion`` as a diffusers ``DDPMPipeline`` folder (``unet/``, ``scheduler/``).
-
-    The model is built by diffusers from :func:`diffusers_unet_config`, filled strictly from
-    :func:`diffusers_state_dict` and saved by its own ``save_pretrained``. Returns what
-    ``unet/dkdm_export.json`` records (source, our configs, the null class).
-    """
-    try:
-        import diffusers
-    except ImportError:
-        raise ExportError("diffusers export needs the diffusers package: pip install -e .[latent]") from None
-    config = diffusers_unet_config(net)
-    scheduler = diffusers.DDPMScheduler(**diffusers_scheduler_config(diffusion))
-    theirs = diffusers.UNet2DModel(**config)
-    weights = {k: v.to(torch.float32) for k, v in diffusers_state_dict(net).items()}
+def _fill(theirs: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load ``weights`` (as float32) into the diffusers model ``theirs``: every key, every shape, or refuse."""
+    weights = {k: v.to(torch.float32) for k, v in weights.items()}
     expected = theirs.state_dict()
     wrong = [
         f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
@@ -400,18 +528,87 @@ def export_diffusers(
     missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or extra or wrong:
         raise ExportError(
-            f"diffusers UNet2DModel mismatch: missing {missing[:5]}, extra {extra[:5]}, shapes {wrong[:5]}"
+            f"diffusers {type(theirs).__name__} mismatch: missing {missing[:5]}, extra {extra[:5]}, shapes {wrong[:5]}"
         )
     theirs.load_state_dict(weights, strict=True)
+
+
+def export_diffusers(
+    net: torch.nn.Module,
+    model: ModelConfig,
+    diffusion: DiffusionConfig,
+    folder: str,
+    source: str = "",
+    dit_frequency_fix: bool = False,
+) -> dict:
+    """Write ``net`` and ``diffusion`` as a diffusers folder; returns what its ``dkdm_export.json`` records.
+
+    A UNet becomes a ``DDPMPipeline`` folder (``unet/``, ``scheduler/``): the model built by
+    diffusers from :func:`diffusers_unet_config`, filled strictly from :func:`diffusers_state_dict`.
+    A ViT becomes ``transformer/`` (a ``DiTTransformer2DModel`` from :func:`diffusers_dit_config`
+    and :func:`diffusers_dit_state_dict`) and ``scheduler/``; it is refused unless
+    ``dit_frequency_fix`` accepts that the folder computes ``net`` only once its loader sets the
+    timestep frequencies (see the module docstring). Both are saved by diffusers' own
+    ``save_pretrained``; the note holds the source, our configs and the null class.
+    """
+    try:
+        import diffusers
+    except ImportError:
+        raise ExportError("diffusers export needs the diffusers package: pip install -e .[latent]") from None
+    from dkdm.models.vit import ViT
+
+    if isinstance(net, ViT):
+        return _export_dit(diffusers, net, model, diffusion, folder, source, dit_frequency_fix)
+    config = diffusers_unet_config(net)
+    scheduler = diffusers.DDPMScheduler(**diffusers_scheduler_config(diffusion))
+    theirs = diffusers.UNet2DModel(**config)
+    _fill(theirs, diffusers_state_dict(net))
     diffusers.DDPMPipeline(unet=theirs, scheduler=scheduler).save_pretrained(folder)
-    null = getattr(net, "null_class", None)
+    return _write_note(os.path.join(folder, "unet"), net, model, diffusion, source)
+
+
+def _write_note(model_dir: str, net, model: ModelConfig, diffusion: DiffusionConfig, source: str, **extra) -> dict:
     note = {
         "source": source,
-        "null_class": null,
+        "null_class": getattr(net, "null_class", None),
         "num_classes": net.num_classes,
         "model": to_dict(model),
         "diffusion": to_dict(diffusion),
+        **extra,
     }
-    with open(os.path.join(folder, "unet", EXPORT_NOTE), "w") as f:
+    with open(os.path.join(model_dir, EXPORT_NOTE), "w") as f:
         json.dump(note, f, indent=2)
     return note
+
+
+def _export_dit(diffusers, net, model: ModelConfig, diffusion: DiffusionConfig, folder: str, source: str, fix: bool):
+    """The ViT half of :func:`export_diffusers`: every refusal first, then ``transformer/`` and ``scheduler/``."""
+    config = diffusers_dit_config(net)
+    weights = diffusers_dit_state_dict(net)
+    scheduler = diffusers.DDPMScheduler(**diffusers_scheduler_config(diffusion))
+    theirs = diffusers.DiTTransformer2DModel(**config)
+    _fill(theirs, weights)
+    # diffusers' PatchEmbed recomputes its sin-cos table (a buffer it does not save): ours must be that table.
+    table = theirs.pos_embed.pos_embed
+    gap = (net.pos_embed.detach().to("cpu", torch.float32) - table).abs().max().item()
+    if gap > 1e-5:
+        raise ExportError(
+            f"pos_embed differs by up to {gap:.3g} from the 2-D sin-cos table diffusers' PatchEmbed recomputes "
+            "(and does not store); a ViT with other positions has no DiTTransformer2DModel form"
+        )
+    if not fix:
+        phase = (diffusion.steps - 1) * max(10000 ** (-i / _HALF) - 10000 ** (-i / (_HALF - 1)) for i in range(_HALF))
+        raise ExportError(
+            f"diffusers' DiTTransformer2DModel embeds the timestep at frequencies 10000^(-i/{_HALF - 1}) (its "
+            f"Timesteps(downscale_freq_shift=1) is fixed in code, not in config.json); this ViT, as DiT, at "
+            f"10000^(-i/{_HALF}): at t = {diffusion.steps - 1} the phases differ by up to {phase:.2f} rad, so the "
+            "folder loaded as it is would compute another network. Pass --dit_frequency_fix (export_diffusers("
+            f"dit_frequency_fix=True)) to write it anyway, recording {TIMESTEP_SHIFT_KEY} = 0 in its "
+            "config.json: dkdm applies it when it loads the folder, any other loader must set "
+            "time_proj.downscale_freq_shift = 0 in every block's norm1.emb after from_pretrained (README, Export)"
+        )
+    theirs.register_to_config(**{TIMESTEP_SHIFT_KEY: 0})
+    theirs.save_pretrained(os.path.join(folder, "transformer"))
+    scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+    extra = {"unconditional_label": 0} if net.num_classes is None else {}
+    return _write_note(os.path.join(folder, "transformer"), net, model, diffusion, source, **extra)
