@@ -12,13 +12,14 @@ On a CPU it runs the same code at a tiny size (``--tiny``: the digits pair), so 
 MFU is then against the fp32 matmul peak measured on the spot and memory is the process's peak
 resident size.
 
-    python benchmarks/gpu.py --out benchmarks/results/<device>_gpu.json [--cuda_graphs]
+    python benchmarks/gpu.py --out benchmarks/results/<device>_gpu.json [--cuda_graphs] [--channels_last]
     python benchmarks/gpu.py --tiny
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import resource
 import sys
@@ -30,7 +31,10 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dkdm import logger
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roofline  # the sibling benchmark: one profiler summary for both
+
+from dkdm import dist, logger
 from dkdm.config import DistillConfig, TrainConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop
@@ -101,7 +105,9 @@ class _SyncCount:
     def __exit__(self, *exc):
         if self.cuda:
             torch.cuda.set_sync_debug_mode("default")
-            self.count = sum("synchroniz" in str(w.message) for w in self._seen)
+            # The once-per-process notice that the mode is a prototype ("...does not yet detect all
+            # synchronizing operations") is not a sync; the H100 runs of 2026-11-23 counted it once.
+            self.count = sum("synchroniz" in str(w.message) and "prototype" not in str(w.message) for w in self._seen)
             self._w.__exit__(*exc)
         return False
 
@@ -136,7 +142,7 @@ class GraphedCall:
         return self.static_out.clone()
 
 
-def sampling(cfg, model, diffusion, batch: int, steps: int, dtype, device, graphs: bool) -> dict:
+def sampling(cfg, model, diffusion, batch: int, steps: int, dtype, device, graphs: bool, profile=False) -> dict:
     """Ancestral steps t = T-1 down: image-steps/s, seconds per step, peak memory."""
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     t = torch.full((batch,), diffusion.num_timesteps - 1, device=device, dtype=torch.long)
@@ -146,7 +152,9 @@ def sampling(cfg, model, diffusion, batch: int, steps: int, dtype, device, graph
             return diffusion.p_sample(model, x, t, clip_denoised=True)["sample"]
 
     fn = GraphedCall(step) if graphs else step
-    fn(x, t)
+    # Graph capture or compilation happen here; twice, since the loop feeds back inference tensors
+    # (another dispatch key than the first x, so torch.compile specialises once more).
+    first = _timed(lambda: fn(fn(x, t), t), device)
     _reset_memory(device)
     state = {"x": x}
 
@@ -157,18 +165,24 @@ def sampling(cfg, model, diffusion, batch: int, steps: int, dtype, device, graph
 
     with _SyncCount(device) as syncs:
         sec = _timed(walk, device) / steps
-    return {
+    out = {
         "batch": batch,
         "steps": steps,
+        "first_call_s": round(first, 3),
         "s_per_step": round(sec, 6),
         "image_steps_per_s": round(batch / sec, 1),
         "peak_memory_GiB": round(_peak_memory_gib(device), 3),
         "host_syncs": syncs.count,
         "cuda_graphs": graphs,
     }
+    if profile:
+        out["profile"] = roofline.profile_categories(lambda: fn(x, t), 3, cuda=device.type == "cuda")
+    return out
 
 
-def dkdm_step(teacher, student, diffusion, batch: int, steps: int, precision: str, device, graphs: bool) -> dict:
+def dkdm_step(
+    teacher, student, diffusion, batch: int, steps: int, precision: str, device, graphs: bool, profile=False
+) -> dict:
     """Seconds per whole DKDM step (draw, teacher, pool update, objective, backward, AdamW, EMA)."""
     with tempfile.TemporaryDirectory(prefix="dkdm_gpu_") as run_dir:
         logger.configure(run_dir, format_strs=["log"])
@@ -185,22 +199,30 @@ def dkdm_step(teacher, student, diffusion, batch: int, steps: int, precision: st
         if graphs:
             loop.teacher_forward = GraphedCall(loop.teacher_forward)
         tr = loop.trainer
-        for _ in range(3):
+        first = _timed(lambda: tr.run_step(loop.next_batch, loop.loss_fn), device)
+        for _ in range(2):
             tr.run_step(loop.next_batch, loop.loss_fn)
         _reset_memory(device)
         with _SyncCount(device) as syncs:
             sec = _timed(lambda: tr.run_step(loop.next_batch, loop.loss_fn), device, steps)
+        prof = None
+        if profile:
+            prof = roofline.profile_categories(
+                lambda: tr.run_step(loop.next_batch, loop.loss_fn), 3, cuda=device.type == "cuda"
+            )
         tr.dump_logs()
         logger.reset()
     return {
         "batch": batch,
         "steps": steps,
         "precision": precision,
+        "first_call_s": round(first, 3),
         "s_per_step": round(sec, 5),
         "samples_per_s": round(batch / sec, 1),
         "peak_memory_GiB": round(_peak_memory_gib(device), 3),
         "host_syncs": syncs.count,
         "cuda_graphs_teacher": graphs,
+        **({"profile": prof} if prof else {}),
     }
 
 
@@ -217,7 +239,7 @@ def flops_of(model, cfg, batch: int, backward: bool) -> int:
 
 
 def run(a: argparse.Namespace) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = dist.dev()  # the library's choice (DKDM_DEVICE=cpu keeps it on the CPU)
     torch.manual_seed(0)
     tcfg, scfg = get_config(a.teacher), get_config(a.student)
     teacher, student = create_model(tcfg).to(device), create_model(scfg).to(device)
@@ -248,15 +270,31 @@ def run(a: argparse.Namespace) -> dict:
     if device.type == "cpu":
         out["note"] = "CPU run at a tiny size: checks the code path, not a performance claim"
     variants = [False, True] if a.cuda_graphs else [False]
+    formats = [torch.contiguous_format, torch.channels_last] if a.channels_last else [torch.contiguous_format]
     out["sampling"] = []
     out["dkdm_step"] = []
-    for graphs in variants:
-        s = sampling(tcfg, teacher, diffusion, a.sample_batch, a.sample_steps, dtype, device, graphs)
+    runs = [(fmt, graphs, False) for fmt in formats for graphs in variants]
+    if a.compile:
+        runs.append((torch.contiguous_format, False, True))
+    for fmt, graphs, compiled in runs:
+        # Weights in channels_last make cuDNN/oneDNN pick NHWC kernels; activations follow the weights.
+        teacher.to(memory_format=fmt)
+        student.to(memory_format=fmt)
+        if compiled:  # in place (nn.Module.compile): state-dict keys unchanged; the first call compiles
+            teacher.compile()
+            student.compile()
+        first = not out["sampling"]
+        tag = {"memory_format": str(fmt).removeprefix("torch."), "compiled": compiled}
+        s = sampling(
+            tcfg, teacher, diffusion, a.sample_batch, a.sample_steps, dtype, device, graphs, first and a.profile
+        )
         s["MFU"] = round(s["image_steps_per_s"] * f_teacher / peak, 4)
-        out["sampling"].append(s)
-        d = dkdm_step(teacher, student, diffusion, a.batch, a.dkdm_steps, a.precision, device, graphs)
+        out["sampling"].append({**tag, **s})
+        d = dkdm_step(
+            teacher, student, diffusion, a.batch, a.dkdm_steps, a.precision, device, graphs, first and a.profile
+        )
         d["MFU"] = round(d["samples_per_s"] * (f_teacher + f_student) / peak, 4)
-        out["dkdm_step"].append(d)
+        out["dkdm_step"].append({**tag, **d})
     return out
 
 
@@ -272,14 +310,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--peak_tflops", type=float, default=0.0, help="override the device's peak for MFU")
     p.add_argument("--cuda_graphs", action="store_true", help="also time CUDA-graph teacher and sampling steps")
+    p.add_argument("--channels_last", action="store_true", help="also time both with channels_last weights")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd teacher and student")
+    p.add_argument("--profile", action="store_true", help="where the first variant's time goes, per op category")
     p.add_argument("--tiny", action="store_true", help="digits pair, a few steps (the CPU test)")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     if a.tiny:
         a.teacher, a.student, a.batch, a.sample_batch = "digits-teacher", "digits-vit", 4, 4
         a.sample_steps, a.dkdm_steps, a.diffusion_steps = 3, 2, 20
-    if a.cuda_graphs and not torch.cuda.is_available():
-        p.error("--cuda_graphs needs CUDA; this machine has none")
+    if a.cuda_graphs and dist.dev().type != "cuda":
+        p.error("--cuda_graphs needs CUDA; this run is on the CPU (no GPU, or DKDM_DEVICE=cpu)")
     a.argv = argv
     return a
 

@@ -260,26 +260,36 @@ def bmm_attention(q, k, v):
 # --------------------------------------------------------------------------- profile
 
 
-def profile_categories(fn: Callable[[], object], repeats: int = 2) -> dict:
-    """Share of profiler self CPU time per layer category over ``repeats`` calls of ``fn``."""
+def profile_categories(fn: Callable[[], object], repeats: int = 2, cuda: bool = False) -> dict:
+    """Share of profiler self time per layer category over ``repeats`` calls of ``fn``: CPU time,
+    or with ``cuda`` the GPU time of the kernels each operator launched (and ``busy``: GPU time
+    over wall time, under 1 where the GPU waits for the host to launch work)."""
     fn()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
         for _ in range(repeats):
             fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
     totals: dict[str, float] = {c: 0.0 for c in [*CATEGORIES, "elementwise/other"]}
     top: dict[str, float] = {}
     for ev in prof.key_averages():
         if not ev.key.startswith("aten::"):
             continue
-        us = float(ev.self_cpu_time_total)
+        us = float(ev.self_device_time_total if cuda else ev.self_cpu_time_total)
         cat = next((c for c, keys in CATEGORIES.items() if any(k in ev.key for k in keys)), "elementwise/other")
         totals[cat] += us
         top[ev.key] = top.get(ev.key, 0.0) + us
     whole = sum(totals.values()) or 1.0
-    return {
+    out = {
         "share": {c: round(v / whole, 4) for c, v in totals.items()},
         "top_ops": {k: round(v / whole, 4) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:10]},
     }
+    if cuda:
+        out["busy"] = round(whole / wall_us, 4)
+    return out
 
 
 # --------------------------------------------------------------------------- main

@@ -78,9 +78,19 @@ def test_gpu_benchmark_runs_on_cpu_at_a_tiny_size(tmp_path):
     s, d = out["sampling"][0], out["dkdm_step"][0]
     assert s["image_steps_per_s"] > 0 and 0 < s["MFU"] < 10 and s["host_syncs"] == 0
     assert d["s_per_step"] > 0 and 0 < d["MFU"] < 10 and d["precision"] == "bf16"
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            gpu.parse(["--tiny", "--cuda_graphs"])
+    with pytest.raises(SystemExit):  # the suite runs on the CPU (DKDM_DEVICE=cpu), GPU or not
+        gpu.parse(["--tiny", "--cuda_graphs"])
+
+
+def test_gpu_benchmark_on_cuda_with_graphs_and_channels_last(tmp_path, on_cuda):
+    """The CUDA path itself, where there is a GPU: graphs replay, no host syncs in steady state."""
+    gpu = _load("gpu")
+    out = gpu.main(["--tiny", "--cuda_graphs", "--channels_last", "--out", str(tmp_path / "g.json")])
+    assert not out["device"].startswith("cpu")
+    assert len(out["sampling"]) == len(out["dkdm_step"]) == 4  # 2 memory formats x graphs off/on
+    assert [s["cuda_graphs"] for s in out["sampling"]] == [False, True, False, True]
+    assert all(d["host_syncs"] == 0 for d in out["dkdm_step"])
+    assert all(s["host_syncs"] == 0 for s in out["sampling"] if s["cuda_graphs"])
 
 
 def test_cost_model_latent_unets_are_the_released_ones():
