@@ -117,6 +117,8 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit other than lr_anneal_steps
     ema_rate: str = "0.9999"
     precision: str = "fp32"  # fp32 | fp16 | bf16
+    compile: bool = False  # torch.compile the trained network (and a distillation's teacher) in place
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager | cudagraphs
     fp16_scale_growth: float = 1e-3
     grad_clip: float = 0.0  # 0: off
     schedule_sampler: str = "uniform"  # uniform | loss-second-moment
@@ -137,12 +139,24 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be 0 or more (0: {_ZERO_MEANS[name]}), got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
+        _check_compile_backend(self.compile_backend)
         if self.max_steps and self.lr_anneal_steps and self.max_steps > self.lr_anneal_steps:
             raise ConfigError(
                 f"--max_steps {self.max_steps} lies past --lr_anneal_steps {self.lr_anneal_steps}, where the "
                 f"learning rate has reached 0; set --lr_anneal_steps {self.max_steps} to anneal over the whole run, "
                 "or --lr_anneal_steps 0 for a constant learning rate"
             )
+
+
+# torch's own compile backends that need nothing beyond torch: inductor generates kernels (the fast
+# one), aot_eager traces forward and backward without generating code (a cheap check of the
+# tracing), eager only runs dynamo, cudagraphs replays captured CUDA graphs (GPU only).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
+
+
+def _check_compile_backend(backend: str) -> None:
+    if backend not in COMPILE_BACKENDS:
+        raise ConfigError(f"--compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
 
 
 _ZERO_MEANS = {
@@ -233,10 +247,15 @@ class SampleConfig:
     eta: float = 0.0
     clip_denoised: bool = True
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the network in place (the first batch compiles)
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager | cudagraphs
     seed: int = 0
     guidance_scale: float = 1.0  # classifier-free guidance (guided models) or the w input (w-conditioned students)
     output: str = ""  # a .npz path, or a folder for guided-diffusion's samples_NxHxWxC.npz; "" = runs/samples
     keep_shards: bool = False  # keep <output>.shards/ after the merge (it is the resume state)
+
+    def __post_init__(self) -> None:
+        _check_compile_backend(self.compile_backend)
 
 
 GROUP_TYPES = {

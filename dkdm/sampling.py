@@ -79,9 +79,12 @@ def make_manifest(
     shard_seed(sample_cfg.seed, 0)
     s = to_dict(sample_cfg)
     keep = ("num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised", "precision", "guidance_scale")
+    sample = {k: s[k] for k in keep}
+    if sample_cfg.compile:  # compiled kernels round differently; absent when off, as in older manifests
+        sample["compile_backend"] = sample_cfg.compile_backend
     return {
         "format": MANIFEST_FORMAT,
-        "sample": {k: s[k] for k in keep},
+        "sample": sample,
         "model": to_dict(model_cfg),
         "diffusion": to_dict(diffusion_cfg),
         "checkpoint_sha256": checkpoint_sha256,

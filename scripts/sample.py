@@ -24,6 +24,7 @@ from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
 from dkdm.distill.objectives.sampling import step_sampler_for
 from dkdm.models.guidance import for_sampling
 from dkdm.resolve import EMBEDDED_TEACHER, resolve
+from dkdm.training.compile import FirstCallClock, compile_in_place
 
 
 def main(argv: list[str]) -> None:
@@ -37,6 +38,8 @@ def main(argv: list[str]) -> None:
     net = resolve(args.overrides["model"], args.overrides["diffusion"], checkpoint=path)
     model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
     model = for_sampling(net.build(), cfg.guidance_scale).to(dist.dev())  # guided, or w for a w-conditioned net
+    if cfg.compile:
+        compile_in_place(model, cfg.compile_backend)
     diffusion = net.create_diffusion()  # validate everything before the manifest binds the output
     # A step-distilled student (luhman / progressive / tract / consistency / boot run) samples with its own sampler.
     diffusion = step_sampler_for(path, diff_cfg) or diffusion
@@ -68,10 +71,17 @@ def main(argv: list[str]) -> None:
     mine = sum(sizes[dist.get_rank() :: dist.get_world_size()])
     bar = tqdm(total=mine, unit="img", desc="rank 0", disable=not dist.is_main())
 
+    clock = FirstCallClock("batch", cfg.compile_backend) if cfg.compile else None
+
     def progress(n: int, drawn: bool) -> None:
         if not drawn:  # already on disk: out of the count, so img/s stays honest
             bar.total -= n
+        elif clock is not None:
+            clock.stop()
         bar.update(n if drawn else 0)
+
+    if clock is not None:
+        clock.start()
 
     stats = sampling.draw_shards(
         model,

@@ -40,6 +40,7 @@ from dkdm.distill.objectives import build_objective
 from dkdm.distill.pool import DynamicPool, read_class_weights, teacher_fingerprint
 from dkdm.models.guidance import Guided, check_guidable
 from dkdm.training import Trainer
+from dkdm.training.compile import compile_in_place
 from dkdm.training.precision import autocast, autocast_dtype
 
 __all__ = ["DistillLoop", "check_conditioning", "teacher_id"]
@@ -181,6 +182,8 @@ class DistillLoop:
         self.teacher_dtype = autocast_dtype(distill.teacher_precision, "teacher_precision")
 
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if train.compile:  # the teacher's forward is the largest single cost of a step
+            compile_in_place(self.teacher, train.compile_backend)
         self.student = student
         self.teacher_diffusion, self.student_diffusion = teacher_diffusion, student_diffusion
         self.objective: Any = None

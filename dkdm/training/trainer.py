@@ -38,6 +38,7 @@ from dkdm.config import (
 )
 from dkdm.models.checkpoints import save_safetensors
 from dkdm.training import checkpoint as ckpt
+from dkdm.training.compile import FirstCallClock, compile_in_place
 from dkdm.training.precision import Precision, growth_interval_from_rate
 
 # Fields a rerun on an existing run directory may change: they decide when the run stops, how
@@ -175,6 +176,8 @@ class Trainer:
 
         # DDP's constructor broadcasts rank 0's parameters and buffers, so every rank starts
         # from identical weights whether they came from a seed or each rank read the files.
+        if cfg.compile:  # in place: state-dict keys, checkpoints and EMA stay the eager network's
+            compile_in_place(model, cfg.compile_backend)
         self.ddp_model = model
         if self.world > 1:
             self.ddp_model = DDP(
@@ -411,8 +414,10 @@ class Trainer:
                 return self.step
             self._tick = time.perf_counter()
             self._steps_since_dump = 0
+            first = FirstCallClock("step", c.compile_backend) if c.compile else contextlib.nullcontext()
             while not self.done():
-                self.run_step(next_batch, loss_fn)
+                with first:
+                    self.run_step(next_batch, loss_fn)
                 if c.log_interval > 0 and self.step % c.log_interval == 0:
                     self.dump_logs()
                 if c.save_interval > 0 and self.step % c.save_interval == 0:
