@@ -25,6 +25,7 @@ import torch
 from dkdm.diffusion import create_diffusion
 from dkdm.fileio import emit_json
 from dkdm.models import create_model, get_config
+from dkdm.training.compile import compile_in_place
 
 
 def load_guided_diffusion(path: str):
@@ -69,6 +70,8 @@ def build(arch: str, respacing: str, steps: int):
 def run(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
     cfg, theirs, ours, diff = build(a.arch, a.respacing, a.steps)
+    if a.ours_compile:  # the library's --compile switch (in place; the agreement pass below compiles)
+        compile_in_place(ours, "inductor")
     shape = (a.batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     x0 = torch.rand(shape, generator=torch.Generator().manual_seed(2)) * 2 - 1
@@ -103,8 +106,10 @@ def run(a: argparse.Namespace) -> dict:
         "respacing": a.respacing,
         "threads": a.threads,
         "rounds": a.rounds,
+        "ours_compiled": a.ours_compile,
         "torch": torch.__version__,
-        "note": "taken on a shared, loaded machine (5 agents); order swapped every round, medians and [min, max]",
+        "note": "order swapped every round; medians and [min, max] of the per-round ratios",
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
         "command": "GUIDED_DIFFUSION_PATH=... python benchmarks/vs_guided_diffusion.py " + " ".join(a.argv),
     }
     # Agreement first (also the warm-up).
@@ -126,6 +131,7 @@ def run(a: argparse.Namespace) -> dict:
                 t0 = time.perf_counter()
                 sample(which, kind) if kind != "train" else train(which)
                 times[kind][which].append(time.perf_counter() - t0)
+    out["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     for kind, tt in times.items():
         ratios = [x / y for x, y in zip(tt["theirs"], tt["ours"])]
         out[kind] = {
@@ -149,6 +155,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--ours_compile", action="store_true", help="ours under torch.compile (inductor), as --compile")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     a.argv = argv

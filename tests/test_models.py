@@ -286,13 +286,26 @@ def _reference_attention(qkv, heads, legacy):
     return torch.einsum("bts,bcs->bct", w, v).reshape(b, heads * ch, t)
 
 
+@pytest.mark.parametrize("impl", ["auto", "bmm", "sdpa"])
 @pytest.mark.parametrize("legacy", [True, False])
-def test_sdpa_attention_matches_reference_layout(legacy):
-    qkv = torch.randn(2, 3 * 4 * 8, 10)
-    ours = qkv_attention(qkv, 4, legacy)
-    assert torch.allclose(ours, _reference_attention(qkv, 4, legacy), atol=1e-5)
+def test_attention_matches_reference_layout(legacy, impl):
+    """Both kernels (the CPU's batched matmuls, CUDA's SDPA; auto picks by device) are the
+    reference maths in float64, in either channel order; T != ch so a transposed product fails."""
+    qkv = torch.randn(2, 3 * 4 * 8, 10, dtype=torch.float64)
+    ours = qkv_attention(qkv, 4, legacy, impl)
+    torch.testing.assert_close(ours, _reference_attention(qkv, 4, legacy), rtol=1e-12, atol=1e-12)
     other = _reference_attention(qkv, 4, not legacy)
     assert not torch.allclose(ours, other, atol=1e-3)
+    with pytest.raises(ValueError, match="auto, bmm or sdpa"):
+        qkv_attention(qkv, 4, legacy, "flash")
+
+
+def test_bmm_attention_under_bf16_autocast_stays_close():
+    qkv = torch.randn(2, 3 * 4 * 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = qkv_attention(qkv, 4, False, "bmm")
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), _reference_attention(qkv, 4, False), rtol=0.05, atol=0.05)
 
 
 def test_legacy_and_new_attention_order_both_run_and_differ():
