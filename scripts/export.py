@@ -42,6 +42,11 @@ def main(argv: list[str]) -> None:
     fix = args.extras["dit_frequency_fix"]
     net = resolve(args.overrides["model"], args.overrides["diffusion"], checkpoint=path)
     model = net.build().eval()
+    if fix and (fmt != "diffusers" or not isinstance(model, ViT)):
+        raise ValueError(
+            "--dit_frequency_fix applies to a ViT exported to diffusers only; this is "
+            f"{'a ' + type(model).__name__ if fmt == 'diffusers' else 'the ' + fmt + ' format'}: drop the flag"
+        )
     if fmt == "diffusers":
         if os.path.exists(output) and os.listdir(output):
             raise ValueError(f"{output} exists and is not empty; give a new folder")

@@ -204,7 +204,7 @@ def test_what_the_other_targets_cannot_hold_is_refused(tmp_path):
 
 
 def test_the_export_script_writes_a_pipeline_diffusers_loads(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))}
     out = str(tmp_path / "pipe")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--model_path", COND_TEACHER]
     done = subprocess.run(
@@ -217,6 +217,16 @@ def test_the_export_script_writes_a_pipeline_diffusers_loads(tmp_path):
         [*cmd, "--format", "diffusers", "--output", out], env=env, capture_output=True, text=True, check=False
     )
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "not empty" in again.stderr
+    for fmt, out2 in (("diffusers", str(tmp_path / "p2")), ("guided-diffusion", str(tmp_path / "m.pt"))):
+        flag = subprocess.run(
+            [*cmd, "--format", fmt, "--output", out2, "--dit_frequency_fix"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert flag.returncode == 1 and "applies to a ViT exported to diffusers only" in flag.stderr
+        assert not os.path.exists(out2)
 
 
 def test_a_class_conditional_diffusers_model_without_our_note_has_no_null_class(tmp_path):
