@@ -118,12 +118,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_mpi_world(rank: int, size: int, library_version=None) -> None:
+    """Refuse a world that disagrees with what the launcher announced.
+
+    An ``mpiexec`` of one MPI (say the mpich wheel's) starting an mpi4py built against another
+    (say Open MPI) leaves every process a singleton: N processes each train as rank 0 of a
+    world of 1 and overwrite each other's files, exit code 0. Seen on a machine with both.
+    """
+    announced = next((os.environ[v] for v in _MPI_SIZE_VARS if v in os.environ), None)
+    own = next((os.environ[v] for v in _MPI_RANK_VARS if v in os.environ), None)
+    try:
+        want = int(announced) if announced is not None else None
+        want_rank = int(own) if own is not None else None
+    except ValueError:
+        return
+    if (want is not None and want != size) or (want_rank is not None and want_rank != rank):
+        lib = (library_version() if library_version else "").strip().splitlines()[:1]
+        raise RuntimeError(
+            f"the MPI launcher started this process as rank {want_rank} of {want}, but mpi4py's MPI "
+            f"({lib[0] if lib else 'unknown library'}) sees rank {rank} of {size}: the mpiexec used belongs to "
+            "another MPI than the one mpi4py was built with. Launch with the matching mpiexec (pip's mpich "
+            "wheel puts one beside this python), or use torchrun."
+        )
+
+
 def _setup_mpi(backend: str) -> None:
     global _LOCAL_RANK
     from mpi4py import MPI  # only under mpiexec: single-process use needs no MPI
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
+    check_mpi_world(rank, size, MPI.Get_library_version)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     _LOCAL_RANK, local_size = node.Get_rank(), node.Get_size()
     node.Free()

@@ -264,3 +264,21 @@ def test_dkdm_device_overrides_the_choice(monkeypatch):
             dist.dev()
     monkeypatch.delenv("DKDM_DEVICE")
     assert dist.dev().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_launcher_of_another_mpi_is_refused(monkeypatch):
+    """mpiexec -n 2 of one MPI with mpi4py built on another: each process a world of one, which
+    would train twice into one directory. The announced size and rank must match MPI's."""
+    from dkdm import dist
+
+    for var in ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    dist.check_mpi_world(0, 1)  # nothing announced: a singleton is fine
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "1")
+    dist.check_mpi_world(1, 2)
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2, but mpi4py's MPI \(Open MPI v5\) sees rank 0 of 1"):
+        dist.check_mpi_world(0, 1, lambda: "Open MPI v5\nmore")
+    monkeypatch.setenv("PMI_SIZE", "3")
+    with pytest.raises(RuntimeError, match="another MPI"):
+        dist.check_mpi_world(1, 2)
