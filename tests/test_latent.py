@@ -200,6 +200,11 @@ def test_shipped_latent_digits_assets():
     torch.manual_seed(0)
     with torch.no_grad():
         z = net.create_diffusion().p_sample_loop(model, (96, 2, 4, 4), clip_denoised=False)
+    # The sampled latents have the data's scale (per channel within 2x of the real encodings); the
+    # first shipped teacher's cosine schedule blew up to a std of ~50, which decoded digits hid.
+    real = stage.encode(images, sample=False)
+    ratio = z.std(dim=(0, 2, 3)) / real.std(dim=(0, 2, 3))
+    assert ((ratio > 0.5) & (ratio < 2.0)).all(), ratio
     x = stage.decode(z)
     clf = LogisticRegression(max_iter=2000).fit(images.reshape(len(images), -1).numpy(), labels.numpy())
     proba = clf.predict_proba(x.reshape(96, -1).numpy())
