@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from dkdm.config import ConfigError, DiffusionConfig, ModelConfig, from_dict, load_yaml, to_dict, update
-from dkdm.diffusion.schedules import get_named_beta_schedule
+from dkdm.diffusion.schedules import get_named_beta_schedule, latent_schedule_warning
 from dkdm.models import create_model, foreign, get_config, ldm, load_checkpoint
 
 FAMILIES = ("unet", "vit", "diffusers")
@@ -123,8 +123,14 @@ class Resolved:
         return build_network(self.model, self.checkpoint)
 
     def create_diffusion(self) -> Any:
+        """The diffusion; for a latent space, a warning where its schedule is unsafe without clipping."""
+        from dkdm import logger
         from dkdm.diffusion import create_diffusion
 
+        if self.space.latent:
+            warning = latent_schedule_warning(self.diffusion.noise_schedule, self.diffusion.steps)
+            if warning:
+                logger.warn(warning)
         return create_diffusion(self.diffusion)
 
 

@@ -250,3 +250,25 @@ def test_cnn_and_vit_teach_each_other_on_latents(tmp_path):
     main(["--model_path", str(vit / "ema_0.995_000002.pt"), "--num_samples", "6", "--batch_size", "3",
           "--timestep_respacing", "5", "--output", str(out)])  # fmt: skip
     assert np.load(out)["arr_0"].shape == (6, 8, 8, 1)  # decoded 8x8 digits, not 4x4x2 latents
+
+
+def test_latent_models_on_schedules_unsafe_without_clipping_are_warned(monkeypatch):
+    """Cosine over 100 steps multiplies the eps error by ~2000 into an unclipped x_0 (what broke the
+    first digits latent teacher); LDM's and Stable Diffusion's schedules pass; pixel models clip."""
+    from dkdm import logger
+    from dkdm.diffusion.schedules import latent_schedule_warning, unclipped_x0_gain
+    from dkdm.resolve import resolve
+
+    assert unclipped_x0_gain([0.5, 0.5]) == pytest.approx(2.0)
+    assert latent_schedule_warning("scaled_linear:0.00085,0.012", 1000) is None
+    assert latent_schedule_warning("scaled_linear:0.0015,0.0195", 1000) is None
+    assert latent_schedule_warning("linear", 1000) is None
+    assert "2,029" in latent_schedule_warning("cosine", 100)
+    said = []
+    monkeypatch.setattr(logger, "warn", lambda *a: said.append(" ".join(map(str, a))))
+    resolve({}, {}, checkpoint=LATENT_TEACHER).create_diffusion()  # the shipped one: scaled_linear over 100
+    assert said == []
+    resolve({}, {"noise_schedule": "cosine"}, checkpoint=LATENT_TEACHER).create_diffusion()
+    assert len(said) == 1 and "without clipping x_0" in said[0]
+    resolve({}, {"noise_schedule": "cosine"}, checkpoint=os.path.join(ASSETS, "digits_teacher.pt")).create_diffusion()
+    assert len(said) == 1  # pixels
