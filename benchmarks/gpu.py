@@ -40,6 +40,7 @@ from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop
 from dkdm.fileio import emit_json
 from dkdm.models import create_model, get_config
+from dkdm.training.compile import compile_in_place
 from dkdm.training.precision import autocast, autocast_dtype
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.
@@ -280,9 +281,9 @@ def run(a: argparse.Namespace) -> dict:
         # Weights in channels_last make cuDNN/oneDNN pick NHWC kernels; activations follow the weights.
         teacher.to(memory_format=fmt)
         student.to(memory_format=fmt)
-        if compiled:  # in place (nn.Module.compile): state-dict keys unchanged; the first call compiles
-            teacher.compile()
-            student.compile()
+        if compiled:  # the library's --compile: in place, the first call compiles
+            compile_in_place(teacher)
+            compile_in_place(student)
         first = not out["sampling"]
         tag = {"memory_format": str(fmt).removeprefix("torch."), "compiled": compiled}
         s = sampling(

@@ -139,7 +139,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be 0 or more (0: {_ZERO_MEANS[name]}), got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
-        _check_compile_backend(self.compile_backend)
+        check_compile_backend(self.compile_backend)
         if self.max_steps and self.lr_anneal_steps and self.max_steps > self.lr_anneal_steps:
             raise ConfigError(
                 f"--max_steps {self.max_steps} lies past --lr_anneal_steps {self.lr_anneal_steps}, where the "
@@ -154,7 +154,8 @@ class TrainConfig:
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 
 
-def _check_compile_backend(backend: str) -> None:
+def check_compile_backend(backend: str) -> None:
+    """Raise ConfigError for a ``--compile_backend`` outside :data:`COMPILE_BACKENDS`."""
     if backend not in COMPILE_BACKENDS:
         raise ConfigError(f"--compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
 
@@ -255,7 +256,7 @@ class SampleConfig:
     keep_shards: bool = False  # keep <output>.shards/ after the merge (it is the resume state)
 
     def __post_init__(self) -> None:
-        _check_compile_backend(self.compile_backend)
+        check_compile_backend(self.compile_backend)
 
 
 GROUP_TYPES = {

@@ -131,3 +131,15 @@ def test_inductor_sampling_stays_within_rounding_of_eager(tmp_path):
     MAIN([*base, "--output", str(compiled), "--compile", "true"])
     diff = np.abs(_load(eager)["arr_0"].astype(int) - _load(compiled)["arr_0"].astype(int))
     assert diff.max() <= 1
+
+
+def test_resuming_with_the_switch_flipped_is_refused(tmp_path):
+    """Compiled kernels round differently, so a run keeps the setting it started with."""
+
+    def stream():
+        return {"x": torch.randn(8, 4)}
+
+    make(tmp_path, "run", max_steps=2).run(stream, noisy_loss)
+    logger.reset()
+    with pytest.raises(ConfigError, match=r"train\.compile: False there, True now"):
+        make(tmp_path, "run", max_steps=4, compile=True, compile_backend="aot_eager")

@@ -18,13 +18,12 @@ import time
 import torch
 
 from dkdm import logger
-from dkdm.config import COMPILE_BACKENDS, ConfigError
+from dkdm.config import check_compile_backend
 
 
 def compile_in_place(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
     """Compile ``model`` in place (the first call compiles) and return it."""
-    if backend not in COMPILE_BACKENDS:
-        raise ConfigError(f"--compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
+    check_compile_backend(backend)
     model.compile(backend=backend)
     return model
 
