@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dkdm.config import ConfigError, ModelConfig
 from dkdm.models import (
@@ -17,7 +18,7 @@ from dkdm.models import (
     get_config,
     list_models,
 )
-from dkdm.models.layers import GroupNorm32, qkv_attention
+from dkdm.models.layers import GroupNorm32, conv_nd, qkv_attention, upsample_nearest2x
 from dkdm.models.unet import AttentionBlock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,7 +290,7 @@ def _reference_attention(qkv, heads, legacy):
 @pytest.mark.parametrize("impl", ["auto", "bmm", "sdpa"])
 @pytest.mark.parametrize("legacy", [True, False])
 def test_attention_matches_reference_layout(legacy, impl):
-    """Both kernels (the CPU's batched matmuls, CUDA's SDPA; auto picks by device) are the
+    """Both kernels (SDPA, the default, and guided-diffusion's batched matmuls) are the
     reference maths in float64, in either channel order; T != ch so a transposed product fails."""
     qkv = torch.randn(2, 3 * 4 * 8, 10, dtype=torch.float64)
     ours = qkv_attention(qkv, 4, legacy, impl)
@@ -306,6 +307,56 @@ def test_bmm_attention_under_bf16_autocast_stays_close():
         low = qkv_attention(qkv, 4, False, "bmm")
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), _reference_attention(qkv, 4, False), rtol=0.05, atol=0.05)
+
+
+def test_sdpa_attention_under_bf16_autocast_stays_close():
+    qkv = torch.randn(2, 3 * 4 * 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = qkv_attention(qkv, 4, False)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), _reference_attention(qkv, 4, False), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (2, 3, 5)), (2, (2, 3, 4, 5)), (3, (2, 3, 2, 4, 5))])
+def test_nearest_upsampling_is_interpolate_bitwise(dims, shape):
+    """2-D and 1-D double every spatial axis, 3-D only height and width, as guided-diffusion's Upsample."""
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    size = (shape[2], 2 * shape[3], 2 * shape[4]) if dims == 3 else None
+    ref = F.interpolate(x, size=size, scale_factor=None if size else 2, mode="nearest")
+    ours = upsample_nearest2x(x, dims)
+    assert torch.equal(ours, ref)
+    g = torch.randn_like(ref)
+    # the gradient sums each 2x2 block (2 for 1-D) in another order: equal to rounding
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], rtol=1e-12, atol=1e-12
+    )
+    if dims == 2:  # a channels_last input keeps its layout
+        y = upsample_nearest2x(x.detach().contiguous(memory_format=torch.channels_last), 2)
+        assert torch.equal(y, ref) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_pointwise_convolutions_run_through_onednn_on_the_cpu_with_torchs_results(dims):
+    conv = conv_nd(dims, 24, 40, 1)
+    x = torch.randn(3, 24, *(7,) * dims, requires_grad=True)
+    out = conv(x)
+    assert type(out.grad_fn).__name__ == "MkldnnConvolutionBackward0"  # the fast path was taken
+    ref = conv._conv_forward(x, conv.weight, conv.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(
+        torch.autograd.grad(out, (x, conv.weight, conv.bias), g),
+        torch.autograd.grad(ref, (x, conv.weight, conv.bias), g),
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    conv.onednn_pointwise = False  # the measurement switch: torch's own choice
+    assert type(conv(x).grad_fn).__name__ != "MkldnnConvolutionBackward0"
+    conv.onednn_pointwise = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts still apply
+        assert conv(x).dtype == torch.bfloat16
+    wide = conv_nd(dims, 24, 40, 1).double()  # other dtypes: torch's path
+    assert type(wide(x.double()).grad_fn).__name__ != "MkldnnConvolutionBackward0"
+    assert set(conv.state_dict()) == {"weight", "bias"}  # the checkpoints' keys
 
 
 def test_legacy_and_new_attention_order_both_run_and_differ():

@@ -1,4 +1,4 @@
-"""Pieces the UNet and the ViT share: timestep embedding, attention through SDPA, norms.
+"""Pieces the UNet and the ViT share: timestep embedding, attention through SDPA, norms, convolutions.
 
 Module and parameter layouts here are chosen so that state dicts match the public
 checkpoints (guided-diffusion for the UNet parts, DiT for the transformer parts); the
@@ -80,11 +80,80 @@ def normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(32, channels)
 
 
+def _onednn_pointwise(conv: Conv1d | Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """``conv(x)`` through oneDNN when ``conv`` is a 1x1 convolution on a CPU in plain fp32, else None.
+
+    With one thread and a batch under 16, torch sends 1x1 convolutions to its im2col path,
+    whose matrix products (MKL sgemm) ran at about half the speed of oneDNN's kernels on this
+    project's AMD CPU: 106 vs 198 GFLOP/s at the attention blocks' qkv shapes, 1.12x on a
+    14M UNet forward (benchmarks/roofline.py, ``pointwise_onednn``). Same maths (fp32, the
+    products summed in another order). Left to torch under autocast (its casts apply), under
+    ``torch.compile`` (the direct call has no fake-tensor kernel), when oneDNN is off, and for a
+    module whose ``onednn_pointwise`` is False (measurements).
+    """
+    n = x.dim() - 2
+    if not (
+        conv.onednn_pointwise
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and conv.weight.dtype == torch.float32
+        and n == len(conv.kernel_size)
+        and conv.kernel_size == (1,) * n
+        and conv.padding in ((0,) * n, "valid")
+        and torch.backends.mkldnn.enabled
+        and torch.backends.mkldnn.is_available()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    ):
+        return None
+    return torch.mkldnn_convolution(
+        x, conv.weight, conv.bias, [0] * n, list(conv.stride), list(conv.dilation), conv.groups
+    )
+
+
+class Conv1d(nn.Conv1d):
+    """``nn.Conv1d`` (same parameters and state-dict keys) whose 1x1 CPU case runs through oneDNN."""
+
+    onednn_pointwise = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _onednn_pointwise(self, x)
+        return super().forward(x) if out is None else out
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state-dict keys) whose 1x1 CPU case runs through oneDNN."""
+
+    onednn_pointwise = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _onednn_pointwise(self, x)
+        return super().forward(x) if out is None else out
+
+
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
     """A 1-D, 2-D or 3-D convolution."""
     if dims not in (1, 2, 3):
         raise ValueError(f"unsupported number of spatial dimensions: {dims} (use 1, 2 or 3)")
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+    return (Conv1d, Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+
+
+def upsample_nearest2x(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling of the last ``min(dims, 2)`` axes (3-D: height and width only).
+
+    Bitwise ``F.interpolate(..., mode="nearest")``; for a contiguous input it is one broadcast
+    copy, which on a CPU takes a third of ``upsample_nearest2d``'s time (0.50 vs 1.55 ms at
+    ``[4, 128, 16, 16]``). Other layouts (channels_last) keep ``F.interpolate``, which preserves them.
+    """
+    if not x.is_contiguous():
+        if dims == 3:
+            return F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if dims == 1:
+        b, c, n = x.shape
+        return x[..., None].expand(b, c, n, 2).reshape(b, c, 2 * n)
+    *lead, h, w = x.shape
+    return x[..., :, None, :, None].expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
 
 
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
@@ -118,11 +187,15 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool, impl: str = "
     The two channel layouts are guided-diffusion's: ``legacy`` splits heads first
     (``[B, H*(q,k,v)*ch, T]``, QKVAttentionLegacy), otherwise q, k, v first
     (``[B, (q,k,v)*H*ch, T]``, QKVAttention). The result is ``[B, H*ch, T]``. The maths is
-    softmax(q k^T / sqrt(ch)) v. On CUDA ``scaled_dot_product_attention`` picks a fused
-    kernel; on a CPU two batched matmuls in the channel-major layout (no transposed copies,
-    softmax in float32 as guided-diffusion does) take 1.5-2.3x less time than SDPA at the
-    UNets' shapes (benchmarks/roofline.py, ``attention_sdpa_over_bmm_time``). ``impl``
-    (``auto`` | ``bmm`` | ``sdpa``) forces one of the two, for tests and measurements.
+    softmax(q k^T / sqrt(ch)) v, computed by ``scaled_dot_product_attention`` on q, k, v made
+    contiguous in its layout (a fused kernel on CUDA; on a CPU its blocked flash kernel, with
+    fp32 accumulation). ``bmm`` is the alternative: two batched matmuls in the channel-major
+    layout with an fp32 softmax between, as guided-diffusion computes it. On this project's CPU
+    SDPA on contiguous inputs takes less time than the two products at the UNets' shapes,
+    mostly because it never materialises the ``[B*H, T, T]`` scores (SDPA on the transposed
+    views, which copies inside, took 1.5-2.3x *more*: benchmarks/roofline.py,
+    ``attention_sdpa_over_bmm_time``). ``impl`` (``auto`` = ``sdpa`` | ``bmm`` | ``sdpa``) forces
+    one of the two, for tests and measurements.
     """
     b, width, length = qkv.shape
     ch = width // (3 * num_heads)
@@ -132,15 +205,16 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool, impl: str = "
         q, k, v = qkv.reshape(b, 3, num_heads, ch, length).unbind(1)
     if impl not in ("auto", "bmm", "sdpa"):
         raise ValueError(f"attention impl must be auto, bmm or sdpa, got {impl!r}")
-    if impl == "bmm" or (impl == "auto" and qkv.device.type == "cpu"):
+    if impl == "bmm":
         q, k, v = (z.reshape(b * num_heads, ch, length) for z in (q, k, v))
         w = torch.baddbmm(  # [BH, T, S] = q^T k / sqrt(ch); beta=0 ignores the uninitialised input
             q.new_empty(b * num_heads, length, length), q.transpose(1, 2), k, beta=0, alpha=ch**-0.5
         )
         w = torch.softmax(w.to(torch.promote_types(w.dtype, torch.float32)), dim=-1).to(w.dtype)  # >= fp32
         return torch.bmm(v, w.transpose(1, 2)).reshape(b, num_heads * ch, length)
-    # SDPA wants [B, H, T, ch].
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    # SDPA wants [B, H, T, ch] with unit stride along ch: the copies are small next to the kernel.
+    q, k, v = (z.transpose(-1, -2).contiguous() for z in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(-1, -2).reshape(b, num_heads * ch, length)
 
 

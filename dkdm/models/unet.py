@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
@@ -26,6 +25,7 @@ from .layers import (
     normalization,
     qkv_attention,
     timestep_embedding,
+    upsample_nearest2x,
     zero_module,
 )
 
@@ -70,10 +70,7 @@ class Upsample(nn.Module):
             self.conv = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = upsample_nearest2x(x, self.dims)
         return x if self.conv is None else self.conv(x)
 
 
@@ -201,6 +198,7 @@ class AttentionBlock(nn.Module):
         self.num_heads = channels // num_head_channels if num_head_channels != -1 else num_heads
         self.use_checkpoint = use_checkpoint
         self.legacy = not use_new_attention_order
+        self.attention_impl = "auto"  # qkv_attention's impl; a plain attribute, for measurements
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
@@ -211,7 +209,7 @@ class AttentionBlock(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy)
+        h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy, self.attention_impl)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 
 
