@@ -559,3 +559,26 @@ def test_cuda_step_never_waits_for_the_host(tmp_path, precision, on_cuda):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert tr.step == 4
+
+
+def test_the_trainers_adamw_is_the_fused_kernel_with_the_for_loops_update():
+    """make_adamw (every trainer's optimiser) makes the same updates as torch's for-loop AdamW, to
+    float32 rounding, weight decay included; and it is the fused kernel (one pass per tensor)."""
+    from dkdm.training.trainer import make_adamw
+
+    torch.manual_seed(0)
+    a = [nn.Parameter(torch.randn(33, 7)), nn.Parameter(torch.randn(5))]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    start = [p.detach().clone() for p in a]
+    fused = make_adamw(a, lr=1e-2, weight_decay=0.1)
+    loop = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in a]
+        for params, opt in ((a, fused), (b, loop)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q, p0 in zip(a, b, start):
+        assert (p - p0).abs().mean() > 5e-3  # they moved (Adam steps are about lr each)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

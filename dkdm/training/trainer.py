@@ -81,6 +81,20 @@ def parse_ema_rates(spec: str) -> list[str]:
     return rates
 
 
+def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The AdamW every trainer here steps: torch's fused kernel, on a CPU as on CUDA.
+
+    One pass over each tensor instead of a chain of elementwise ops per parameter: on this
+    project's CPU it takes a 14M UNet's optimiser step from about 40 to 12 ms (a 1.07x faster
+    training step, benchmarks/vs_guided_diffusion.py). With fp16 it also takes GradScaler's scale
+    and overflow flag as device tensors, so the step never reads the flag back to the host (the
+    foreach AdamW's GradScaler.step calls ``.item()``). Same update as the for-loop AdamW to
+    float32 rounding, not bitwise: a run resumed from a checkpoint written before this change
+    continues with it (the optimiser state's layout is unchanged).
+    """
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 class Trainer:
     """Optimizer, microbatches, DDP, precision, EMA, lr anneal, logging, save and resume.
 
@@ -135,11 +149,7 @@ class Trainer:
         self.param_names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
         self._param_data = [p.detach() for p in self.params]
-        # fp16: the fused AdamW takes GradScaler's scale and overflow flag as device tensors, so the step
-        # never reads the flag back to the host (with the foreach AdamW, GradScaler.step calls .item()).
-        # fp32 and bf16 keep the foreach AdamW, bitwise as before.
-        fused = True if cfg.precision == "fp16" else None
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        self.opt = make_adamw(self.params, cfg.lr, cfg.weight_decay)
         self.precision = Precision(cfg.precision, self.device, growth_interval_from_rate(cfg.fp16_scale_growth))
         self.step = 0
         self.samples = 0
