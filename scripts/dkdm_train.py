@@ -19,6 +19,7 @@ from dkdm import dist, logger
 from dkdm.config import ConfigParser, DiffusionConfig, DistillConfig, ModelConfig, TrainConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop, teacher_id
+from dkdm.hostmem import tune_host_allocator
 from dkdm.resolve import build_network, resolve_distillation
 from dkdm.training import seed_all
 
@@ -65,6 +66,7 @@ def main(argv: list[str]) -> None:
         os.path.join("runs", f"dkdm-{student_cfg.name or student_cfg.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
     logger.configure(run_dir)
+    logger.log(f"host allocator: {tune_host_allocator()}")
     seed_all(train.seed)
     student = build_network(student_cfg, configs["distill"].student_checkpoint)  # a compressed student's own weights
     teacher = build_network(teacher_cfg, path)

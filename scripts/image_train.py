@@ -18,6 +18,7 @@ from dkdm import dist, logger
 from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, TrainConfig
 from dkdm.data import load_data, per_rank_batch
 from dkdm.diffusion import create_named_schedule_sampler
+from dkdm.hostmem import tune_host_allocator
 from dkdm.resolve import DEFAULT_TEACHER, resolve
 from dkdm.training import Trainer, batches_from_stream, diffusion_loss_fn, seed_all
 
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> None:
         os.path.join("runs", f"{model_cfg.name or model_cfg.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
     logger.configure(run_dir)
+    logger.log(f"host allocator: {tune_host_allocator()}")
     if net.space.latent:  # encode the dataset once with the first stage (cached), then stream latents
         from dkdm.data.latents import load_latent_data
 

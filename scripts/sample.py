@@ -22,6 +22,7 @@ from tqdm import tqdm
 from dkdm import dist, fileio, logger, sampling
 from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
 from dkdm.distill.objectives.sampling import step_sampler_for
+from dkdm.hostmem import tune_host_allocator
 from dkdm.models.guidance import for_sampling
 from dkdm.resolve import EMBEDDED_TEACHER, resolve
 from dkdm.training.compile import FirstCallClock, compile_in_place
@@ -34,6 +35,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse(argv)
     cfg = args.resolve("sample")
     dist.setup_dist()
+    tune_host_allocator()  # before the model's first allocations (dkdm.hostmem)
     path = cfg.model_path or EMBEDDED_TEACHER
     net = resolve(args.overrides["model"], args.overrides["diffusion"], checkpoint=path)
     model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
