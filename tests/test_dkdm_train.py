@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from dkdm.models import create_model
+from tests.subproc import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "dkdm_train.py")
@@ -313,7 +314,7 @@ def test_one_run_per_directory_and_stale_locks(tiny):
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=script_env(),
     )
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -15,6 +15,7 @@ from dkdm.diffusion import create_diffusion
 from dkdm.models import create_model, export
 from dkdm.models.guidance import GuidanceError, Guided
 from dkdm.resolve import resolve
+from tests.subproc import script_env
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 COND_TEACHER = os.path.join(ROOT, "dkdm", "assets", "digits_teacher_cond.pt")
@@ -204,7 +205,7 @@ def test_what_the_other_targets_cannot_hold_is_refused(tmp_path):
 
 
 def test_the_export_script_writes_a_pipeline_diffusers_loads(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))}
+    env = script_env()
     out = str(tmp_path / "pipe")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--model_path", COND_TEACHER]
     done = subprocess.run(

@@ -19,6 +19,7 @@ from dkdm.models import create_model, export
 from dkdm.models.guidance import Guided
 from dkdm.models.layers import timestep_embedding
 from dkdm.resolve import resolve
+from tests.subproc import script_env
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 DIFFUSION = DiffusionConfig(steps=40, noise_schedule="cosine", learn_sigma=True)
@@ -212,7 +213,7 @@ def test_the_export_script_routes_a_vit_to_a_dit_folder(tmp_path):
     torch.save(net.state_dict(), ckpt)
     with open(run / "config.yaml", "w") as f:
         yaml.safe_dump({"model": to_dict(net.config), "diffusion": to_dict(DIFFUSION), "train": {}}, f)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = script_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "export.py"), "--model_path", ckpt, "--format", "diffusers"]
     out = str(tmp_path / "dit")
     refused = subprocess.run([*cmd, "--output", out], env=env, capture_output=True, text=True, check=False)

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests.subproc import script_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "benchmarks", "fault_injection.py")
 
@@ -19,7 +21,7 @@ def _harness(tmp_path, *flags, timeout=900):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=script_env(),
         check=False,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+from tests.subproc import script_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "benchmarks", "paper_tables.py")
 
 
 def _run(root, docs, *extra):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = script_env()
     proc = subprocess.run(
         [sys.executable, DRIVER, "--quick", "--root", str(root), "--docs", str(docs), *extra],
         capture_output=True,
@@ -76,7 +78,7 @@ def test_interrupted_task_is_redone_and_bad_flags_are_refused(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
+        env=script_env(),
         check=False,
     )
     assert bad.returncode == 2 and "unknown experiment" in bad.stderr and "table2" in bad.stderr

@@ -57,6 +57,10 @@ def test_roofline_tiny(tmp_path):
         assert 0 < one["achieved"][name]["fraction_of_matmul_peak"]["median"] < 100
     for shape in one["switches"]["attention_sdpa_over_bmm_time"].values():
         assert shape["max_abs_diff"] < 1e-5  # the two attention paths compute the same thing
+    variants = one["switches"]["max_abs_diff_of_the_variant_networks"]
+    assert set(variants) == {"bmm", "pw"} and max(variants.values()) < 1e-4
+    for name in ("attention_bmm", "pointwise_torch"):
+        assert one["switches"][f"teacher_fwd_{name}_speedup_vs_inference_mode"]["median"] > 0
     for part in ("teacher_fwd", "student_fwd_bwd"):
         assert math.isclose(sum(out["profile"][part]["share"].values()), 1.0, abs_tol=1e-3)
     assert out["profile"]["teacher_fwd"]["share"]["conv"] > 0.1  # a UNet's time is in its convolutions
@@ -108,4 +112,6 @@ def test_side_by_side_with_guided_diffusion_agrees():
     vs = _load("vs_guided_diffusion")
     out = vs.main(["--batch", "1", "--respacing", "2", "--rounds", "1"])
     assert out["agree_to_tol"], out["max_abs_diff"]
-    assert out["max_abs_diff"]["iddpm"] <= 1e-4 and out["max_abs_diff"]["weights_after_step"] <= 1e-4
+    assert out["max_abs_diff"]["ddim"] <= 1e-4 and out["max_abs_diff"]["weights_after_step"] <= 1e-4
+    for loop in ("iddpm", "ddim"):  # the float64 reference is guided-diffusion's own network
+        assert 0 < out["max_abs_diff_from_float64"][loop]["theirs"] < 1e-3

@@ -16,6 +16,7 @@ from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop
 from dkdm.distill.objectives.dkdm import DKDMLoopObjective
 from dkdm.models import create_model
+from tests.subproc import script_env
 
 T = 20
 
@@ -663,7 +664,7 @@ def _script(name, *args):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    env = script_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(root, "scripts", name), *args]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240, check=False)
 
@@ -771,7 +772,7 @@ def test_progressive_under_mpiexec(tmp_path):
         "--log_dir",
         str(run),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    env = script_env(OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     a, b = torch.load(run / "rounds000003.pt"), torch.load(run / "rounds000003_rank1.pt")
@@ -917,7 +918,7 @@ def test_each_digits_preset_runs_under_mpiexec(tmp_path, name):
     cmd = [mpiexec, "-n", "2", sys.executable, os.path.join(root, "scripts", "dkdm_train.py"),
            "--config", os.path.join(root, "configs", "digits", f"step_{name}.yaml"), *extra, "--max_steps", "3",
            "--save_interval", "3", "--batch_size", "8", "--rho", "0.05", "--warmup", "respaced", "--log_dir", str(run)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    env = script_env(OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "model000003.pt").exists() and (run / "ema_0.995_000003.pt").exists()
