@@ -8,8 +8,11 @@
   update, objective, backward, AdamW, EMA) and one ancestral sampling step, each as GFLOP/s and
   as a fraction of the matmul peak measured in the same round.
 * ``switches``: the same teacher forward with ``channels_last``, ``no_grad`` vs
-  ``inference_mode``, and SDPA vs a batched-matmul attention at the teacher's attention shapes
-  (same outputs to 1e-5), as ratios taken round by round.
+  ``inference_mode``, with guided-diffusion's two-matmul attention instead of the library's SDPA
+  (``attention_bmm``) and with the 1x1 convolutions left to torch's kernel choice instead of
+  oneDNN (``pointwise_torch``), as speed-ups over the library's forward taken round by round
+  (< 1: the library's choice is faster); and SDPA vs a batched-matmul attention alone at the
+  teacher's attention shapes (same outputs to 1e-5), outside the network.
 * ``profile``: where the teacher forward and the student step spend their time (profiler self
   time by category: conv, attention, matmul, norm, elementwise, copy/layout).
 
@@ -199,6 +202,8 @@ class Workload:
         self.x, self.t, self.kw = _inputs(self.tcfg, batch)
         self.t = self.t % steps
         self.teacher_cl = None
+        self.variants: dict[str, torch.nn.Module] = {}
+        self.variant_diff: dict[str, float] = {}
 
     def flops(self) -> dict[str, int]:
         tf = count_flops(self.teacher, self.tcfg, self.batch)
@@ -222,6 +227,35 @@ class Workload:
             self.x_cl = self.x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             self.teacher_cl(self.x_cl, self.t, **self.kw)
+
+    def _variant(self, name: str, change: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+        if name not in self.variants:
+            model = create_model(self.tcfg)
+            model.load_state_dict(self.teacher.state_dict())
+            model.train(self.teacher.training)
+            for m in model.modules():
+                change(m)
+            self.variants[name] = model
+            with torch.inference_mode():  # the switch changes the kernels, not the function
+                ref, out = self.teacher(self.x, self.t, **self.kw), model(self.x, self.t, **self.kw)
+            self.variant_diff[name] = float((ref - out).abs().max())
+        return self.variants[name]
+
+    def teacher_fwd_attention_bmm(self) -> None:
+        """The teacher with guided-diffusion's two-matmul attention instead of SDPA."""
+        model = self._variant(
+            "bmm", lambda m: setattr(m, "attention_impl", "bmm") if hasattr(m, "attention_impl") else None
+        )
+        with torch.inference_mode():
+            model(self.x, self.t, **self.kw)
+
+    def teacher_fwd_pointwise_torch(self) -> None:
+        """The teacher with its 1x1 convolutions left to torch's choice of kernel."""
+        model = self._variant(
+            "pw", lambda m: setattr(m, "onednn_pointwise", False) if hasattr(m, "onednn_pointwise") else None
+        )
+        with torch.inference_mode():
+            model(self.x, self.t, **self.kw)
 
     def student_fwd_bwd(self) -> None:
         self.student(self.x, self.t, **self.kw).square().mean().backward()
@@ -322,6 +356,8 @@ def run(a: argparse.Namespace) -> dict:
         switches = {
             "teacher_fwd_no_grad": w.teacher_fwd_no_grad,
             "teacher_fwd_channels_last": w.teacher_fwd_channels_last,
+            "teacher_fwd_attention_bmm": w.teacher_fwd_attention_bmm,
+            "teacher_fwd_pointwise_torch": w.teacher_fwd_pointwise_torch,
         }
         attn = []
         for bh, n, d in attention_shapes(w.tcfg, a.batch):
@@ -369,6 +405,7 @@ def run(a: argparse.Namespace) -> dict:
                 }
                 for s, _, _, _, diff in attn
             }
+            sw["max_abs_diff_of_the_variant_networks"] = dict(w.variant_diff)
             out["per_threads"][str(threads)] = {"peak_GFLOP_per_s": peak, "achieved": achieved, "switches": sw}
         torch.set_num_threads(a.threads[0])
         out["profile"] = {
