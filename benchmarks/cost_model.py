@@ -184,7 +184,8 @@ def main(argv: list[str]) -> dict:
     if a.roofline and os.path.isfile(a.roofline):
         with open(a.roofline) as f:
             roof = json.load(f)
-        frac = roof["per_threads"]["1"]["achieved"]["dkdm_step"]["fraction_of_matmul_peak"]["median"]
+        step = roof["per_threads"]["1"]["achieved"]["dkdm_step"]
+        frac = step.get("fraction_of_best_peak", step["fraction_of_matmul_peak"])["median"]
     res = {"cpu_fraction": frac, "settings": {n: setting(n, frac) for n in a.settings.split(",") if n}}
     print(markdown(res) if a.markdown else json.dumps(res, indent=1))
     return res

@@ -55,6 +55,8 @@ def test_roofline_tiny(tmp_path):
     assert one["peak_GFLOP_per_s"]["matmul_fp32"]["median"] > 0
     for name in ("teacher_fwd", "student_fwd_bwd", "dkdm_step", "sampling_step"):
         assert 0 < one["achieved"][name]["fraction_of_matmul_peak"]["median"] < 100
+        best = one["achieved"][name]["fraction_of_best_peak"]["median"]
+        assert 0 < best <= one["achieved"][name]["fraction_of_matmul_peak"]["median"] + 1e-9
     for shape in one["switches"]["attention_sdpa_over_bmm_time"].values():
         assert shape["max_abs_diff"] < 1e-5  # the two attention paths compute the same thing
     variants = one["switches"]["max_abs_diff_of_the_variant_networks"]
