@@ -5,7 +5,8 @@ glibc's defaults a freed block at the top of the heap above the (dynamic) trim t
 handed back to the kernel, and blocks above the (dynamic) mmap threshold are mapped fresh
 each time: the next pass then takes a page fault for every 4 KiB it touches again. A 14M UNet
 forward at batch 4 took 5,000-20,000 page faults and 10-20% of its time in them on this
-project's CPU (``benchmarks/vs_guided_diffusion.py --host_allocator``). Fixing the mmap
+project's CPU (``tests/test_hostmem.py`` counts them; timings of the scripts with and without in
+``benchmarks/results/README.md``, "Host allocator"). Fixing the mmap
 threshold at its maximum (32 MiB: smaller blocks come from the heap) and the trim threshold at
 1 GiB (freed memory stays with the process) removes them; the process keeps its peak heap
 instead of returning it, which is what a training or sampling process wants. Same results:

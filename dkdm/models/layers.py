@@ -85,9 +85,9 @@ def _onednn_pointwise(conv: Conv1d | Conv2d, x: torch.Tensor) -> torch.Tensor | 
 
     With one thread and a batch under 16, torch sends 1x1 convolutions to its im2col path,
     whose matrix products (MKL sgemm) ran at about half the speed of oneDNN's kernels on this
-    project's AMD CPU: 106 vs 198 GFLOP/s at the attention blocks' qkv shapes, 1.12x on a
-    14M UNet forward (benchmarks/roofline.py, ``pointwise_onednn``). Same maths (fp32, the
-    products summed in another order). Left to torch under autocast (its casts apply), under
+    project's AMD CPU: 106 vs 198 GFLOP/s at the attention blocks' qkv shapes, 1.07x on the
+    57M teacher's forward at batch 4 (benchmarks/roofline.py, ``teacher_fwd_pointwise_torch``).
+    Same maths (fp32, the products summed in another order). Left to torch under autocast (its casts apply), under
     ``torch.compile`` (the direct call has no fake-tensor kernel), when oneDNN is off, and for a
     module whose ``onednn_pointwise`` is False (measurements).
     """
@@ -190,12 +190,12 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool, impl: str = "
     softmax(q k^T / sqrt(ch)) v, computed by ``scaled_dot_product_attention`` on q, k, v made
     contiguous in its layout (a fused kernel on CUDA; on a CPU its blocked flash kernel, with
     fp32 accumulation). ``bmm`` is the alternative: two batched matmuls in the channel-major
-    layout with an fp32 softmax between, as guided-diffusion computes it. On this project's CPU
-    SDPA on contiguous inputs takes less time than the two products at the UNets' shapes,
-    mostly because it never materialises the ``[B*H, T, T]`` scores (SDPA on the transposed
-    views, which copies inside, took 1.5-2.3x *more*: benchmarks/roofline.py,
-    ``attention_sdpa_over_bmm_time``). ``impl`` (``auto`` = ``sdpa`` | ``bmm`` | ``sdpa``) forces
-    one of the two, for tests and measurements.
+    layout with an fp32 softmax between, as guided-diffusion computes it. Alone at the UNets'
+    shapes SDPA takes 1.5-2x the two products' time on this project's CPU
+    (benchmarks/roofline.py, ``attention_sdpa_over_bmm_time``), yet inside a network it is level
+    (57M teacher) or faster (14M at batch 4: 1.10x; on an H100 the 57M's sampling step 1.35x):
+    it never writes and rereads the ``[B*H, T, T]`` scores. ``impl``: ``auto`` (= ``sdpa``),
+    ``sdpa`` or ``bmm``, the last for tests and measurements.
     """
     b, width, length = qkv.shape
     ch = width // (3 * num_heads)
