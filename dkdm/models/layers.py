@@ -102,6 +102,7 @@ def _onednn_pointwise(conv: Conv1d | Conv2d, x: torch.Tensor) -> torch.Tensor | 
         and conv.padding in ((0,) * n, "valid")
         and torch.backends.mkldnn.enabled
         and torch.backends.mkldnn.is_available()
+        and hasattr(torch, "mkldnn_convolution")  # not a documented API: a torch without it takes its own path
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     ):
