@@ -1,5 +1,6 @@
 """benchmarks/roofline.py and benchmarks/gpu.py run at a tiny size on the CPU, so they cannot rot."""
 
+import glob
 import importlib.util
 import math
 import os
@@ -117,3 +118,14 @@ def test_side_by_side_with_guided_diffusion_agrees():
     assert out["max_abs_diff"]["ddim"] <= 1e-4 and out["max_abs_diff"]["weights_after_step"] <= 1e-4
     for loop in ("iddpm", "ddim"):  # the float64 reference is guided-diffusion's own network
         assert 0 < out["max_abs_diff_from_float64"][loop]["theirs"] < 1e-3
+
+
+def test_the_comparison_figure_is_drawn_from_the_committed_results(tmp_path):
+    plot = _load("plot_vs_guided_diffusion")
+    results = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*vs_guided_diffusion*.json")))
+    assert len(results) >= 2
+    out = tmp_path / "vs.png"
+    drawn = plot.plot(results, str(out))
+    assert out.stat().st_size > 10_000 and len(drawn) == len(results)
+    labels = [plot.label(r) for r in drawn]
+    assert any("CPU, 1 thread" in x for x in labels) and any("ours compiled" in x for x in labels)
