@@ -139,19 +139,40 @@ def trial_set(kind: str, nproc: int, n: int, work: str, rng: random.Random) -> d
     # Kill inside the phase that matters: after the pool preparation started for `prepare`,
     # anywhere in the run otherwise (startup included: a kill there must be harmless too).
     marker = "shuffle-denoising" if kind == "prepare" else None
-    equal, killed, reruns = 0, 0, 0
+    equal, killed, reruns, failures = 0, 0, 0, []
     for i in range(n):
         out = os.path.join(work, f"{kind}_np{nproc}_{i}")
         at = rng.uniform(0.0, 2.5 if kind == "prepare" else length)
-        code, _ = _run(_cmd(kind, out, nproc), kill_after=at, marker=marker)
-        killed += code != 0
+        first, _ = _run(_cmd(kind, out, nproc), kill_after=at, marker=marker)
+        killed += first != 0
+        codes = []
         for _ in range(3):  # a rerun must finish; a second kill is not part of the trial
             code, text = _run(_cmd(kind, out, nproc))
+            codes.append(code)
             reruns += 1
             if code == 0:
                 break
-        if code == 0 and _result(kind, out) == ref:
+        got = _result(kind, out) if code == 0 else {}
+        if code == 0 and got == ref:
             equal += 1
+        else:  # say why: the rerun's exit codes and output, or which arrays differ and by how many bytes
+            differing = {
+                k: int(np.count_nonzero(np.frombuffer(ref[k], np.uint8) != np.frombuffer(got[k], np.uint8)))
+                if k in got and len(got[k]) == len(ref[k])
+                else "missing or resized"
+                for k in ref
+                if got.get(k) != ref[k]
+            }
+            failures.append(
+                {
+                    "kill_after_s": round(at, 3),
+                    "killed_exit_code": first,
+                    "rerun_exit_codes": codes,
+                    "rerun_output_tail": text[-1500:] if code else "",
+                    "differing_bytes": differing if code == 0 else {},
+                    "files_after_rerun": sorted(os.listdir(out))[:40] if os.path.isdir(out) else [],
+                }
+            )
         shutil.rmtree(out, ignore_errors=True)
     return {
         "kind": kind,
@@ -160,6 +181,7 @@ def trial_set(kind: str, nproc: int, n: int, work: str, rng: random.Random) -> d
         "killed_before_finishing": killed,
         "bitwise_equal_after_resume": equal,
         "reference_seconds": round(length, 2),
+        "failures": failures,
     }
 
 

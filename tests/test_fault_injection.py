@@ -30,7 +30,7 @@ def _harness(tmp_path, *flags, timeout=900):
 
 def test_one_killed_sampling_run_resumes_bitwise(tmp_path):
     (row,) = _harness(tmp_path, "--trials", "1", "--trials2", "0", "--kinds", "sample", "--no_disk_full")
-    assert row["trials"] == row["bitwise_equal_after_resume"] == 1
+    assert row["trials"] == row["bitwise_equal_after_resume"] == 1, row["failures"]
 
 
 @pytest.mark.slow
