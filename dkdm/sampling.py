@@ -176,10 +176,17 @@ class ShardStore:
         return np.concatenate(images), (np.concatenate(labels) if labels else None)
 
     def remove(self) -> None:
-        """Delete the shards and the manifest (after a successful merge)."""
-        for name in os.listdir(self.directory):
-            if name.startswith("shard_") or name == MANIFEST:
+        """Delete the shards, then the manifest (after a successful merge).
+
+        The manifest goes last: a process killed half way leaves the manifest with fewer shards,
+        which a rerun resumes (it redraws the missing ones and writes the same npz); shards left
+        without their manifest would be refused as of unknown settings.
+        """
+        for name in sorted(os.listdir(self.directory)):
+            if name.startswith("shard_"):
                 os.remove(os.path.join(self.directory, name))
+        if os.path.exists(os.path.join(self.directory, MANIFEST)):
+            os.remove(os.path.join(self.directory, MANIFEST))
         try:
             os.rmdir(self.directory)
         except OSError:

@@ -196,6 +196,28 @@ def test_rank_split_does_not_change_the_images(ckpt, tmp_path):
     assert merged[0].tobytes() == merged[1].tobytes()
 
 
+def test_a_kill_while_shards_are_removed_leaves_a_resumable_directory(tmp_path, monkeypatch):
+    """remove() deletes the manifest last, so at every point a kill could stop it, any shard left
+    still has its manifest (a rerun resumes instead of refusing shards of unknown settings)."""
+    store = sampling.ShardStore(str(tmp_path / "s.shards"), {"seed": 1})
+    store.prepare()
+    for i in range(5):
+        store.write(i, np.zeros((2, 4, 4, 1), np.uint8), None)
+    order = []
+    real_remove = os.remove
+
+    def recording_remove(path):
+        order.append(os.path.basename(path))
+        names = set(os.listdir(store.directory)) - {os.path.basename(path)}
+        assert sampling.MANIFEST in names or not any(n.startswith("shard_") for n in names), order
+        real_remove(path)
+
+    monkeypatch.setattr(sampling.os, "remove", recording_remove)
+    store.remove()
+    assert order[-1] == sampling.MANIFEST and len(order) == 6
+    assert not os.path.exists(store.directory)
+
+
 def test_shard_plan_and_seeds():
     assert sampling.shard_sizes(20, 8) == [8, 8, 4]
     assert sampling.shard_sizes(16, 8) == [8, 8]
