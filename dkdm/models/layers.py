@@ -112,8 +112,8 @@ def _onednn_pointwise(conv: Conv1d | Conv2d, x: torch.Tensor) -> torch.Tensor | 
     )
 
 
-class Conv1d(nn.Conv1d):
-    """``nn.Conv1d`` (same parameters and state-dict keys) whose 1x1 CPU case runs through oneDNN."""
+class _OneDNNPointwise:
+    """Mixin for torch's convolutions (same parameters and state-dict keys): the 1x1 CPU case runs through oneDNN."""
 
     onednn_pointwise = True
 
@@ -122,14 +122,12 @@ class Conv1d(nn.Conv1d):
         return super().forward(x) if out is None else out
 
 
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and state-dict keys) whose 1x1 CPU case runs through oneDNN."""
+class Conv1d(_OneDNNPointwise, nn.Conv1d):
+    """``nn.Conv1d`` whose 1x1 CPU case runs through oneDNN."""
 
-    onednn_pointwise = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _onednn_pointwise(self, x)
-        return super().forward(x) if out is None else out
+class Conv2d(_OneDNNPointwise, nn.Conv2d):
+    """``nn.Conv2d`` whose 1x1 CPU case runs through oneDNN."""
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
