@@ -62,11 +62,12 @@ def main(argv: list[str]) -> None:
     configs, path = resolve(argv)
     teacher_cfg, student_cfg, train = configs["teacher"], configs["student"], configs["train"]
     dist.setup_dist()
+    allocator = tune_host_allocator()  # before the run directory: a bad DKDM_HOST_ALLOCATOR leaves none
     run_dir = train.log_dir or dist.broadcast_object(
         os.path.join("runs", f"dkdm-{student_cfg.name or student_cfg.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
     logger.configure(run_dir)
-    logger.log(f"host allocator: {tune_host_allocator()}")
+    logger.log(f"host allocator: {allocator}")
     seed_all(train.seed)
     student = build_network(student_cfg, configs["distill"].student_checkpoint)  # a compressed student's own weights
     teacher = build_network(teacher_cfg, path)

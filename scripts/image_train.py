@@ -34,12 +34,13 @@ def main(argv: list[str]) -> None:
     model_cfg, diff_cfg, train = net.model, net.diffusion, args.resolve("train")
 
     dist.setup_dist()
+    allocator = tune_host_allocator()  # before the run directory: a bad DKDM_HOST_ALLOCATOR leaves none
     batch = per_rank_batch(train.batch_size, dist.get_world_size())
     run_dir = train.log_dir or dist.broadcast_object(
         os.path.join("runs", f"{model_cfg.name or model_cfg.arch}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
     )
     logger.configure(run_dir)
-    logger.log(f"host allocator: {tune_host_allocator()}")
+    logger.log(f"host allocator: {allocator}")
     if net.space.latent:  # encode the dataset once with the first stage (cached), then stream latents
         from dkdm.data.latents import load_latent_data
 

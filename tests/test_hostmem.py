@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dkdm import hostmem
-from tests.subproc import script_env
+from tests.subproc import ROOT, script_env
 
 # A fresh process per setting: mallopt changes the whole process, so it cannot run in the test's own.
 FORWARDS = """
@@ -60,3 +60,18 @@ def test_setting_is_read_from_the_environment(monkeypatch):
     monkeypatch.setenv(hostmem.ENV, "jemalloc")
     with pytest.raises(ValueError, match="tuned' or 'default'"):
         hostmem.tune_host_allocator()
+
+
+def test_a_bad_setting_stops_a_training_script_before_its_run_directory(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.run(
+        [sys.executable, "scripts/dkdm_train.py", "--config", "configs/digits/dkdm.yaml", "--log_dir", str(run)],
+        cwd=ROOT,
+        env=script_env(**{hostmem.ENV: "jemalloc"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert p.returncode == 1 and "DKDM_HOST_ALLOCATOR must be 'tuned' or 'default'" in p.stderr
+    assert not run.exists()
