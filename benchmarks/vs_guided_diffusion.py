@@ -104,10 +104,8 @@ def float32_noise():
 
 def run(a: argparse.Namespace) -> dict:
     torch.set_num_threads(a.threads)
-    if a.host_allocator == "tuned":  # process-wide: guided-diffusion's side gets it too
-        host_allocator = tune_host_allocator()
-    else:
-        host_allocator = "default"
+    # process-wide: guided-diffusion's side gets it too
+    host_allocator = tune_host_allocator() if a.host_allocator == "tuned" else "default"
     device = torch.device(a.device)
     if device.type == "cuda":  # fp32 means fp32 here: TF32 products would not agree to 1e-4
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
