@@ -25,6 +25,7 @@ setup(
         "paper": ["matplotlib"],  # benchmarks/paper_tables.py figures
         "latent": ["diffusers"],  # diffusers teachers (dkdm/models/foreign.py), first-stage autoencoders
         "compress": ["torch-pruning>=1.6"],  # structural pruning (dkdm/models/prune.py, scripts/compress.py)
-        "dev": ["pytest", "ruff", "matplotlib", "diffusers", "torch-pruning>=1.6"],
+        # mutmut: make mutation (without it the target stopped at "mutmut: not found")
+        "dev": ["pytest", "ruff", "matplotlib", "diffusers", "torch-pruning>=1.6", "mutmut>=3"],
     },
 )
