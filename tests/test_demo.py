@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.subproc import script_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER = os.path.join(ROOT, "dkdm", "assets", "digits_teacher.pt")
 
@@ -28,6 +30,7 @@ def test_whole_demo(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "demo.py"), "--out", str(out)],
         cwd=ROOT,
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=1200,

@@ -14,6 +14,7 @@ from dkdm.config import ConfigError
 from dkdm.diffusion import create_diffusion
 from dkdm.models import foreign
 from dkdm.resolve import resolve, resolve_distillation
+from tests.subproc import script_env
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -165,7 +166,7 @@ def test_dkdm_distils_a_student_from_a_diffusers_teacher(tmp_path):
         text=True,
         timeout=300,
         check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=script_env(OMP_NUM_THREADS="1"),
     )
     assert p.returncode == 0, p.stderr[-3000:]
     saved = (run / "config.yaml").read_text()

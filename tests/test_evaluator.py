@@ -21,6 +21,7 @@ from evaluations import evaluator as ev
 from evaluations import inception as inc
 from evaluations.metrics import compute_statistics, frechet_distance, inception_score
 from evaluations.npz import NpzFormatError
+from tests.subproc import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 1008
@@ -202,7 +203,7 @@ def test_reference_cache_is_written_and_reused(evaluator, batches, tmp_path, mon
 def test_cli_prints_adm_lines_and_writes_json(graph_path, batches, tmp_path):
     ref, sample = batches
     out = tmp_path / "out.json"
-    env = dict(os.environ, DKDM_CACHE_DIR=str(tmp_path / "cache"))
+    env = script_env(DKDM_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run(
         [
             sys.executable,

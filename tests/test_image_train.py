@@ -11,6 +11,7 @@ import torch
 
 from dkdm import dist, logger
 from dkdm.config import ConfigError, load_yaml
+from tests.subproc import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "image_train.py")
@@ -35,7 +36,7 @@ SMALL = ["--arch", "digits-student", "--batch_size", "4", "--num_workers", "0", 
 
 
 def run_script(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = script_env(OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, SCRIPT, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

@@ -20,6 +20,7 @@ from dkdm.resolve import (
     resolve,
     resolve_distillation,
 )
+from tests.subproc import script_env
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ModelConfig(
@@ -248,6 +249,7 @@ def test_a_teacher_checkpoint_with_its_run_config_needs_no_flags(tmp_path):
 def test_retired_architecture_flags_name_their_replacement(old, new):
     p = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "dkdm_train.py"), old, "digits-vit"],
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=120,

@@ -14,6 +14,7 @@ from dkdm.data.arrays import npz_name
 from dkdm.diffusion import create_diffusion
 from dkdm.models import create_model
 from dkdm.resolve import EMBEDDED_TEACHER
+from tests.subproc import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = runpy.run_path(os.path.join(ROOT, "scripts", "sample.py"))["main"]
@@ -248,6 +249,7 @@ def test_mpiexec_two_ranks_match_one_process(ckpt, tmp_path):
         check=True,
         timeout=300,
         capture_output=True,
+        env=script_env(),
     )
     _sample(ckpt, tmp_path / "s.npz")
     assert _load(tmp_path / "m.npz")["arr_0"].tobytes() == _load(tmp_path / "s.npz")["arr_0"].tobytes()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dkdm import dist, logger
+from tests.subproc import script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -72,7 +73,7 @@ def driver(tmp_path):
 
 
 def run(cmd, env_extra=None, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = script_env(OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
