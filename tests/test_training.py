@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dkdm import logger
-from dkdm.config import TrainConfig, load_yaml
+from dkdm.config import ConfigError, TrainConfig, load_yaml
 from dkdm.fileio import TMP_MARK
 from dkdm.training import (
     Precision,
@@ -582,3 +582,408 @@ def test_the_trainers_adamw_is_the_fused_kernel_with_the_for_loops_update():
     for p, q, p0 in zip(a, b, start):
         assert (p - p0).abs().mean() > 5e-3  # they moved (Adam steps are about lr each)
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the trainer's contract
+# What a run directory records and refuses, what is logged, what a batch may hold. Each test
+# here came from a mutation-testing survivor of dkdm/training/trainer.py (mutation_trainer.md).
+
+
+def _log_text(run_dir):
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        return f.read()
+
+
+def _csv_rows(run_dir):
+    import csv
+
+    with open(os.path.join(run_dir, "progress.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _rewrite_opt(path, edit):
+    state = ckpt.load_file(path)
+    edit(state)
+    torch.save(state, path)
+
+
+def test_resume_refuses_a_changed_config_and_records_the_allowed_changes(tmp_path):
+    tr = make(tmp_path, max_steps=2)
+    tr.run(Stream(), plain_loss)
+    d = tr.run_dir
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 there, 0\.02 now") as e:
+        make(tmp_path, max_steps=2, lr=2e-2)
+    assert "max_steps" in str(e.value) and "--log_dir" in str(e.value)
+    # back to the field's default is a change too (not mistaken for a field the file lacks)
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 there, 0\.0001 now"):
+        make(tmp_path, max_steps=2, lr=TrainConfig().lr)
+    assert load_yaml(os.path.join(d, "config.yaml"))["train"]["lr"] == 0.01
+    assert make(tmp_path, max_steps=4).step == 2  # a change that is allowed
+    assert load_yaml(os.path.join(d, "config.yaml"))["train"]["max_steps"] == 4
+    assert load_yaml(os.path.join(d, "config.step000002.yaml"))["train"]["max_steps"] == 2
+    assert (
+        "resuming at step 2 with train.max_steps 2 -> 4; the previous config is kept as config.step000002.yaml"
+        in _log_text(d)
+    )
+    make(tmp_path, max_steps=5)  # another change at the same step keeps both earlier files
+    assert load_yaml(os.path.join(d, "config.step000002.1.yaml"))["train"]["max_steps"] == 4
+    make(tmp_path, max_steps=6)
+    assert load_yaml(os.path.join(d, "config.step000002.2.yaml"))["train"]["max_steps"] == 5
+    make(tmp_path, max_steps=6)  # no change: nothing more is kept
+    assert sorted(n for n in os.listdir(d) if n.startswith("config")) == [
+        "config.step000002.1.yaml",
+        "config.step000002.2.yaml",
+        "config.step000002.yaml",
+        "config.yaml",
+    ]
+
+
+def test_a_field_the_saved_config_lacks_counts_as_changed_only_off_its_default(tmp_path):
+    tr = make(tmp_path, max_steps=2)
+    tr.run(Stream(), plain_loss)
+    path = os.path.join(tr.run_dir, "config.yaml")
+    saved = load_yaml(path)
+    del saved["train"]["grad_clip"]  # as written by a version before the field existed
+    from dkdm.config import dump_yaml
+
+    dump_yaml(saved, path)
+    assert make(tmp_path, max_steps=2).step == 2  # grad_clip at its default: the same run
+    assert not [n for n in os.listdir(tr.run_dir) if n.startswith("config.step")]
+    dump_yaml(saved, path)
+    with pytest.raises(ConfigError, match=r"train\.grad_clip: None there, 1\.0 now"):
+        make(tmp_path, max_steps=2, grad_clip=1.0)
+    # a field after the missing one (keys are compared in order) is still checked
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 there, 0\.02 now"):
+        make(tmp_path, max_steps=2, lr=2e-2)
+
+
+def test_a_config_group_without_defaults_counts_every_missing_field_as_changed(tmp_path):
+    def build(extra):
+        cfg = TrainConfig(lr=1e-2, batch_size=8, ema_rate="", max_steps=2)
+        run_dir = str(tmp_path / "run")
+        logger.configure(run_dir, format_strs=["log"])
+        groups = {"train": cfg, "data": {"path": "a", **extra}}  # a plain dict: no defaults to compare with
+        return Trainer(Tiny(), cfg=cfg, run_dir=run_dir, config_to_save=groups)
+
+    build({}).run(Stream(), plain_loss)
+    with pytest.raises(ConfigError, match=r"data\.labels: None there, 'y' now"):
+        build({"labels": "y"})
+
+
+def test_config_is_checked_only_against_a_run_being_continued(tmp_path):
+    # A directory with a config but no checkpoint (stopped before its first save) starts afresh.
+    make(tmp_path, "fresh", max_steps=2)
+    tr = make(tmp_path, "fresh", max_steps=2, lr=2e-2)
+    assert tr.step == 0 and load_yaml(os.path.join(tr.run_dir, "config.yaml"))["train"]["lr"] == 0.02
+    # Starting from another run's checkpoint (fine-tuning) may change anything.
+    first = make(tmp_path, "first", max_steps=2)
+    first.run(Stream(), plain_loss)
+    other = make(tmp_path, "tuned", max_steps=4, lr=3e-2, resume_checkpoint=ckpt.model_path(first.run_dir, 2))
+    assert other.step == 2
+
+
+def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    import json
+    import socket
+
+    from dkdm import fileio
+
+    d = tmp_path / "run"
+    d.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (d / fileio.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "x"}))
+        with pytest.raises(fileio.RunDirectoryLocked, match=f"in use by process {holder.pid}"):
+            make(tmp_path, "run")
+        assert sorted(os.listdir(d)) == sorted([fileio.LOCK_NAME, "log.txt"])  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    make(tmp_path, "run")
+    assert f"removed a stale lock of process {holder.pid} (no longer running)" in _log_text(str(d))
+
+
+def test_resume_without_optimizer_state_reseeds_by_step_and_says_so(tmp_path):
+    fresh = make(tmp_path, "fresh", seed=5)
+    state = torch.get_rng_state()
+    ckpt.seed_all(5)
+    assert torch.equal(state, torch.get_rng_state()) and fresh.step == 0
+    first = make(tmp_path, "first", max_steps=2, seed=5)
+    first.run(Stream(), plain_loss)
+    os.remove(ckpt.opt_path(first.run_dir, 2))
+    tr = make(tmp_path, "second", max_steps=4, seed=5, resume_checkpoint=ckpt.model_path(first.run_dir, 2))
+    state = torch.get_rng_state()
+    ckpt.seed_all(5 + 1_000_003 * 2)  # not step 0's stream again
+    assert torch.equal(state, torch.get_rng_state()) and tr.step == 2
+    assert "no opt000002.pt: optimizer, RNG and data stream start afresh at step 2" in _log_text(tr.run_dir)
+
+
+def test_resume_reads_samples_and_rank_states_and_checks_the_ema_files(tmp_path):
+    first = make(tmp_path, "first", max_steps=2)
+    first.run(Stream(), plain_loss)
+    d = first.run_dir
+    state = ckpt.load_file(ckpt.opt_path(d, 2))
+    assert (state["format"], state["ema_rates"], state["extra_state"], state["world_size"]) == (
+        1,
+        ["0.9", "0.5"],
+        [],
+        1,
+    )
+    assert first.samples == 16 and isinstance(first.samples, int)
+    resumed = make(tmp_path, "first", max_steps=4)
+    assert resumed.samples == 16
+    resumed.run_step(Stream(), lambda model, batch: (model(batch["x"]).sum() * float("nan"), {}))
+    with pytest.raises(FloatingPointError, match=r"at step 3; .*last good checkpoint: .*model000002\.pt"):
+        resumed.dump_logs()
+    _rewrite_opt(ckpt.opt_path(d, 2), lambda s: s.pop("samples"))  # written before the count existed
+    assert make(tmp_path, "first", max_steps=4).samples == 0
+    _rewrite_opt(ckpt.opt_path(d, 2), lambda s: s.pop("rank_states"))
+    make(tmp_path, "first", max_steps=4)
+    assert "the checkpoint was written by 0 processes, this run has 1" in _log_text(d)
+    ema = ckpt.ema_path(d, "0.9", 2)
+    sd = torch.load(ema, weights_only=True)
+    torch.save({k: v.half() for k, v in sd.items()}, ema)  # a converted file: the EMA stays fp32
+    tr = make(tmp_path, "first", max_steps=4)
+    assert all(p.dtype == torch.float32 for p in tr.ema["0.9"])
+    torch.testing.assert_close(tr.ema["0.9"][0], sd["a.weight"].half().float())
+    torch.save({k: v for k, v in sd.items() if k != "b.bias"}, ema)
+    with pytest.raises(ValueError, match=r"ema_0\.9_000002\.pt lacks 1 parameters, e\.g\. b\.bias"):
+        make(tmp_path, "first", max_steps=4)
+
+
+class _Odd:
+    """State that needs more than tensors and plain data to unpickle (weights_only refuses it)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class OddStream(Stream):
+    def state_dict(self):
+        return {"k": self.k, "odd": _Odd(1)}
+
+
+class OddPool(Pool):
+    def state_dict(self):
+        return {"x": self.x.clone(), "odd": _Odd(2)}
+
+
+@pytest.mark.parametrize("odd", ["opt", "pool"])
+def test_trust_checkpoints_lets_resume_read_state_beyond_plain_data(tmp_path, odd):
+    from dkdm.training.checkpoint import UntrustedFileError
+
+    pool, stream = (Pool(), OddStream()) if odd == "opt" else (OddPool(), Stream())
+    make(tmp_path, pool=pool, stream=stream, max_steps=2).run(stream, plain_loss)
+    with pytest.raises(UntrustedFileError, match=rf"{odd}000002\.pt holds .*--trust_checkpoints"):
+        make(tmp_path, pool=Pool(), stream=Stream(), max_steps=4)
+    assert make(tmp_path, pool=Pool(), stream=Stream(), max_steps=4, trust_checkpoints=True).step == 2
+
+
+def test_step_time_is_the_wall_time_per_step_between_dumps(tmp_path, monkeypatch):
+    import types
+
+    from dkdm.training import trainer as trainer_module
+
+    clock = [100.0]
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    tr = make(tmp_path, max_steps=6, log_interval=3, save_interval=0)
+    stream = Stream()
+
+    def next_batch():
+        clock[0] += 1.5  # every step takes 1.5 s
+        return stream()
+
+    tr.run(next_batch, plain_loss)
+    rows = _csv_rows(tr.run_dir)
+    assert [(int(r["step"]), float(r["step_time"])) for r in rows] == [(3, 1.5), (6, 1.5)]
+    tr = make(tmp_path, "every", max_steps=2, log_interval=1, save_interval=0)
+    tr.run(next_batch, plain_loss)
+    assert [float(r["step_time"]) for r in _csv_rows(tr.run_dir)] == [1.5, 1.5]
+
+
+def test_every_step_logs_and_saves_at_interval_one_and_interval_zero_means_never(tmp_path):
+    tr = make(tmp_path, "every", max_steps=3, log_interval=1, save_interval=1)
+    tr.run(Stream(), plain_loss)
+    assert [int(r["step"]) for r in _csv_rows(tr.run_dir)] == [1, 2, 3]
+    assert all(os.path.isfile(ckpt.opt_path(tr.run_dir, s)) for s in (1, 2, 3))
+    tr = make(tmp_path, "never", max_steps=3, log_interval=0, save_interval=0)
+    tr.run(Stream(), plain_loss)  # one dump and one save, at the end
+    assert [int(r["step"]) for r in _csv_rows(tr.run_dir)] == [3]
+    assert sorted(n for n in os.listdir(tr.run_dir) if n.startswith("opt")) == ["opt000003.pt"]
+
+
+def test_a_finished_run_relaunched_says_so_and_writes_nothing(tmp_path):
+    make(tmp_path, max_steps=1).run(Stream(), plain_loss)
+    d = str(tmp_path / "run")
+    before = sorted(os.listdir(d))
+    tr = make(tmp_path, max_steps=1)
+    assert tr.run(Stream(), plain_loss) == 1
+    assert "already finished at step 1 (max_steps 1" in _log_text(d)
+    assert sorted(os.listdir(d)) == before
+
+
+def test_logged_terms_quartiles_and_the_loss_column(tmp_path):
+    import types
+
+    def with_t(model, batch):
+        per = ((model(batch["x"]) - batch["x"]) ** 2).mean(dim=1)
+        t = torch.arange(per.shape[0]) * 12  # 0..84 of 100 steps: every quartile
+        return per.mean(), {"loss": per, "t": t}
+
+    run_dir = str(tmp_path / "q")
+    logger.configure(run_dir, format_strs=["log", "csv"])
+    cfg = TrainConfig(lr=1e-2, batch_size=8, ema_rate="", log_interval=1, max_steps=1)
+    tr = Trainer(Tiny(), types.SimpleNamespace(num_timesteps=100), cfg=cfg, run_dir=run_dir)
+    tr.run(Stream(), with_t)
+    row = _csv_rows(run_dir)[0]
+    assert {"loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3"} <= set(row) and "t" not in row
+    # without the diffusion's step count: plain means, and still no "t" column
+    run_dir = str(tmp_path / "plain")
+    logger.configure(run_dir, format_strs=["log", "csv"])
+    Trainer(Tiny(), cfg=cfg, run_dir=run_dir).run(Stream(), with_t)
+    row = _csv_rows(run_dir)[0]
+    assert "loss" in row and "t" not in row and "loss_q0" not in row
+
+    def doubled(model, batch):  # the objective's scalar and the terms it reports differ
+        per = ((model(batch["x"]) - batch["x"]) ** 2).mean(dim=1)
+        return 2 * per.mean(), {"loss": per}
+
+    def no_loss_term(model, batch):
+        per = ((model(batch["x"]) - batch["x"]) ** 2).mean(dim=1)
+        return 2 * per.mean(), {"mse": per}
+
+    for name, fn, ratio in (("doubled", doubled, 1.0), ("scalar", no_loss_term, 2.0)):
+        run_dir = str(tmp_path / name)
+        logger.configure(run_dir, format_strs=["log", "csv"])
+        torch.manual_seed(0)
+        Trainer(Tiny(), cfg=cfg, run_dir=run_dir).run(Stream(), fn)
+        row = _csv_rows(run_dir)[0]
+        term = float(row["loss"]) if name == "doubled" else float(row["mse"])
+        if name == "doubled":  # the terms' loss, not the scalar: compare with a plain run's
+            run_ref = str(tmp_path / "ref")
+            logger.configure(run_ref, format_strs=["log", "csv"])
+            torch.manual_seed(0)
+            Trainer(Tiny(), cfg=cfg, run_dir=run_ref).run(Stream(), plain_loss)
+            term = float(_csv_rows(run_ref)[0]["loss"])
+        assert float(row["loss"]) == pytest.approx(ratio * term, rel=1e-6)
+
+
+def test_fp16_logs_its_loss_scale_with_the_configured_growth(tmp_path):
+    tr = make(tmp_path, "fp16", precision="fp16", fp16_scale_growth=0.01, max_steps=1, log_interval=1)
+    assert tr.precision.scaler.get_growth_interval() == 100
+    tr.run(Stream(), plain_loss)
+    assert float(_csv_rows(tr.run_dir)[0]["loss_scale"]) == tr.precision.loss_scale() <= 2.0**20
+    tr = make(tmp_path, "fp32", max_steps=1, log_interval=1)
+    tr.run(Stream(), plain_loss)
+    assert "loss_scale" not in _csv_rows(tr.run_dir)[0]
+
+
+def test_batches_may_hold_scalars_and_are_split_into_microbatches(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append((batch["x"].shape[0], batch["w"], batch["scale"]))
+        return plain_loss(model, batch)
+
+    stream = Stream()
+
+    def next_batch():
+        return {**stream(), "w": torch.tensor(0.5), "scale": 3.0}  # a 0-dim tensor and a number pass whole
+
+    tr = make(tmp_path, "mb4", microbatch=4, max_steps=1)
+    tr.run(next_batch, loss_fn)
+    assert [(n, float(w), s) for n, w, s in seen] == [(4, 0.5, 3.0), (4, 0.5, 3.0)]
+    seen.clear()
+    make(tmp_path, "mb1", microbatch=1, max_steps=1).run(next_batch, loss_fn)
+    assert [n for n, _, _ in seen] == [1] * 8
+    tr = make(tmp_path, "bad", max_steps=1)
+    with pytest.raises(ValueError, match=r"sharing their first dimension, got sizes \[6, 8\]"):
+        tr.run_step(lambda: {**stream(), "y": torch.zeros(6, dtype=torch.long)}, plain_loss)
+
+
+def test_constructor_checks_extra_state_names_precision_of_weights_and_saved_config(tmp_path):
+    for bad in ("model", "opt", "ema_pool", "not-a-name"):
+        with pytest.raises(ValueError, match=f"extra_state name '{bad}' must be an identifier"):
+            Trainer(Tiny(), cfg=TrainConfig(batch_size=8), run_dir=str(tmp_path / "names"), extra_state={bad: Pool()})
+    run_dir = str(tmp_path / "half")
+    logger.configure(run_dir, format_strs=["log"])
+    tr = Trainer(Tiny().half(), cfg=TrainConfig(batch_size=8), run_dir=run_dir)
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    assert "not all fp32; converting" in _log_text(run_dir)
+    fp32 = make(tmp_path, "fp32")
+    assert "not all fp32" not in _log_text(fp32.run_dir)
+    # config_to_save: the train group by default, every group given otherwise
+    run_dir = str(tmp_path / "default_cfg")
+    Trainer(Tiny(), cfg=TrainConfig(batch_size=8, lr=0.5), run_dir=run_dir)
+    assert load_yaml(os.path.join(run_dir, "config.yaml"))["train"]["lr"] == 0.5
+    run_dir = str(tmp_path / "groups")
+    cfg = TrainConfig(batch_size=8)
+    Trainer(Tiny(), cfg=cfg, run_dir=run_dir, config_to_save={"train": cfg, "model": {"arch": "tiny"}})
+    assert load_yaml(os.path.join(run_dir, "config.yaml"))["model"] == {"arch": "tiny"}
+
+
+def test_a_failed_save_keeps_the_errno_and_names_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from dkdm.fileio import DiskFullError
+
+    def full(*a, **k):
+        raise DiskFullError(errno.ENOSPC, "disk full while writing x")
+
+    tr = make(tmp_path, max_steps=4)
+    monkeypatch.setattr(ckpt, "atomic_save", full)
+    with pytest.raises(DiskFullError, match=r"last complete checkpoint \(none yet\)") as e:
+        tr.save()
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    tr.save()  # step 0 saved (an explicit save before training)
+    monkeypatch.setattr(ckpt, "atomic_save", full)
+    tr.step = 1
+    with pytest.raises(DiskFullError, match=r"last complete checkpoint \(step 0\) is intact"):
+        tr.save()
+    monkeypatch.undo()
+    tr.run_step(Stream(), lambda model, batch: (model(batch["x"]).sum() * float("nan"), {}))
+    with pytest.raises(FloatingPointError, match=r"at step 2; .*last good checkpoint: .*model000000\.pt"):
+        tr.dump_logs()
+
+
+def test_batches_from_stream_checks_the_first_batch_and_moves_every_entry():
+    from dkdm.training import batches_from_stream
+
+    def stream(shape):
+        while True:
+            yield torch.zeros(2, *shape), {"y": torch.tensor([1, 2])}
+
+    nb = batches_from_stream(stream((1, 4, 4)), torch.device("cpu"), expect=(1, 4, 4))
+    b = nb()
+    assert set(b) == {"x", "y"} and b["x"].shape == (2, 1, 4, 4) and b["y"].tolist() == [1, 2]
+    nb = batches_from_stream(stream((3, 4, 4)), torch.device("cpu"), expect=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"images of shape \(3, 4, 4\) \(C, H, W\) but the model expects \(1, 4, 4\)"):
+        nb()
+    assert batches_from_stream(stream((3, 4, 4)), torch.device("cpu"))()["x"].shape == (2, 3, 4, 4)  # no check
+
+
+def test_diffusion_loss_fn_weights_the_terms_and_feeds_the_sampler():
+    from dkdm.training import diffusion_loss_fn
+
+    calls = {}
+
+    class Sampler:
+        def sample(self, n, device):
+            calls["sample"] = (n, device)
+            return torch.tensor([3, 7]), torch.tensor([2.0, 0.5])
+
+        def update_with_local_losses(self, t, losses):
+            calls["update"] = (t.tolist(), losses.tolist())
+
+    class Diffusion:
+        def training_losses(self, model, x, t, model_kwargs=None):
+            calls["kwargs"] = model_kwargs
+            return {"loss": torch.tensor([1.0, 4.0]), "mse": torch.tensor([1.0, 2.0])}
+
+    loss, terms = diffusion_loss_fn(Diffusion(), Sampler())(None, {"x": torch.zeros(2, 1), "y": torch.tensor([5, 6])})
+    assert calls["sample"] == (2, torch.device("cpu"))
+    assert list(calls["kwargs"]) == ["y"] and calls["kwargs"]["y"].tolist() == [5, 6]
+    assert calls["update"] == ([3, 7], [1.0, 4.0])  # the unweighted losses
+    assert terms["loss"].tolist() == [2.0, 2.0] and terms["mse"].tolist() == [2.0, 1.0]
+    assert terms["t"].tolist() == [3, 7] and float(loss) == 2.0
