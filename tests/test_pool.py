@@ -625,3 +625,48 @@ def test_preparation_statistics():
     s = pool.prep_stats
     assert 0 < s["seconds"] < 60 and s["evals_per_s"] == pytest.approx(s["useful_evals"] / s["seconds"])
     assert s["slots"] == 16 and s["iterations"] == teacher.calls
+
+
+def test_the_cache_key_of_a_plain_pool_is_pinned():
+    """A pool cache is found again by its key: a changed description (say a key added for an
+    option that is not set) orphans every cache written before. Change this value only on purpose."""
+    pool, _ = _make(batch_size=8, rho=0.5, teacher_batch=64, seed=3)
+    assert pool.cache_key("teacher-a") == "d5d67faa05bbed183158a42b0c01e398727140c8bf7f9bba8a5d5e68da963531"
+
+
+def test_guidance_scales_range_checked_and_kept_through_a_round_trip():
+    with pytest.raises(ValueError, match=r"w_min <= w_max, got \(3\.0, 1\.0\)"):
+        _make(batch_size=8, w_range=(3.0, 1.0))
+    fixed, _ = _make(batch_size=8, w_range=(2.0, 2.0))  # one scale for every sample
+    assert fixed.w_range == (2.0, 2.0) and torch.all(fixed.w == 2.0)
+    a, _ = _make(batch_size=8, w_range=(0.0, 4.0))
+    assert a.w_range == (0.0, 4.0) and 0.0 <= float(a.w.min()) < float(a.w.max()) <= 4.0
+    b, _ = _make(batch_size=8, w_range=(0.0, 4.0), seed=9)
+    assert not torch.equal(a.w, b.w)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.w, b.w)
+    plain, _ = _make(batch_size=8)
+    with pytest.raises(ValueError, match="saved pool has guidance scales but this run's has no guidance scales"):
+        plain.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="saved pool has no guidance scales but this run's has guidance scales"):
+        a.load_state_dict(plain.state_dict())
+
+
+def test_update_without_gather_gathers_itself():
+    a, d = _make(batch_size=8, seed=4)
+    b, _ = _make(batch_size=8, seed=4)
+    idx = a.draw()
+    assert torch.equal(idx, b.draw())
+    batch = a.gather(idx)
+    out = GaussTeacher(d)(batch["x_t"], batch["t"])
+    a.update(idx, out)  # right after its own gather
+    b.update(idx, out)  # no gather before: update gathers the same batch itself
+    assert torch.equal(a.x, b.x) and torch.equal(a.t, b.t)
+
+
+def test_the_pools_warmup_default_is_the_configs():
+    import inspect
+
+    from dkdm.config import DistillConfig
+
+    assert inspect.signature(DynamicPool).parameters["warmup_jumps"].default == DistillConfig().warmup_jumps

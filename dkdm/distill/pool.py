@@ -514,11 +514,19 @@ class DynamicPool:
             raise ValueError(
                 f"saved pool has {saved} but this run's has {have}; resume with the same class conditioning"
             )
+        if (self.w is None) != (state.get("w") is None):
+            have, saved = (
+                "guidance scales" if v is not None else "no guidance scales" for v in (self.w, state.get("w"))
+            )
+            raise ValueError(
+                f"saved pool has {saved} but this run's has {have}; resume with the same --w_min / --w_max "
+                "(or none), or start a new run directory"
+            )
         self.x.copy_(x)
         self.t.copy_(state["t"])
         if self.y is not None:
             self.y.copy_(state["y"])
-        if self.w is not None and state.get("w") is not None:
+        if self.w is not None:
             self.w.copy_(state["w"])
         self._noise_gen.set_state(state["noise_gen"].cpu())
         self._idx_gen.set_state(state["idx_gen"].cpu())
