@@ -177,3 +177,55 @@ def test_a_class_conditional_preparation_resumes_with_its_labels(tmp_path):
     b = _pool(d)
     ShuffleDenoise(b, part, progress=False).run(_LabelTeacher(d))
     assert torch.equal(b.x, ref.x) and torch.equal(b.y, ref.y)
+
+
+class _GuidedTeacher(_LabelTeacher):
+    """A w-conditioned teacher: its epsilon depends on the label and on the guidance scale."""
+
+    def __call__(self, x, t, y=None, w=None):
+        out = super().__call__(x, t, y)
+        return torch.cat([out[:, :1] + 0.03 * w.view(-1, 1, 1, 1), out[:, 1:]], 1)
+
+
+def _guided_pool(d, **kw):
+    return DynamicPool(d, (1, 4, 4), 8, rho=0.5, teacher_batch=16, seed=5, num_classes=3, w_range=(0.0, 4.0), **kw)
+
+
+def test_a_guidance_conditioned_preparation_gives_each_sample_its_w_and_resumes_with_it(tmp_path):
+    d = create_diffusion(steps=20, noise_schedule="cosine", learn_sigma=True)
+    ref = _guided_pool(d)
+    ShuffleDenoise(ref, progress=False).run(_GuidedTeacher(d))
+    shifted = _guided_pool(d)
+    shifted.w.add_(1.0)  # the same noise and labels, other scales: other samples
+    ShuffleDenoise(shifted, progress=False).run(_GuidedTeacher(d))
+    assert not torch.allclose(shifted.x, ref.x, atol=1e-3)
+    part = str(tmp_path / "p.pt")
+    with pytest.raises(KeyboardInterrupt):
+        ShuffleDenoise(_guided_pool(d), part, progress=False).run(_GuidedTeacher(d, fail=9))
+    assert load_file(part)["w_act"] is not None  # the lanes' scales are saved with them
+    b = _guided_pool(d)
+    ShuffleDenoise(b, part, progress=False).run(_GuidedTeacher(d))
+    assert torch.equal(b.x, ref.x) and torch.equal(b.w, ref.w)
+
+
+def test_one_lane_gives_each_chain_its_own_guidance_scale():
+    d = create_diffusion(steps=12, noise_schedule="cosine", learn_sigma=True)
+    pool = DynamicPool(
+        d, (1, 2, 2), 3, rho=1.0, teacher_batch=1, seed=2, num_classes=4, clip_denoised=False, w_range=(0.0, 4.0)
+    )
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(pool._noise_gen.get_state())
+    prep = ShuffleDenoise(pool, progress=False)
+    order = _lane_queues(pack_lanes(prep.lengths, 1), 1)[0]
+    prep.run(_GuidedTeacher(d))
+    teacher = _GuidedTeacher(d)
+    x = torch.randn((1, 1, 2, 2), generator=gen)
+    for i in order:
+        t = torch.full((1,), 11)
+        for _ in range(int(prep.lengths[i])):
+            out = teacher(x, t, pool.y[i : i + 1], pool.w[i : i + 1])
+            noise = torch.randn((1, 1, 2, 2), generator=gen)
+            x = d.p_sample_from_output(out, x, t, clip_denoised=False, noise=noise)["sample"]
+            t = t - 1
+        torch.testing.assert_close(pool.x[i : i + 1], x, rtol=0, atol=0)
+        x = torch.randn((1, 1, 2, 2), generator=gen)
