@@ -509,19 +509,13 @@ class DynamicPool:
                 f"match this run's ({self.variant}, T={self.T}, x {tuple(self.x.shape)}); resume with the same "
                 "--pool, --rho, --batch_size, number of ranks and diffusion steps, or start a new run directory."
             )
-        if (self.y is None) != (state.get("y") is None):
-            have, saved = ("labels" if v is not None else "no labels" for v in (self.y, state.get("y")))
-            raise ValueError(
-                f"saved pool has {saved} but this run's has {have}; resume with the same class conditioning"
-            )
-        if (self.w is None) != (state.get("w") is None):
-            have, saved = (
-                "guidance scales" if v is not None else "no guidance scales" for v in (self.w, state.get("w"))
-            )
-            raise ValueError(
-                f"saved pool has {saved} but this run's has {have}; resume with the same --w_min / --w_max "
-                "(or none), or start a new run directory"
-            )
+        for what, mine, key, fix in (
+            ("labels", self.y, "y", "the same class conditioning"),
+            ("guidance scales", self.w, "w", "the same --w_min / --w_max (or none), or start a new run directory"),
+        ):
+            if (mine is None) != (state.get(key) is None):
+                have, saved = (what if v is not None else f"no {what}" for v in (mine, state.get(key)))
+                raise ValueError(f"saved pool has {saved} but this run's has {have}; resume with {fix}")
         self.x.copy_(x)
         self.t.copy_(state["t"])
         if self.y is not None:
