@@ -31,7 +31,7 @@ test-all: install
 paper: install
 	$(PY) benchmarks/paper_tables.py --jobs 2
 
-# Mutation testing of the core equations (setup.cfg [mutmut]); not in CI: about 20 minutes.
+# Mutation testing of the core equations (setup.cfg [mutmut]); not in CI: about 30 minutes on 2 cores.
 mutation: install
 	$(VENV)/bin/mutmut run --max-children 2 || true
 	$(PY) benchmarks/mutation_summary.py
