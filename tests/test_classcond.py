@@ -14,7 +14,7 @@ from dkdm import logger
 from dkdm.config import ConfigError, DiffusionConfig, DistillConfig, ModelConfig, TrainConfig, to_dict
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop, check_conditioning
-from dkdm.distill.pool import DynamicPool, read_class_weights
+from dkdm.distill.pool import DynamicPool, classes_of_uniforms, read_class_weights
 from dkdm.models import create_model
 from dkdm.models.guidance import GuidanceError, Guided, WithScale, for_sampling, guide
 
@@ -128,6 +128,63 @@ def test_class_weights_file_forms_and_refusals(tmp_path):
     (tmp_path / "bad.txt").write_text("1 two 3")
     with pytest.raises(ValueError, match="cannot read 3 numbers"):
         read_class_weights(str(tmp_path / "bad.txt"), 3)
+
+
+def test_class_weights_file_shapes_small_totals_and_no_pickles(tmp_path):
+    np.save(tmp_path / "col.npy", np.array([[0.1], [0.2], [0.0]]))  # a column: flattened
+    np.testing.assert_array_equal(read_class_weights(str(tmp_path / "col.npy"), 3), [0.1, 0.2, 0.0])
+    (tmp_path / "small.txt").write_text("0.1 0.2 0")  # weights need not sum to 1 (or more)
+    np.testing.assert_array_equal(read_class_weights(str(tmp_path / "small.txt"), 3), [0.1, 0.2, 0.0])
+    # An object array needs pickle to load, and a pickle runs code: refused, not loaded.
+    np.save(tmp_path / "obj.npy", np.array([1.0, 2.0, 3.0], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="obj.npy: cannot read 3 numbers"):
+        read_class_weights(str(tmp_path / "obj.npy"), 3)
+
+
+def test_pool_class_weights_refused_one_fault_at_a_time():
+    d = _diffusion()
+    msg = "class_weights must be 3 finite non-negative numbers, not all zero"
+    for bad in ([1.0, 2.0], [1.0, float("nan"), 2.0], [1.0, float("inf"), 2.0], [1.0, -1.0, 2.0], [0.0, 0.0, 0.0]):
+        with pytest.raises(ValueError, match=msg):
+            DynamicPool(d, (1, 2, 2), 4, rho=1.0, num_classes=3, class_weights=bad)
+    with pytest.raises(ValueError, match="without labels"):
+        DynamicPool(d, (1, 2, 2), 4, rho=1.0, class_weights=[1.0, 1.0])
+    # A column of small weights: flattened and normalised.
+    pool = DynamicPool(d, (1, 2, 2), 4, rho=1.0, num_classes=3, class_weights=[[0.1], [0.2], [0.3]])
+    np.testing.assert_allclose(pool.class_weights, [1 / 6, 2 / 6, 3 / 6])
+
+
+def test_inverse_cdf_never_draws_a_class_of_weight_zero_at_the_boundaries():
+    cdf = torch.tensor(np.cumsum([0.0, 0.5, 0.0, 0.5, 0.0]), dtype=torch.float32)  # [0, .5, .5, 1, 1]
+    u = torch.tensor([0.0, 0.25, 0.4999999, 0.5, 0.75, 0.99999994, 1.0])
+    # u = 0 lies on class 0's empty interval [0, 0) and u = 0.5 on class 2's: neither is drawn;
+    # u = 1 (a float32 total that rounded below a draw) goes to the last class of weight > 0.
+    assert classes_of_uniforms(cdf, u, last=3).tolist() == [1, 1, 1, 3, 3, 3, 3]
+
+
+def test_class_draws_come_from_the_pools_own_seeded_stream():
+    d = _diffusion()
+    pools = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)  # the global generator must not matter
+        pools.append(DynamicPool(d, (1, 2, 2), 50, rho=1.0, seed=3, num_classes=4, class_weights=[1, 2, 3, 4]))
+    assert torch.equal(pools[0].y, pools[1].y)
+    torch.manual_seed(0)
+    other = DynamicPool(d, (1, 2, 2), 50, rho=1.0, seed=4, num_classes=4, class_weights=[1, 2, 3, 4])
+    assert not torch.equal(pools[0].y, other.y)
+
+
+def test_restarted_samples_draw_fresh_guidance_scales_each():
+    pool = DynamicPool(_diffusion(), (1, 2, 2), 400, rho=1.0, seed=1, num_classes=3, w_range=(1.0, 5.0))
+    pool.t.zero_()  # every updated sample restarts from noise
+    before = pool.w.clone()
+    idx, rest = pool._all[:400], pool._all[400:]
+    pool.gather(idx)
+    pool.update(idx, torch.zeros(400, 2, 2, 2))
+    fresh = pool.w[idx]
+    assert fresh.unique().numel() == 400 and not torch.equal(fresh, before[idx])
+    assert stats.kstest(((fresh - 1.0) / 4.0).numpy(), "uniform").pvalue > 1e-3
+    assert torch.equal(pool.w[rest], before[rest])  # samples not drawn keep theirs
 
 
 def test_pool_cache_key_and_state_carry_weights_and_scales():

@@ -1,5 +1,6 @@
 """The dynamic iterative batch pool: preparation, draw/update semantics, variants, state, cache, memory."""
 
+import hashlib
 import math
 import os
 
@@ -15,6 +16,7 @@ from dkdm.distill.pool import (
     PoolMemoryError,
     estimate_pool_bytes,
     pool_size,
+    teacher_fingerprint,
 )
 
 T = 20
@@ -625,6 +627,17 @@ def test_preparation_statistics():
     s = pool.prep_stats
     assert 0 < s["seconds"] < 60 and s["evals_per_s"] == pytest.approx(s["useful_evals"] / s["seconds"])
     assert s["slots"] == 16 and s["iterations"] == teacher.calls
+
+
+def test_teacher_fingerprint_of_a_module_its_state_dict_and_its_file(tmp_path):
+    net = torch.nn.Conv2d(2, 3, 3)
+    fp = teacher_fingerprint(net)
+    assert teacher_fingerprint(net.state_dict()) == fp  # a state dict is taken as it is
+    with torch.no_grad():
+        net.bias[0] += 1
+    assert teacher_fingerprint(net) != fp
+    (tmp_path / "t.pt").write_bytes(b"weights")
+    assert teacher_fingerprint(str(tmp_path / "t.pt")) == hashlib.sha256(b"weights").hexdigest()
 
 
 def test_the_cache_key_of_a_plain_pool_is_pinned():

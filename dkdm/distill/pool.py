@@ -43,6 +43,7 @@ __all__ = [
     "DynamicPool",
     "PoolMemoryError",
     "available_memory",
+    "classes_of_uniforms",
     "estimate_pool_bytes",
     "pool_size",
     "read_class_weights",
@@ -156,6 +157,14 @@ def read_class_weights(path: str, num_classes: int) -> np.ndarray:
     if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"--class_weights {path}: weights must be finite, non-negative and not all zero")
     return w
+
+
+def classes_of_uniforms(cdf: Tensor, u: Tensor, last: int) -> Tensor:
+    """Inverse-CDF class draw: class ``k`` owns ``[cdf[k-1], cdf[k])`` of the uniforms ``u`` in
+    [0, 1), so a class of weight 0 (an empty interval) is never drawn, ``u = 0`` included.
+    ``last`` (the last class of non-zero weight) takes a ``u`` at or above a float32 total that
+    rounded below 1."""
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=last)
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -320,7 +329,7 @@ class DynamicPool:
         if self._class_cdf is None:
             return torch.randint(0, self.num_classes, (n,), generator=self._noise_gen, device=self.device)
         u = torch.rand((n,), generator=self._noise_gen, device=self.device)
-        return torch.searchsorted(self._class_cdf, u, right=True).clamp_(max=self._last_class)
+        return classes_of_uniforms(self._class_cdf, u, self._last_class)
 
     def _randw(self, n: int) -> Tensor:
         lo, hi = self.w_range

@@ -163,7 +163,7 @@ class ShuffleDenoise:
         self.ev_next = torch.from_numpy(np.maximum(plan["next"], 0)).to(dev)
         self.first = torch.from_numpy(np.maximum(plan["first"], 0)).to(dev)
         self.y_dev = pool.y.to(dev) if pool.y is not None else None
-        self.w_dev = pool.w.to(dev) if getattr(pool, "w", None) is not None else None
+        self.w_dev = pool.w.to(dev) if pool.w is not None else None
         # The lanes: sample, current step, end step, label and guidance scale of each.
         self.x = self.t = self.e = self.y = self.w = None
         self.done = 0  # teacher batches completed
