@@ -32,8 +32,10 @@ paper: install
 	$(PY) benchmarks/paper_tables.py --jobs 2
 
 # Mutation testing of the core equations (setup.cfg [mutmut]); not in CI: about 30 minutes on 2 cores.
+# One OpenMP thread: mutmut forks its workers from a process whose torch ran OpenMP (libgomp)
+# regions, and a forked child that enters one again can hang in gomp's barrier (seen: MKL's exp).
 mutation: install
-	$(VENV)/bin/mutmut run --max-children 2 || true
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 || true
 	$(PY) benchmarks/mutation_summary.py
 
 lint: install
