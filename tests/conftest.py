@@ -36,6 +36,17 @@ def _environment():
         os.environ.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """A test that ran a script in this process (runpy) joined a one-process gloo group; leave it.
+    A group outliving its test is inherited, threads gone, by any process forked later (mutmut's
+    workers are), and destroying it there waits forever on its workers' condition variables."""
+    yield
+    mod = sys.modules.get("dkdm.dist")
+    if mod is not None:
+        mod.cleanup()
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
