@@ -499,7 +499,10 @@ def test_labels_and_the_prepared_flag_survive_a_round_trip():
     b.load_state_dict(state)
     assert b.prepared
     unconditional, _ = _make(batch_size=8)
-    with pytest.raises(ValueError, match="saved pool has labels but this run's has no labels"):
+    with pytest.raises(
+        ValueError,
+        match="saved pool has labels but this run's has no labels; resume with the same class conditioning, or start a new run directory$",
+    ):
         unconditional.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match=r"^saved pool \(dynamic, T=20, x \(80, 1, 4, 4\)\) does not match"):
         _make(batch_size=4)[0].load_state_dict(unconditional.state_dict())
@@ -575,8 +578,9 @@ def test_meminfo_kilobytes_become_bytes_exactly(monkeypatch):
 def test_the_pools_default_warmup_grid_is_the_configs():
     from dkdm.config import DistillConfig
 
-    pool = DynamicPool(_diffusion(100), SHAPE, 200, warmup="respaced")
-    assert pool.warmup_grid == math.ceil(100 / DistillConfig().warmup_jumps) == 5
+    # T = 1000 (not 100): ceil(T / jumps) tells 20 jumps (50) from 21 (48), as 100 does not.
+    pool = DynamicPool(_diffusion(1000), SHAPE, 1, warmup="respaced")
+    assert pool.warmup_grid == math.ceil(1000 / DistillConfig().warmup_jumps) == 50
 
 
 def test_fitting_is_need_against_free_minus_margin_and_the_message_has_the_numbers(monkeypatch, capsys):
@@ -659,9 +663,15 @@ def test_guidance_scales_range_checked_and_kept_through_a_round_trip():
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.w, b.w)
     plain, _ = _make(batch_size=8)
-    with pytest.raises(ValueError, match="saved pool has guidance scales but this run's has no guidance scales"):
+    with pytest.raises(
+        ValueError,
+        match="saved pool has guidance scales but this run's has no guidance scales; resume with the same --w_min / --w_max ",
+    ):
         plain.load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="saved pool has no guidance scales but this run's has guidance scales"):
+    with pytest.raises(
+        ValueError,
+        match=r"saved pool has no guidance scales but this run's has guidance scales; resume with the same --w_min / --w_max \(or none\), or start a new run directory$",
+    ):
         a.load_state_dict(plain.state_dict())
 
 
@@ -675,11 +685,3 @@ def test_update_without_gather_gathers_itself():
     a.update(idx, out)  # right after its own gather
     b.update(idx, out)  # no gather before: update gathers the same batch itself
     assert torch.equal(a.x, b.x) and torch.equal(a.t, b.t)
-
-
-def test_the_pools_warmup_default_is_the_configs():
-    import inspect
-
-    from dkdm.config import DistillConfig
-
-    assert inspect.signature(DynamicPool).parameters["warmup_jumps"].default == DistillConfig().warmup_jumps

@@ -519,7 +519,7 @@ class DynamicPool:
                 "--pool, --rho, --batch_size, number of ranks and diffusion steps, or start a new run directory."
             )
         for what, mine, key, fix in (
-            ("labels", self.y, "y", "the same class conditioning"),
+            ("labels", self.y, "y", "the same class conditioning, or start a new run directory"),
             ("guidance scales", self.w, "w", "the same --w_min / --w_max (or none), or start a new run directory"),
         ):
             if (mine is None) != (state.get(key) is None):
