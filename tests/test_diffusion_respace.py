@@ -122,6 +122,20 @@ def test_wrapped_model_sees_original_timesteps():
     torch.testing.assert_close(full.model_timesteps(t), t.float() * 5.0)
 
 
+def test_spaced_training_losses_pass_noise_and_model_kwargs_on():
+    d = spaced("10")
+    x = torch.rand(3, 1, 4, 4) * 2 - 1
+    t = torch.tensor([0, 4, 9])
+    noise = torch.randn_like(x)
+
+    def zero_model(x_t, ts, y):  # needs its keyword; predicts epsilon = 0 (and a variance) at original steps
+        assert torch.equal(ts, torch.tensor(d.timestep_map)[t]) and torch.equal(y, torch.tensor([1, 2, 3]))
+        return torch.zeros(x_t.shape[0], 2, *x_t.shape[2:])
+
+    terms = d.training_losses(zero_model, x, t, model_kwargs={"y": torch.tensor([1, 2, 3])}, noise=noise)
+    torch.testing.assert_close(terms["mse"], (noise**2).mean(dim=(1, 2, 3)), rtol=0, atol=0)
+
+
 def test_from_output_path_matches_with_model_timesteps():
     """The teacher-once path: call the network at model_timesteps(t), then interpret its output."""
     d = spaced("ddim20", rescale=True)

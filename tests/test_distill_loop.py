@@ -218,3 +218,58 @@ def test_bf16_teacher(tmp_path):
     assert batch["teacher_out"].dtype == torch.float32
     loss, terms = loop.loss_fn(loop.trainer.ddp_model, batch)
     assert torch.isfinite(loss) and set(terms) >= {"loss", "mse", "vb", "t"}
+
+
+def test_teacher_id_is_pinned_and_tells_configs_apart():
+    """The pool cache is found again by teacher_id: a changed encoding orphans every cache, and a
+    teacher whose weights match but whose config differs must not share one."""
+    from dkdm.distill.loop import teacher_id
+
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight.copy_(torch.arange(4.0).view(2, 2))
+        net.bias.copy_(torch.tensor([0.5, -0.5]))
+    cfg = ModelConfig(arch="unet", image_size=8, in_channels=1)
+    # A field added to ModelConfig changes this too: old caches are then prepared again (never
+    # misread). Change the value only on purpose.
+    assert teacher_id(net, cfg) == "f0f89bfe170de1dd97fde70dfd978e3445e9163d4e806e6fbc8e2f275a924670"
+    assert teacher_id(net, None) != teacher_id(net, cfg) != teacher_id(net, ModelConfig(arch="unet", image_size=16))
+    assert teacher_id(net.state_dict(), cfg) == teacher_id(net, cfg)
+
+
+def test_step_timer_logs_milliseconds_of_cpu_spans_and_reads_cuda_events_in_order(monkeypatch):
+    from dkdm.distill import loop as loop_mod
+
+    clock = iter([10.0, 10.25, 11.0, 11.5])
+    monkeypatch.setattr(loop_mod.time, "perf_counter", lambda: next(clock))
+    logged = []
+    monkeypatch.setattr(loop_mod.logger, "logkv_mean", lambda k, v: logged.append((k, v)))
+    timer = loop_mod._Timer(torch.device("cpu"))
+    timer.mark("a")
+    timer.mark("b")
+    timer.span("ab_ms", "a", "b")
+    timer.span("missing_ms", "a", "nowhere")  # an end not marked yet: nothing logged
+    timer.mark("a")
+    timer.mark("b")
+    timer.span("ab_ms", "a", "b")
+    assert logged == [("ab_ms", 250.0), ("ab_ms", 500.0)]
+
+    # The CUDA path without a GPU: events are read only once complete, oldest first, never waited on.
+    class Event:
+        def __init__(self, ms, done):
+            self.ms, self.done = ms, done
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, end):
+            return end.ms - self.ms
+
+    logged.clear()
+    timer.pending = [("k1", Event(0, True), Event(3, True)), ("k2", Event(5, True), Event(9, False))]
+    timer.pending.append(("k3", Event(10, True), Event(12, True)))
+    timer.flush()
+    assert logged == [("k1", 3)] and [p[0] for p in timer.pending] == ["k2", "k3"]  # k3 waits behind k2
+    timer.pending = [("old", Event(0, False), Event(1, False))] * 70
+    timer.flush()
+    assert len(timer.pending) == 64  # a bound on events never completed (a dead stream)

@@ -246,6 +246,99 @@ def test_nested_grids():
         assert step_grid(T_, n // 2) == step_grid(T_, n)[::2]
 
 
+def test_grid_bounds():
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives import respaced_grid, step_grid
+
+    assert step_grid(20, 20) == [-1, *range(20)]  # one point per step: the most a chain holds
+    for bad in (0, 21):
+        with pytest.raises(ObjectiveError, match="needs 1 <= steps <= T = 20"):
+            step_grid(20, bad)
+    d = diffusion()
+    assert respaced_grid(d, 1) == [-1, 0] and respaced_grid(d, 20) == [-1, *range(20)]
+    for bad in (0, 21):
+        with pytest.raises(ObjectiveError, match=f"{bad} DDIM steps on a chain of T = 20: choose 1 <= steps <= 20"):
+            respaced_grid(d, bad)
+
+
+def test_same_chain_check_refuses_respaced_foreign_and_previous_x_diffusions():
+    from dkdm.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.base import check_same_chain
+
+    full = create_diffusion(steps=100, noise_schedule="linear")
+    check_same_chain(full, create_diffusion(steps=100, noise_schedule="linear", timestep_respacing="100"), "x")
+    spaced = create_diffusion(steps=100, noise_schedule="linear", timestep_respacing="10")
+    with pytest.raises(ObjectiveError, match="x: the teacher diffusion is respaced; train on the full chain"):
+        check_same_chain(spaced, full, "x")
+    with pytest.raises(ObjectiveError, match="x: the student diffusion is respaced"):
+        check_same_chain(full, spaced, "x")
+    prev = GaussianDiffusion(
+        betas=full.betas,
+        model_mean_type=ModelMeanType.PREVIOUS_X,
+        model_var_type=ModelVarType.FIXED_LARGE,
+        loss_type=LossType.MSE,
+    )
+    with pytest.raises(ObjectiveError, match=r"x: the student predicts x_\(t-1\) \(PREVIOUS_X\)"):
+        check_same_chain(full, prev, "x")
+    with pytest.raises(ObjectiveError, match="teacher and student diffusions differ"):
+        check_same_chain(full, create_diffusion(steps=100, noise_schedule="cosine"), "x")
+    with pytest.raises(ObjectiveError, match=r"T 100 vs 50"):
+        check_same_chain(full, create_diffusion(steps=50, noise_schedule="linear"), "x")
+
+    def with_betas(betas):
+        return GaussianDiffusion(
+            betas=betas,
+            model_mean_type=ModelMeanType.EPSILON,
+            model_var_type=ModelVarType.FIXED_LARGE,
+            loss_type=LossType.MSE,
+        )
+
+    check_same_chain(full, with_betas(full.betas.astype(np.float32).astype(np.float64)), "x")  # float32 rounding: same
+    with pytest.raises(ObjectiveError, match="differ"):  # 3e-6 relative, past rtol 1e-6
+        check_same_chain(full, with_betas(full.betas * (1 + 3e-6)), "x")
+    nudged = full.betas.copy()
+    nudged[0] += 5e-9  # beta_0 = 1e-4: past atol 1e-9 + rtol 1e-6 * 1e-4
+    with pytest.raises(ObjectiveError, match="differ"):
+        check_same_chain(full, with_betas(nudged), "x")
+
+
+def test_grid_projector_table_and_refusals():
+    from dkdm.distill.objectives.base import GridProjector
+
+    proj = GridProjector(10, [2, 5, 9], torch.device("cpu"))
+    t = torch.arange(10)
+    # nearest grid point of each step; ties (step 7: 2 from both 5 and 9) go to the lower point
+    assert proj.index(t).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert proj.points[proj.index(t)].tolist() == [2, 2, 2, 2, 5, 5, 5, 5, 9, 9]
+    for bad in ([2, 2, 5], [5, 2], [-1, 3]):
+        with pytest.raises(ValueError, match="ascending and >= 0"):
+            GridProjector(10, bad, torch.device("cpu"))
+
+
+def test_parameterization_needs_a_positive_sigma_data():
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.base import Parameterization
+
+    for bad in (0.0, -0.5):
+        with pytest.raises(ObjectiveError, match=f"--sigma_data must be positive, got {bad}"):
+            Parameterization("skip-x0", diffusion(), sigma_data=bad)
+
+
+def test_student_init_from_the_teacher_names_the_first_mismatch():
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.base import init_student
+
+    teacher, student = net_teacher(), create_model("digits-vit", hidden_size=48, depth=2, num_heads=2)
+    first = next(k for k, v in student.state_dict().items() if teacher.state_dict()[k].shape != v.shape)
+    with pytest.raises(ObjectiveError, match=rf"tensors differ, e\.g\. {first}\); give the student"):
+        init_student(student, teacher, "teacher")
+    same = tiny_student()
+    assert init_student(same, teacher, "teacher") == "student: initialised from the teacher's weights"
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), teacher.state_dict().values()))
+    assert init_student(same, teacher, "") == init_student(same, teacher, "random") == "student: initialised as built"
+
+
 def test_progressive_two_step_target_against_float64(tmp_path):
     d = diffusion()
     loop = make_loop(

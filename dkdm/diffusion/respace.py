@@ -76,9 +76,6 @@ class _WrappedModel:
 
     def __init__(self, model: Model, diffusion: SpacedDiffusion) -> None:
         self.model = model
-        self.timestep_map = diffusion.timestep_map
-        self.rescale_timesteps = diffusion.rescale_timesteps
-        self.original_num_steps = diffusion.original_num_steps
         self._timesteps = diffusion.model_timesteps
 
     def __call__(self, x: torch.Tensor, ts: torch.Tensor, **kwargs: Any) -> torch.Tensor:

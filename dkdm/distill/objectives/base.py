@@ -121,7 +121,6 @@ class Schedule:
 
     def __init__(self, diffusion: Any) -> None:
         abar = np.concatenate([[1.0], np.asarray(diffusion.alphas_cumprod, dtype=np.float64)])
-        self.T = len(abar) - 1
         self.np = {"alpha": np.sqrt(abar), "sigma": np.sqrt(1.0 - abar), "snr": abar / np.maximum(1.0 - abar, 1e-300)}
         self._cache: dict = {}
 
@@ -166,7 +165,6 @@ class Parameterization:
         self.schedule = Schedule(diffusion)
         ve = self.schedule.np["sigma"][1:] / self.schedule.np["alpha"][1:]
         d = ve - ve[0]
-        self.sigma_data = float(sigma_data)
         # Index 0 of these tables is extended step -1 (never a student input): a copy of step 0.
         c_skip = sigma_data**2 / (d**2 + sigma_data**2)
         c_out = d / np.sqrt(d**2 + sigma_data**2)
