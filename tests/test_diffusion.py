@@ -82,6 +82,22 @@ def test_unknown_schedule_is_a_clear_error():
         get_named_beta_schedule("linear", 10)
 
 
+def test_schedule_lengths_and_explicit_ends_at_their_bounds():
+    assert get_named_beta_schedule("cosine", 1).shape == (1,)  # one step is a (short) process
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            get_named_beta_schedule("cosine", bad)
+    assert get_named_beta_schedule("linear", 21)[-1] == pytest.approx(20 / 21)  # the fewest linear steps
+    with pytest.raises(ValueError, match="more than 20 steps"):
+        get_named_beta_schedule("linear", 20)
+    np.testing.assert_array_equal(get_named_beta_schedule("linear:0.01,0.01", 5), np.full(5, 0.01))  # START = END
+    for bad in ("linear:0,0.02", "linear:0.01,1", "linear:0.5,1.5", "linear:0.02,0.01"):
+        with pytest.raises(ValueError, match="need 0 < START <= END < 1"):
+            get_named_beta_schedule(bad, 10)
+    with pytest.raises(ValueError, match=r"write scaled_linear:START,END, e\.g\. scaled_linear:0\.0001,0\.02"):
+        get_named_beta_schedule("scaled_linear:0.001:0.02", 10)
+
+
 # ----------------------------------------------------------------------------- forward process
 
 

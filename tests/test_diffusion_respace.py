@@ -182,3 +182,34 @@ def test_spaced_diffusion_rejects_bad_steps():
             model_var_type=ModelVarType.FIXED_LARGE,
             loss_type=LossType.MSE,
         )
+
+
+def test_section_counts_edges():
+    assert space_timesteps(100, "ddim1") == {0} and space_timesteps(100, "ddim100") == set(range(100))
+    assert space_timesteps(100, "ddim2") == {0, 50}
+    # A section may take no steps; a negative count is refused even when the total is positive.
+    assert space_timesteps(30, "2,0,2") == {0, 9, 20, 29}
+    assert space_timesteps(30, "1,1,1") == {0, 10, 20}
+    with pytest.raises(ValueError, match="must be non-negative and not all zero"):
+        space_timesteps(30, "5,-1,2")
+    with pytest.raises(ValueError, match="must be non-negative and not all zero"):
+        space_timesteps(30, "0,0")
+
+
+def test_spaced_diffusion_names_the_steps_out_of_range():
+    def make(steps):
+        return SpacedDiffusion(
+            use_timesteps=steps,
+            betas=get_named_beta_schedule("linear", 100),
+            model_mean_type=ModelMeanType.EPSILON,
+            model_var_type=ModelVarType.FIXED_LARGE,
+            loss_type=LossType.MSE,
+        )
+
+    assert make([0, 99]).timestep_map == [0, 99]
+    with pytest.raises(ValueError, match=r"subset of 0\.\.99; got 2 steps, out of range: \[100\]$"):
+        make([0, 100])
+    with pytest.raises(ValueError, match=r"out of range: \[-1, 100, 101, 102, 103\]$"):  # the first five
+        make([-1, 5, 100, 101, 102, 103, 104])
+    with pytest.raises(ValueError, match=r"non-empty subset of 0\.\.99; got 0 steps$"):
+        make([])

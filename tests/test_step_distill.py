@@ -104,6 +104,23 @@ def test_dkdm_is_one_implementation_of_the_interface(tmp_path):
     assert loop.trainer.step == 2
 
 
+def test_dkdm_loss_gives_the_student_each_samples_label_and_scale():
+    seen = {}
+
+    class Objective:
+        def losses(self, model, x_t, t, teacher_out, kwargs):
+            seen.update(kwargs)
+            return {"loss": torch.zeros(x_t.shape[0])}
+
+    method = DKDMLoopObjective(Objective())
+    micro = {"x_t": torch.zeros(2, 1, 4, 4), "t": torch.tensor([3, 5]), "teacher_out": torch.zeros(2, 2, 4, 4)}
+    method.loss_fn(None, {**micro, "y": torch.tensor([1, 2]), "w": torch.tensor([0.5, 2.0])})
+    assert set(seen) == {"y", "w"} and seen["y"].tolist() == [1, 2] and seen["w"].tolist() == [0.5, 2.0]
+    seen.clear()
+    loss, terms = method.loss_fn(None, micro)  # unconditional: no keywords at all
+    assert seen == {} and torch.equal(terms["t"], micro["t"]) and loss.item() == 0.0
+
+
 # ---------------------------------------------------------------------- float64 references (formulas only)
 
 
