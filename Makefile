@@ -31,7 +31,7 @@ test-all: install
 paper: install
 	$(PY) benchmarks/paper_tables.py --jobs 2
 
-# Mutation testing of the core equations (setup.cfg [mutmut]); not in CI: about 30 minutes on 2 cores.
+# Mutation testing of the core equations (setup.cfg [mutmut]); not in CI: about 12 minutes on 2 cores.
 # One OpenMP thread: mutmut forks its workers from a process whose torch ran OpenMP (libgomp)
 # regions, and a forked child that enters one again can hang in gomp's barrier (seen: MKL's exp).
 mutation: install
