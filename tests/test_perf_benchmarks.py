@@ -1,4 +1,4 @@
-"""benchmarks/roofline.py and benchmarks/gpu.py run at a tiny size on the CPU, so they cannot rot."""
+"""benchmarks/roofline.py, gpu.py and winograd.py run at a tiny size on the CPU, so they cannot rot."""
 
 import glob
 import importlib.util
@@ -39,6 +39,39 @@ def test_flops_on_the_meta_device_equal_a_real_runs_attention_included():
         with roof.FlopCounterMode(display=False) as plain:  # torch's counter alone misses the attention
             model(x, t)
     assert roof.count_flops(model, cfg) - plain.get_total_flops() == 4 * 4 * 16 * 16 * 128
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_probe_computes_the_convolution_it_times(m):
+    """The Winograd probe's verdict (slower here) only means something if it computes the same convolution."""
+    wino = _load("winograd")
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(2, 5, 8, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(7, 5, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(7, generator=g, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(x, w, b, padding=1)
+    assert (wino.Winograd3x3(m, w, b)(x) - ref).abs().max() < 1e-12  # exact up to float64 rounding
+    assert (wino.Winograd3x3(m, w, None)(x) - (ref - b.view(1, 7, 1, 1))).abs().max() < 1e-12
+    with pytest.raises(ValueError, match=f"divisible by {m}"):
+        wino.Winograd3x3(m, w, b)(x[:, :, :7])
+
+
+def test_winograd_probe_tiny_finds_every_3x3_convolution(tmp_path):
+    wino = _load("winograd")
+    out = wino.main(["--tiny", "--out", str(tmp_path / "w.json")])
+    assert (tmp_path / "w.json").is_file()
+    model = create_model(get_config("digits-teacher"))
+    n3x3 = sum(
+        1
+        for mod in model.modules()
+        if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3) and mod.stride == (1, 1)
+    )
+    assert sum(row["layers"] for row in out["shapes"]) == n3x3
+    for row in out["shapes"]:
+        assert row["direct_max_abs_err_vs_float64"] < 1e-5 and row["F2_max_abs_err_vs_float64"] < 1e-5
+        assert row["F2_ms"] > 0 and row["F2_speedup"] == round(row["direct_ms"] / row["F2_ms"], 3)
+    best = out["network_3x3_conv_ms_best_of_direct_and_winograd"]
+    assert 0 < best <= out["network_3x3_conv_ms_best_within_max_err"] <= out["network_3x3_conv_ms_direct"]
 
 
 @pytest.mark.slow
