@@ -381,6 +381,55 @@ def test_conditioning_refusals_name_the_flags():
     assert check_conditioning(_unet(**NULL), _unet(**COND), DistillConfig(guidance_scale=3)) == (5, None)
 
 
+def test_conditioning_refusals_say_which_side_is_which_word_for_word():
+    cfg = DistillConfig()
+
+    def message(teacher, student, distill=cfg):
+        with pytest.raises(ValueError) as e:
+            check_conditioning(teacher, student, distill)
+        return str(e.value)
+
+    assert message(_unet(**COND), _unet()) == (
+        "the teacher is class-conditional but the student is not; set --student.class_cond true --student.num_classes 5"
+    )
+    assert message(_unet(), _unet(**COND)) == (
+        "the teacher is unconditional but the student is; set --student.class_cond false"
+    )
+    assert message(_unet(**NULL), _unet(**NULL)) == (
+        "the student drops labels to a null class (class_dropout_prob > 0), but DKDM gives it the teacher's "
+        "output for the pool's label; set --student.class_dropout_prob 0"
+    )
+    wstudent = _unet(**COND, guidance_cond=True)
+    assert message(_unet(**NULL), wstudent, DistillConfig(guidance_scale=2.0, w_min=0, w_max=4)) == (
+        "--guidance_scale is one w for a plain student; a w-conditioned student learns --w_min..--w_max: "
+        "drop --guidance_scale"
+    )
+    # The guidance check names the flag that asked for guidance.
+    assert message(_unet(**COND), wstudent, DistillConfig(w_min=0, w_max=4)).startswith(
+        "--w_min/--w_max needs a teacher trained with label dropout"
+    )
+    assert message(_unet(**COND), _unet(**COND), DistillConfig(guidance_scale=3.0)).startswith(
+        "--guidance_scale needs a teacher trained with label dropout"
+    )
+
+
+def test_guidance_is_checked_on_a_teacher_that_does_not_say_whether_it_takes_w():
+    """A foreign teacher (a wrapper without ``guidance_cond``) is not assumed to take w: it needs a null class."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.num_classes = net, net.num_classes
+
+        def forward(self, x, t, y=None):
+            return self.net(x, t, y)
+
+    bare = Wrapper(_unet(**COND))
+    assert not hasattr(bare, "guidance_cond") and not hasattr(bare, "null_class")
+    with pytest.raises(GuidanceError, match="--guidance_scale needs a teacher trained with label dropout"):
+        check_conditioning(bare, _unet(**COND), DistillConfig(guidance_scale=3.0))
+
+
 def _count_calls(module):
     calls = []
     module.register_forward_hook(lambda mod, args, kwargs, out: calls.append((args, kwargs, out)), with_kwargs=True)

@@ -10,6 +10,7 @@ from dkdm import logger
 from dkdm.config import DistillConfig, ModelConfig, TrainConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop
+from dkdm.distill.objective import ObjectiveError
 from dkdm.models import create_model
 
 T = 20
@@ -49,7 +50,7 @@ def tiny_student(seed=1):
     return create_model("digits-vit", hidden_size=32, depth=2, num_heads=2)
 
 
-def make_loop(run_dir, teacher=None, student=None, steps=T, **overrides):
+def make_loop(run_dir, teacher=None, student=None, steps=T, teacher_key="", **overrides):
     train_kw = {
         "batch_size": 16,
         "lr": 1e-3,
@@ -73,6 +74,7 @@ def make_loop(run_dir, teacher=None, student=None, steps=T, **overrides):
         train=TrainConfig(**train_kw),
         distill=DistillConfig(**distill_kw),
         run_dir=str(run_dir),
+        teacher_key=teacher_key,
     )
 
 
@@ -266,6 +268,27 @@ def test_step_timer_logs_milliseconds_of_cpu_spans_and_reads_cuda_events_in_orde
             return end.ms - self.ms
 
     logged.clear()
+    made = []
+
+    class FakeCudaEvent(Event):  # what mark() records on a CUDA device: a timing event, recorded there
+        def __init__(self, enable_timing=False):
+            super().__init__(len(made), True)
+            self.timing, self.recorded = enable_timing, False
+            made.append(self)
+
+        def record(self):
+            self.recorded = True
+
+    monkeypatch.setattr(loop_mod.torch.cuda, "Event", FakeCudaEvent)
+    timer = loop_mod._Timer(torch.device("cuda"))  # builds without a GPU: only the device type is read
+    assert timer.cuda is True
+    timer.mark("a")
+    timer.mark("b")
+    timer.span("ab_ms", "a", "b")
+    assert logged == [] and all(e.timing and e.recorded for e in made)  # queued, not read at once
+    timer.flush()
+    assert logged == [("ab_ms", 1)]
+    logged.clear()
     timer.pending = [("k1", Event(0, True), Event(3, True)), ("k2", Event(5, True), Event(9, False))]
     timer.pending.append(("k3", Event(10, True), Event(12, True)))
     timer.flush()
@@ -273,3 +296,148 @@ def test_step_timer_logs_milliseconds_of_cpu_spans_and_reads_cuda_events_in_orde
     timer.pending = [("old", Event(0, False), Event(1, False))] * 70
     timer.flush()
     assert len(timer.pending) == 64  # a bound on events never completed (a dead stream)
+
+
+# --------------------------------------------------------------------------- what the loop hands on
+
+
+class _Bf16Net(torch.nn.Module):
+    """A network returning its autocast dtype, as foreign networks do (the zoo's cast back themselves)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.conv = torch.nn.Conv2d(config.in_channels, 2 * config.in_channels, 3, padding=1)
+
+    def forward(self, x, t, y=None):
+        return self.conv(x)
+
+
+def test_teacher_outputs_come_back_float32_under_a_half_precision_teacher(tmp_path):
+    cfg = ModelConfig(arch="unet", image_size=8, in_channels=1, learn_sigma=True)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 5, 19])
+    for precision in ("bf16", "fp16"):
+        loop = make_loop(tmp_path / precision, teacher=_Bf16Net(cfg), teacher_precision=precision)
+        with torch.autocast("cpu", dtype=loop.teacher_dtype):
+            assert loop.teacher(x, t).dtype == loop.teacher_dtype  # the network itself stays in half
+        for out in (loop.teacher_forward(x, t), loop.run_net(loop.teacher, loop.teacher_diffusion, x, t)):
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, loop.teacher(x, t), atol=0.05, rtol=0.05)
+    fp32 = make_loop(tmp_path / "fp32", teacher=_Bf16Net(cfg))
+    assert torch.equal(fp32.teacher_forward(x, t), fp32.teacher(x, t))
+
+
+def test_the_loop_hands_its_configs_to_the_pool_and_the_objective(tmp_path):
+    loop = make_loop(
+        tmp_path,
+        pool="shuffled",
+        warmup="respaced",
+        warmup_jumps=4,
+        warmup_exact=3,
+        seed=7,
+        clip_teacher_mean=True,
+    )
+    pool = loop.pool
+    assert (pool.variant, pool.warmup, pool.warmup_grid, pool.warmup_exact) == ("shuffled", "respaced", 5, 3)
+    assert (pool.seed, pool.rank, pool.world_size) == (7, 0, 1) and pool.clip_denoised is True
+    assert pool.pool_device == pool.device == torch.device("cpu")
+    assert loop.objective.clip_teacher_mean is True and make_loop(tmp_path / "b").objective.clip_teacher_mean is False
+    assert not any(p.requires_grad for p in loop.teacher.parameters())  # frozen, whatever it came with
+    with open(tmp_path / "log.txt") as f:  # the pool's size in the log, in MiB
+        assert f"{pool.memory['pool'] / 2**20:.1f} MiB on cpu, {pool.memory['per_sample']} bytes per sample" in f.read()
+    with pytest.raises(ObjectiveError, match="--simple_only trains the mean only"):
+        make_loop(tmp_path / "c", simple_only=True)  # the student learns its variance
+
+
+def test_a_latent_teacher_keeps_the_pool_unclipped_and_refuses_step_clipping(tmp_path):
+    latent = ModelConfig(arch="unet", image_size=8, in_channels=1, learn_sigma=True, first_stage="vae.safetensors")
+    teacher = GaussTeacherNet(create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True))
+    teacher.config = latent
+    loop = make_loop(tmp_path / "dkdm", teacher=teacher)  # DKDM distils a latent teacher as it is
+    assert loop.latent is True and loop.pool.clip_denoised is False
+    assert make_loop(tmp_path / "pixel").pool.clip_denoised is True
+    with pytest.raises(ValueError, match="this teacher works on latents, which have no such range; set --step_clip"):
+        make_loop(tmp_path / "luhman", teacher=teacher, objective="luhman")
+    assert (
+        make_loop(tmp_path / "ok", teacher=teacher, objective="luhman", step_clip=False, luhman_steps=4).latent is True
+    )
+
+
+def test_a_teacher_without_a_config_takes_the_students_shape(tmp_path):
+    class Bare(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, y=None):
+            return self.net(x, t)
+
+    loop = make_loop(tmp_path, teacher=Bare(tiny_teacher()))
+    assert loop.sample_shape == (1, 8, 8)
+    with pytest.raises(ValueError, match="neither network carries a .config"):
+        make_loop(tmp_path / "b", teacher=Bare(tiny_teacher()), student=Bare(tiny_student()))
+
+
+def test_step_methods_other_than_progressive_refuse_a_class_conditional_teacher(tmp_path):
+    cond = {"class_cond": True, "num_classes": 5}
+    torch.manual_seed(0)
+    teacher = create_model("digits-vit", hidden_size=32, depth=1, num_heads=2, **cond)
+    student = create_model("digits-vit", hidden_size=32, depth=1, num_heads=2, **cond)
+    with pytest.raises(ObjectiveError, match="--objective luhman distills unconditional teachers only"):
+        make_loop(tmp_path, teacher=teacher, student=student, objective="luhman")
+
+
+def test_prepare_pool_passes_the_cache_key_folder_and_checkpoint_period(tmp_path):
+    from dkdm.distill.loop import teacher_id
+
+    def calls(loop):
+        seen = []
+        loop.pool.prepare = lambda fn, **kw: seen.append(kw)
+        loop.prepare_pool(progress=False)
+        return seen
+
+    loop = make_loop(tmp_path / "a", pool_cache_dir="", prep_checkpoint_s=7.5)
+    (kw,) = calls(loop)
+    assert kw == {
+        "teacher_id": teacher_id(loop.teacher, loop.teacher.config),
+        "cache_dir": str(tmp_path / "a" / "pool_cache"),
+        "checkpoint_every_s": 7.5,
+        "progress": False,
+    }
+    assert calls(make_loop(tmp_path / "b"))[0]["cache_dir"] == str(tmp_path / "b" / "cache")
+    assert calls(make_loop(tmp_path / "c", teacher_key="sha-of-the-file"))[0]["teacher_id"] == "sha-of-the-file"
+    # A guided pool is another pool; a w-conditioned student's pool carries its w range in its own key.
+    torch.manual_seed(0)
+    null = {"class_cond": True, "num_classes": 5, "class_dropout_prob": 0.1}
+    guided_teacher = create_model("digits-vit", hidden_size=32, depth=1, num_heads=2, **null)
+    plain = create_model("digits-vit", hidden_size=32, depth=1, num_heads=2, class_cond=True, num_classes=5)
+    guided = make_loop(tmp_path / "d", teacher=guided_teacher, student=plain, guidance_scale=2.0, teacher_key="k")
+    assert calls(guided)[0]["teacher_id"] == "k|guidance_scale=2.0"
+    wcond = create_model(
+        "digits-vit", hidden_size=32, depth=1, num_heads=2, guidance_cond=True, class_cond=True, num_classes=5
+    )
+    ranged = make_loop(tmp_path / "e", teacher=guided_teacher, student=wcond, w_min=0.0, w_max=3.0, teacher_key="k")
+    assert calls(ranged)[0]["teacher_id"] == "k"
+
+
+def test_pool_step_logs_the_pools_t_quartiles_at_the_log_steps(tmp_path, monkeypatch):
+    from dkdm.distill import loop as loop_mod
+
+    loop = make_loop(tmp_path, log_interval=3)
+    loop.prepare_pool(progress=False)
+    logged = {}
+    monkeypatch.setattr(loop_mod.logger, "logkv_mean", lambda k, v: logged.__setitem__(k, v))
+    for step in range(6):
+        logged.clear()
+        loop.trainer.step = step
+        loop.pool_step()
+        quartiles = [logged.get(f"pool_t_q{i}") for i in range(5)]
+        if step in (2, 5):  # the steps whose end the trainer logs
+            want = loop.pool.t_histogram(4)
+            assert quartiles[:4] == [want[i] for i in range(4)] and quartiles[4] is None
+        else:
+            assert quartiles == [None] * 5
+    loop.train_cfg.log_interval = 1
+    logged.clear()
+    loop.pool_step()
+    assert "pool_t_q0" in logged

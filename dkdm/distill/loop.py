@@ -234,7 +234,7 @@ class DistillLoop:
                 rho=distill.rho,
                 variant=distill.pool,
                 device=self.device,
-                pool_device=self.device if distill.pool_device in ("", "auto") else distill.pool_device,
+                pool_device=distill.pool_device,  # "auto" / "": the pool takes ``device``
                 teacher_batch=distill.teacher_batch,
                 num_classes=num_classes,
                 class_weights=weights,

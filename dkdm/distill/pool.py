@@ -196,7 +196,7 @@ class DynamicPool:
 
     ``diffusion`` interprets the teacher's outputs (it is the teacher's diffusion);
     ``sample_shape`` is ``(C, H, W)``; ``batch_size`` the per-rank batch ``b``. The pool lives
-    on ``pool_device`` (default ``device``); with ``pool_device="cpu"`` and a CUDA ``device``
+    on ``pool_device`` (``None``, ``"auto"`` or ``""``: ``device``); with ``pool_device="cpu"`` and a CUDA ``device``
     it sits in pinned host memory and only drawn batches travel. ``num_classes`` gives every
     sample a label, drawn afresh when it restarts from noise, uniformly or in proportion to
     ``class_weights`` (``num_classes`` non-negative numbers). ``w_range = (w_min, w_max)`` gives
