@@ -343,8 +343,10 @@ def test_the_loop_hands_its_configs_to_the_pool_and_the_objective(tmp_path):
     assert pool.pool_device == pool.device == torch.device("cpu")
     assert loop.objective.clip_teacher_mean is True and make_loop(tmp_path / "b").objective.clip_teacher_mean is False
     assert not any(p.requires_grad for p in loop.teacher.parameters())  # frozen, whatever it came with
-    with open(tmp_path / "log.txt") as f:  # the pool's size in the log, in MiB
-        assert f"{pool.memory['pool'] / 2**20:.1f} MiB on cpu, {pool.memory['per_sample']} bytes per sample" in f.read()
+    big = make_loop(tmp_path / "big", rho=4.0, batch_size=64).pool  # 5,120 samples of 264 bytes
+    assert (big.size, big.memory["pool"], big.memory["per_sample"]) == (5120, 1351680, 264)
+    with open(tmp_path / "big" / "log.txt") as f:  # the pool's size in the log, in MiB
+        assert "pool: dynamic, 5120 samples per rank (rho=4.0, b=64), 1.3 MiB on cpu, 264 bytes per sample" in f.read()
     with pytest.raises(ObjectiveError, match="--simple_only trains the mean only"):
         make_loop(tmp_path / "c", simple_only=True)  # the student learns its variance
 
@@ -374,8 +376,11 @@ def test_a_teacher_without_a_config_takes_the_students_shape(tmp_path):
 
     loop = make_loop(tmp_path, teacher=Bare(tiny_teacher()))
     assert loop.sample_shape == (1, 8, 8)
-    with pytest.raises(ValueError, match="neither network carries a .config"):
+    loop.prepare_pool(progress=False)  # its cache key has no model config to add
+    assert loop.pool.prepared
+    with pytest.raises(ValueError) as e:
         make_loop(tmp_path / "b", teacher=Bare(tiny_teacher()), student=Bare(tiny_student()))
+    assert str(e.value) == "cannot tell the sample shape: neither network carries a .config (ModelConfig)"
 
 
 def test_step_methods_other_than_progressive_refuse_a_class_conditional_teacher(tmp_path):
