@@ -209,7 +209,7 @@ def _files(d, step):
     return {os.path.basename(p): torch.load(p, weights_only=False) for p in glob.glob(str(d / f"*{step:06d}*.pt"))}
 
 
-RESUME = {
+RESUME = {  # also each method's smallest working configuration for the tests below
     "luhman": ({"objective": "luhman", "luhman_steps": 3}, {"pairs"}),
     "progressive": (
         {"objective": "progressive", "progressive_start": 4, "progressive_end": 1, "round_steps": 3},
@@ -765,6 +765,110 @@ def test_step_sampler_refusals():
         StepSampler(d, {"objective": "consistency", "cm_steps": 6}, steps=7)
 
 
+class _Loud(torch.nn.Module):
+    """A student whose x_0 leaves [-1, 1] by far, so clipping shows in every sampler."""
+
+    def forward(self, x, t, y=None):
+        return 3.0 * x + 0.01 * t.view(-1, 1, 1, 1).float()
+
+
+def test_step_sampler_reads_a_config_object_as_its_yaml_dict():
+    """sample.py builds the sampler from config.yaml (a dict); a DistillConfig must give the same sampler."""
+    from dkdm.config import to_dict
+    from dkdm.distill.objectives.sampling import StepSampler
+
+    d = diffusion(40)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    for kw in (
+        {"objective": "progressive", "progressive_start": 8, "progressive_end": 2, "parameterization": "x0"},
+        {"objective": "tract", "tract_steps": "16,4,2"},
+        {"objective": "consistency", "cm_steps": 6, "sigma_data": 0.3},
+        {"objective": "luhman", "parameterization": "v"},
+        {"objective": "boot"},
+    ):
+        cfg = DistillConfig(**kw)
+        a, b = StepSampler(d, cfg), StepSampler(d, to_dict(cfg))
+        assert (
+            (a.objective, a.steps, a.param.spec)
+            == (b.objective, b.steps, b.param.spec)
+            == (
+                kw["objective"],
+                {"progressive": 2, "tract": 2}.get(kw["objective"], 1),
+                kw.get("parameterization")
+                or {"consistency": "skip-v", "progressive": "v", "tract": "v"}.get(kw["objective"], "x0"),
+            )
+        )
+        torch.manual_seed(0)
+        x_a = a.sample(_Loud(), noise)
+        torch.manual_seed(0)
+        assert torch.equal(x_a, b.sample(_Loud(), noise))
+    # sigma_data reaches the skip/out parameterisation: another sigma_data, another sampler.
+    c3, c5 = (
+        StepSampler(d, DistillConfig(objective="consistency", cm_steps=6, sigma_data=v), steps=6) for v in (0.3, 0.5)
+    )
+    torch.manual_seed(0)
+    x3 = c3.sample(_Loud(), noise, clip=False)
+    torch.manual_seed(0)
+    assert (x3 - c5.sample(_Loud(), noise, clip=False)).abs().max() > 1e-2
+    assert c3.times == c5.times
+
+
+def test_step_sampler_defaults():
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.sampling import StepSampler, consistency_times
+
+    d = diffusion(100)
+    with pytest.raises(ObjectiveError) as e:
+        StepSampler(d, {})
+    assert str(e.value) == "objective 'dkdm' has no step sampler; sample it with the diffusion"
+    cm = StepSampler(d, {"objective": "consistency"})
+    assert (cm.steps, cm.times) == (1, consistency_times(100, 18, 1))
+    assert StepSampler(d, {"objective": "consistency"}, steps=3).times == consistency_times(100, 18, 3)
+    assert StepSampler(d, {"objective": "tract"}).steps == 1  # rounds 64, 8, 1
+    assert StepSampler(d, {"objective": "tract"}, steps=8).steps == 8
+    assert StepSampler(d, {"objective": "progressive"}).steps == 1  # rounds 32 ... 1
+    assert StepSampler(d, {"objective": "progressive", "progressive_start": 16, "progressive_end": 4}).steps == 4
+    assert StepSampler(d, {"objective": "progressive", "progressive_start": 16}, round_steps=8).steps == 8
+    assert StepSampler(d, {"objective": "luhman"}).steps == StepSampler(d, {"objective": "boot"}).steps == 1
+
+
+@pytest.mark.parametrize("objective", ["progressive", "consistency", "boot", "luhman"])
+def test_step_sampler_loops_pass_noise_and_clipping_through(objective):
+    from dkdm.distill.objectives.sampling import StepSampler
+
+    d = diffusion()
+    cfg = {"objective": objective, "progressive_start": 4, "cm_steps": 6}
+    sampler = StepSampler(d, cfg, steps=2 if objective in ("progressive", "consistency") else 0)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+
+    def draw(fn, *args, **kw):
+        torch.manual_seed(9)  # consistency's renoising draws from the global generator
+        return fn(_Loud(), *args, **kw)
+
+    clipped, raw = draw(sampler.sample, noise, True), draw(sampler.sample, noise, False)
+    assert clipped.abs().max() <= 1 and not torch.equal(clipped, raw)
+    assert torch.equal(draw(sampler.sample, noise), clipped)  # clipping is the default
+    for loop in (sampler.p_sample_loop, sampler.ddim_sample_loop):
+        assert torch.equal(draw(loop, noise.shape, noise), clipped)
+        assert torch.equal(draw(loop, noise.shape, noise, clip_denoised=False), raw)
+    torch.manual_seed(11)
+    drawn = torch.randn(noise.shape)
+    torch.manual_seed(11)  # no noise given: the loop draws it from the global generator, of the shape
+    got = sampler.p_sample_loop(_Loud(), noise.shape, clip_denoised=False) if objective != "consistency" else None
+    if got is not None:
+        assert torch.equal(got, sampler.sample(_Loud(), drawn, False))
+    if objective == "boot":
+        from dkdm.distill.objectives.boot import boot_sample
+
+        assert torch.equal(clipped, boot_sample(_Loud(), d, noise, True))
+    if objective == "consistency":
+        from dkdm.distill.objectives.sampling import consistency_sample
+
+        torch.manual_seed(9)
+        want = consistency_sample(_Loud(), sampler.param, d, noise, sampler.times, None, True)
+        assert sampler.times == [19, 9] and torch.equal(clipped, want)
+
+
 # ---------------------------------------------------------------------- the scripts
 
 
@@ -1032,3 +1136,282 @@ def test_each_digits_preset_runs_under_mpiexec(tmp_path, name):
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (run / "model000003.pt").exists() and (run / "ema_0.995_000003.pt").exists()
+
+
+# ---------------------------------------------------------------------- what each method's loss and checks are
+
+
+def _abar_ext(d):
+    return np.concatenate([[1.0], np.asarray(d.alphas_cumprod, dtype=np.float64)])
+
+
+@pytest.mark.parametrize("name", [*sorted(RESUME), "luhman-v"])
+def test_each_methods_loss_is_its_formula(tmp_path, name):
+    """The loss on a real batch against the formula written here in float64 (weights, squares, keys)."""
+    kw = dict(RESUME[name][0]) if name != "luhman-v" else {**RESUME["luhman"][0], "parameterization": "v"}
+    name = name.split("-")[0]
+    loop = make_loop(tmp_path, teacher=net_teacher(), student=tiny_student(), max_steps=3, **kw)
+    loop.prepare_pool(progress=False)
+    batch = loop.next_batch()
+    student, method = loop.trainer.model, loop.method
+    with torch.no_grad():
+        loss, terms = method.loss_fn(student, batch)
+        x, t, target = batch["x_t"], batch["t"], batch["target"].double()
+        ab = torch.from_numpy(_abar_ext(loop.student_diffusion))[t + 1]
+        if name == "boot":
+            err = ((method.signal(student, x, t).double() - target) ** 2).mean((1, 2, 3))
+            want, keys = err * ab, {"loss": err * ab, "signal_mse": err, "t": t}
+        else:
+            if name == "consistency":
+                pred = method.consistency_fn(student, x, t)
+            else:
+                pred = method.param.x0(student(x, loop.student_diffusion.model_timesteps(t)), x, t)
+            mse = ((pred.double() - target) ** 2).mean((1, 2, 3))
+            if name in ("progressive", "tract"):
+                w = torch.clamp(ab / (1 - ab), min=1.0)
+                want, keys = w * mse, {"loss": w * mse, "mse": mse, "t": t}
+            elif name == "consistency":
+                want, keys = mse, {"loss": mse, "t": t}
+            else:
+                want, keys = mse, {"loss": mse, "mse": mse}
+    assert set(terms) == set(keys)
+    for k, v in keys.items():
+        torch.testing.assert_close(terms[k].double(), v.double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss.double(), want.mean(), rtol=1e-5, atol=1e-7)
+    assert float(want.mean()) > 0
+
+
+def test_progressive_snr_plus_one_weighting(tmp_path):
+    kw = {**RESUME["progressive"][0], "step_weighting": "snr_plus_one"}
+    loop = make_loop(tmp_path, teacher=net_teacher(), student=tiny_student(), max_steps=3, **kw)
+    loop.prepare_pool(progress=False)
+    batch = loop.next_batch()
+    with torch.no_grad():
+        _, terms = loop.method.loss_fn(loop.trainer.model, batch)
+    ab = torch.from_numpy(_abar_ext(loop.student_diffusion))[batch["t"] + 1]
+    torch.testing.assert_close(terms["loss"].double(), (ab / (1 - ab) + 1) * terms["mse"].double(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["luhman", "boot"])
+def test_pair_noise_comes_from_the_methods_own_seeded_stream(tmp_path, name):
+    """Pairs drawn from noise must not depend on the global RNG (it is not checkpointed: resume would differ)."""
+    kw = RESUME[name][0]
+    draws = []
+    for i, global_seed in enumerate((1, 2)):
+        loop = make_loop(tmp_path / str(i), teacher=net_teacher(), student=tiny_student(), max_steps=3, **kw)
+        torch.manual_seed(global_seed)
+        draws.append(loop.next_batch())
+    assert torch.equal(draws[0]["x_t"], draws[1]["x_t"]) and torch.equal(draws[0]["t"], draws[1]["t"])
+
+
+@pytest.mark.parametrize("name", sorted(RESUME))
+def test_each_method_refuses_another_chain_and_names_itself(tmp_path, name):
+    from dkdm.distill.objective import ObjectiveError
+
+    d = diffusion(40)
+    other = create_diffusion(steps=40, noise_schedule="linear", learn_sigma=True)
+    logger.configure(str(tmp_path), format_strs=["log"])
+    with pytest.raises(ObjectiveError, match=f"--objective {name}[ :,]"):
+        DistillLoop(
+            net_teacher(),
+            tiny_student(),
+            d,
+            other,
+            train=TrainConfig(batch_size=16, max_steps=9, save_interval=0, log_dir=str(tmp_path)),
+            distill=DistillConfig(pool_cache_dir=str(tmp_path / "c"), **RESUME[name][0]),
+            run_dir=str(tmp_path),
+        )
+
+
+def test_frozen_copies_do_not_train_and_student_init_reaches_every_method(tmp_path):
+    teacher = net_teacher()
+    frozen = {"progressive": "rounds", "tract": "selfteacher", "consistency": "target"}
+    for name, slot in frozen.items():
+        loop = make_loop(tmp_path / name, teacher=teacher, student=tiny_student(), max_steps=9, **RESUME[name][0])
+        net = loop.trainer.extra_state[slot].net
+        assert not any(p.requires_grad for p in net.parameters()), name
+    for name in ("luhman", "boot", "dkdm"):
+        kw = RESUME[name][0] if name != "dkdm" else {}
+        loop = make_loop(
+            tmp_path / f"{name}-init", teacher=teacher, student=tiny_student(), student_init="teacher", **kw
+        )
+        for (k, a), b in zip(loop.student.state_dict().items(), teacher.state_dict().values()):
+            assert torch.equal(a, b), (name, k)
+        random = make_loop(tmp_path / f"{name}-random", teacher=teacher, student=tiny_student(), **kw).student
+        assert not torch.equal(
+            random.state_dict()["final_layer.linear.weight"], teacher.state_dict()["final_layer.linear.weight"]
+        )
+
+
+def test_schedules_and_ranges_accept_their_edges():
+    from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives.consistency import consistency_grid
+    from dkdm.distill.objectives.progressive import round_schedule
+    from dkdm.distill.objectives.tract import tract_schedule
+
+    assert round_schedule(1, 1, 2) == [1] and round_schedule(4, 4, 8) == [4] and round_schedule(8, 2, 16) == [8, 4, 2]
+    for start, end in ((0, 1), (4, 0), (2, 4)):
+        with pytest.raises(ObjectiveError, match="both must be >= 1 and end <= start"):
+            round_schedule(start, end, 20)
+    with pytest.raises(ObjectiveError) as e:
+        round_schedule(8, 1, 15)
+    assert "2 x 8 = 16 DDIM steps but the chain has T = 15; use --progressive_start <= 7" in str(e.value)
+    assert tract_schedule("4,1", 4) == ([1], [4]) and tract_schedule("20,4,2", 20) == ([4, 2], [20, 4])
+    for spec in ("4", "21,1", "4,4", "4,3"):
+        with pytest.raises(ObjectiveError):
+            tract_schedule(spec, 20)
+    with pytest.raises(ObjectiveError, match="the teacher's 21 steps exceed the chain's T = 20"):
+        tract_schedule("21,7,1", 20)
+    assert consistency_grid(20, 1) == [0, 19] and len(consistency_grid(30, 20)) == 21
+    for n, t in ((0, 20), (21, 30)):
+        with pytest.raises(ObjectiveError, match=f"--cm_steps {n}: .* needs 1 <= N <= 2T/3 = {2 * t // 3} on"):
+            consistency_grid(t, n)
+
+
+def test_round_steps_and_emas_accept_their_edges(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+
+    prog = {"objective": "progressive", "progressive_start": 4, "progressive_end": 1}
+    assert make_loop(tmp_path / "a", teacher=net_teacher(), round_steps=1, max_steps=3, **prog).method.round_steps == 1
+    with pytest.raises(ObjectiveError, match="--round_steps must be at least 1, got 0"):
+        make_loop(tmp_path / "b", teacher=net_teacher(), round_steps=0, max_steps=3, **prog)
+    tract = {"objective": "tract", "tract_steps": "16,8,4,2", "round_steps": 3, "max_steps": 9}
+    assert make_loop(tmp_path / "c", teacher=net_teacher(), tract_ema=0.0, **tract).method.name == "tract"
+    with pytest.raises(ObjectiveError, match=r"--tract_ema must lie in \[0, 1\), got 1.0"):
+        make_loop(tmp_path / "d", teacher=net_teacher(), tract_ema=1.0, **tract)
+    cm = {"objective": "consistency", "cm_steps": 6}
+    assert make_loop(tmp_path / "e", teacher=net_teacher(), cm_ema=0.0, **cm).method.name == "consistency"
+    with pytest.raises(ObjectiveError, match=r"--cm_ema must lie in \[0, 1\), got 1.0"):
+        make_loop(tmp_path / "f", teacher=net_teacher(), cm_ema=1.0, **cm)
+
+
+@pytest.mark.parametrize("name", sorted(RESUME))
+@pytest.mark.parametrize("clip", [True, False])
+def test_step_clip_reaches_every_teacher_x0(tmp_path, name, clip):
+    """--step_clip decides whether the teacher's x_0 is clipped in every target (the pool keeps its own rule)."""
+    loop = make_loop(
+        tmp_path, teacher=net_teacher(), student=tiny_student(), max_steps=9, step_clip=clip, **RESUME[name][0]
+    )
+    loop.prepare_pool(progress=False)
+    if loop.pool is not None:  # the pool keeps its own rule (pixels: clip); mark its calls to tell them apart
+        loop.pool.clip_denoised = pool_rule = object()
+    d, seen = loop.teacher_diffusion, []
+    real = d.p_mean_variance_from_output
+
+    def spy(*args, **kw):
+        if loop.pool is None or kw.get("clip_denoised") is not pool_rule:
+            seen.append(kw.get("clip_denoised", "the default"))
+        return real(*args, **kw)
+
+    d.p_mean_variance_from_output = spy
+    loop.next_batch()
+    assert seen and all(v is clip for v in seen), seen
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_later_rounds_and_the_self_teacher_clip_their_x0_as_asked(tmp_path, clip):
+    prog = make_loop(
+        tmp_path / "p",
+        teacher=net_teacher(),
+        student=tiny_student(),
+        max_steps=9,
+        step_clip=clip,
+        **RESUME["progressive"][0],
+    )
+    m = prog.method
+    z = 4 * torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.full((6,), 10, dtype=torch.long)
+    with torch.no_grad():
+        raw = m.param.x0(prog.run_net(m.rounds.net, prog.student_diffusion, z, t).float(), z, t)
+    assert raw.min() < -1 and raw.max() > 1  # both bounds matter here
+    got = m.teacher_x0(prog, 1, z, t)  # round 1's teacher: round 0's student
+    torch.testing.assert_close(got, raw.clamp(-1, 1) if clip else raw, rtol=0, atol=0)
+
+    # TRACT's self-teacher: the target's only clip once the teacher's x_0 is fixed.
+    tract = make_loop(
+        tmp_path / "t", teacher=net_teacher(), student=tiny_student(), max_steps=9, step_clip=clip, **RESUME["tract"][0]
+    )
+    tm = tract.method
+    tm.teacher_x0 = lambda loop, r, zz, tt, cond=None: torch.zeros_like(zz)
+    i = torch.full((6,), 4, dtype=torch.long)  # teacher-grid index 4, mid-segment in the first phase (16 -> 8)
+    with torch.no_grad():
+        _, target = tm.target(tract, 0, z, i)
+        fine, prev = tm.grids[0]["fine"], tm.grids[0]["fine"][i - 1]
+        z1 = tm.sch.ddim(z, fine[i], torch.zeros_like(z), prev)
+        x0 = tm.param.x0(tract.run_net(tm.self_teacher.net, tract.student_diffusion, z1, prev).float(), z1, prev)
+    unclipped_target = tm.target.__func__  # recompute with the self-teacher's x_0 forced unclipped
+    tm.clip = False
+    with torch.no_grad():
+        _, raw_target = unclipped_target(tm, tract, 0, z, i)
+    assert x0.min() < -1 or x0.max() > 1
+    assert torch.equal(target, raw_target) != clip
+
+
+@pytest.mark.parametrize("name", ["progressive", "tract", "consistency"])
+def test_pool_samples_move_to_the_nearest_point_of_the_methods_grid(tmp_path, name):
+    """Progressive: the student's grid; TRACT: its teacher's; consistency: its own grid above 0."""
+    from dkdm.distill.objectives import step_grid
+    from dkdm.distill.objectives.consistency import consistency_grid
+
+    loop = make_loop(tmp_path, teacher=net_teacher(), student=tiny_student(), max_steps=9, **RESUME[name][0])
+    t = torch.arange(T)
+    x = torch.randn(T, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    loop.pool_step = lambda: ({"x_t": x, "t": t}, loop.teacher_forward(x, t))
+    got = loop.method.next_batch(loop)["t"]
+    if name == "progressive":
+        points = step_grid(T, 8)[2::2]  # round 0: 4 student steps, its teacher 8
+    elif name == "tract":
+        points = step_grid(T, 16)[1:]  # phase 0: 16 -> 8; samples go to the teacher's 16-step grid
+    else:
+        points = consistency_grid(T, 6)[1:]
+    pts = np.asarray(points)
+    want = pts[np.abs(np.arange(T)[:, None] - pts[None, :]).argmin(axis=1)]
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("name", ["luhman", "progressive", "consistency"])
+def test_sigma_data_reaches_a_skip_parameterised_student(tmp_path, name):
+    from dkdm.distill.objectives import Parameterization
+
+    kw = {**RESUME[name][0], "parameterization": "skip-v", "sigma_data": 0.3}
+    loop = make_loop(tmp_path, teacher=net_teacher(), student=tiny_student(), max_steps=9, **kw)
+    d = loop.student_diffusion
+    out, x, t = torch.randn(3, 2, 8, 8), torch.randn(3, 1, 8, 8), torch.tensor([2, 9, 17])
+    want = Parameterization("skip-v", d, 0.3).x0(out, x, t)
+    assert torch.equal(loop.method.param.x0(out, x, t), want)
+    assert not torch.allclose(Parameterization("skip-v", d, 0.5).x0(out, x, t), want)
+
+
+def test_tract_resume_refusal_names_its_own_flags(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+
+    loop = make_loop(tmp_path, teacher=net_teacher(), student=tiny_student(), max_steps=9, **RESUME["tract"][0])
+    saved = {"schedule": [4, 2, 1], "round_steps": 3, "round": 0, "teacher": None}
+    with pytest.raises(ObjectiveError, match="Resume with the saved --tract_steps/--round_steps, or give a new"):
+        loop.method.rounds.load_state_dict(saved)
+
+
+def test_boot_takes_an_explicit_x0_head_only(tmp_path):
+    from dkdm.distill.objective import ObjectiveError
+
+    kw = RESUME["boot"][0]
+    assert make_loop(tmp_path / "a", parameterization="x0", **kw).method.name == "boot"
+    with pytest.raises(ObjectiveError, match="--parameterization v"):
+        make_loop(tmp_path / "b", parameterization="v", **kw)
+
+
+def test_later_rounds_give_their_teacher_each_samples_label_and_scale(tmp_path):
+    """Round r > 0's teacher is the last round's (w-conditioned, class-conditional) student: it takes y and w."""
+    torch.manual_seed(0)
+    vit = {"hidden_size": 32, "depth": 1, "num_heads": 2, "class_cond": True, "num_classes": 5}
+    teacher = create_model("digits-vit", class_dropout_prob=0.1, **vit)
+    student = create_model("digits-vit", guidance_cond=True, **vit)
+    kw = {**RESUME["progressive"][0], "w_min": 1.0, "w_max": 3.0, "max_steps": 9, "student_init": "random"}
+    loop = make_loop(tmp_path, teacher=teacher, student=student, **kw)
+    seen = {}
+    net = loop.method.rounds.net
+    net.register_forward_hook(lambda mod, args, kwargs, out: seen.update(kwargs), with_kwargs=True)
+    z, t = torch.randn(3, 1, 8, 8), torch.tensor([3, 8, 15])
+    cond = {"y": torch.tensor([0, 4, 2]), "w": torch.tensor([1.5, 2.0, 2.5])}
+    loop.method.teacher_x0(loop, 1, z, t, cond)
+    assert torch.equal(seen["y"], cond["y"]) and torch.equal(seen["w"], cond["w"])

@@ -46,8 +46,11 @@ __all__ = [
 OBJECTIVES = ("dkdm", "luhman", "progressive", "tract", "consistency", "boot")
 
 
-def build_objective(loop: Any, distill: Any, class_cond: bool = False) -> LoopObjective:
-    """The :class:`LoopObjective` that ``distill.objective`` names, built for ``loop`` (teacher, student, diffusions)."""
+def build_objective(loop: Any, distill: Any, *, class_cond: bool) -> LoopObjective:
+    """The :class:`LoopObjective` that ``distill.objective`` names, built for ``loop`` (teacher, student, diffusions).
+
+    ``class_cond``: whether the teacher is class-conditional (only DKDM and progressive distil such a teacher).
+    """
     name = distill.objective
     if name not in OBJECTIVES:
         raise ObjectiveError(f"unknown --objective {name!r}; choose one of {', '.join(OBJECTIVES)}")

@@ -109,7 +109,7 @@ class ProgressiveObjective(LoopObjective):
     teacher_evals = 3.0
 
     def __init__(self, loop: Any, distill: Any) -> None:
-        check_same_chain(loop.teacher_diffusion, loop.student_diffusion, "--objective progressive")
+        check_same_chain(loop.teacher_diffusion, loop.student_diffusion, f"--objective {self.name}")
         self.T = int(loop.teacher_diffusion.num_timesteps)
         self.schedule, self.teacher_steps = self.make_schedule(distill)
         if distill.round_steps < 1:
