@@ -44,15 +44,19 @@ def read_results(directory: str, mutmut: str) -> dict[str, str]:
     return results
 
 
-def module_and_function(name: str) -> tuple[str, str]:
-    """``dkdm.x.gaussian.xǁClassǁmethod__mutmut_3`` -> (``dkdm/x/gaussian.py``, ``Class.method``)."""
+def module_and_function(name: str, root: str = ROOT) -> tuple[str, str]:
+    """``dkdm.x.gaussian.xǁClassǁmethod__mutmut_3`` -> (``dkdm/x/gaussian.py``, ``Class.method``).
+
+    A package's own module (``dkdm.distill.objectives``, a folder under ``root``) is its ``__init__.py``.
+    """
     base = name.rsplit("__mutmut_", 1)[0]
     if ".xǁ" in base:
         mod, rest = base.split(".xǁ", 1)
         func = rest.replace("ǁ", ".")
     else:
         mod, _, func = base.rpartition(".x_")
-    return mod.replace(".", "/") + ".py", func
+    path = mod.replace(".", "/")
+    return (f"{path}/__init__.py" if os.path.isdir(os.path.join(root, path)) else f"{path}.py"), func
 
 
 def read_change(directory: str, mutmut: str, name: str) -> str:
