@@ -815,6 +815,7 @@ def test_step_sampler_reads_a_config_object_as_its_yaml_dict():
 
 def test_step_sampler_defaults():
     from dkdm.distill.objective import ObjectiveError
+    from dkdm.distill.objectives import Parameterization
     from dkdm.distill.objectives.sampling import StepSampler, consistency_times
 
     d = diffusion(100)
@@ -823,6 +824,10 @@ def test_step_sampler_defaults():
     assert str(e.value) == "objective 'dkdm' has no step sampler; sample it with the diffusion"
     cm = StepSampler(d, {"objective": "consistency"})
     assert (cm.steps, cm.times) == (1, consistency_times(100, 18, 1))
+    out, x, t = torch.randn(2, 2, 8, 8), torch.randn(2, 1, 8, 8), torch.tensor([5, 60])
+    assert torch.equal(cm.param.x0(out, x, t), Parameterization("skip-v", d, 0.5).x0(out, x, t))  # sigma_data 0.5
+    with pytest.raises(ObjectiveError, match="a boot student samples in one step, not 2"):
+        StepSampler(d, {"objective": "boot"}, steps=2)
     assert StepSampler(d, {"objective": "consistency"}, steps=3).times == consistency_times(100, 18, 3)
     assert StepSampler(d, {"objective": "tract"}).steps == 1  # rounds 64, 8, 1
     assert StepSampler(d, {"objective": "tract"}, steps=8).steps == 8
@@ -851,12 +856,12 @@ def test_step_sampler_loops_pass_noise_and_clipping_through(objective):
     for loop in (sampler.p_sample_loop, sampler.ddim_sample_loop):
         assert torch.equal(draw(loop, noise.shape, noise), clipped)
         assert torch.equal(draw(loop, noise.shape, noise, clip_denoised=False), raw)
-    torch.manual_seed(11)
-    drawn = torch.randn(noise.shape)
-    torch.manual_seed(11)  # no noise given: the loop draws it from the global generator, of the shape
-    got = sampler.p_sample_loop(_Loud(), noise.shape, clip_denoised=False) if objective != "consistency" else None
-    if got is not None:
-        assert torch.equal(got, sampler.sample(_Loud(), drawn, False))
+    if objective != "consistency":  # no noise given: the loop draws it from the global generator, of the shape
+        torch.manual_seed(11)
+        drawn = torch.randn(noise.shape)
+        for loop in (sampler.p_sample_loop, sampler.ddim_sample_loop):
+            torch.manual_seed(11)
+            assert torch.equal(loop(_Loud(), noise.shape, clip_denoised=False), sampler.sample(_Loud(), drawn, False))
     if objective == "boot":
         from dkdm.distill.objectives.boot import boot_sample
 
