@@ -1,5 +1,6 @@
 """scripts/sample.py and dkdm.sampling: determinism, resume, the npz format, refusals."""
 
+import json
 import os
 import runpy
 
@@ -263,3 +264,174 @@ def test_ddim_with_eta_and_bf16_are_deterministic_too(ckpt, tmp_path):
     a, b, c = (_load(tmp_path / f"{n}.npz")["arr_0"] for n in "abc")
     assert a.tobytes() == b.tobytes() and a.shape == (20, 8, 8, 1)
     assert not np.array_equal(a, c)  # bf16 really changed the arithmetic
+
+
+# --------------------------------------------------------------------------- draw_shard / draw_shards in process
+
+
+class _SpyDiffusion:
+    """Records what draw_shard hands the sampling loop and returns the noise (plus one global-RNG draw)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _loop(self, kind, model, shape, noise=None, clip_denoised=True, model_kwargs=None, **extra):
+        step_noise = torch.randn(1)  # the per-step noise comes from the global generator draw_shard seeds
+        self.calls.append(
+            {"kind": kind, "shape": shape, "noise": noise, "clip": clip_denoised, "kw": model_kwargs, **extra}
+        )
+        self.calls[-1]["step_noise"] = step_noise
+        return noise.clamp(-1, 1)
+
+    def p_sample_loop(self, *args, **kw):
+        return self._loop("p", *args, **kw)
+
+    def ddim_sample_loop(self, *args, **kw):
+        return self._loop("ddim", *args, **kw)
+
+
+def test_draw_shard_hands_the_loop_its_seeded_noise_labels_sampler_and_clipping():
+    model, shape = torch.nn.Identity(), (1, 4, 4)
+    spy = _SpyDiffusion()
+    state = torch.get_rng_state()
+    images, labels = sampling.draw_shard(model, spy, 64, shape, 123, SampleConfig(), num_classes=2)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    call = spy.calls[-1]
+    gen = torch.Generator().manual_seed(123)  # noise, then labels, from one CPU generator
+    assert torch.equal(call["noise"], torch.randn((64, *shape), generator=gen))
+    want_labels = torch.randint(0, 2, (64,), generator=gen)
+    assert torch.equal(call["kw"]["y"], want_labels) and labels.tolist() == want_labels.tolist()
+    assert set(labels.tolist()) == {0, 1}
+    torch.manual_seed(123 ^ 0x5DEECE66D)
+    assert torch.equal(call["step_noise"], torch.randn(1))
+    assert (call["kind"], call["shape"], call["clip"]) == ("p", (64, *shape), True) and "eta" not in call
+    assert images.dtype == np.uint8 and images.shape == (64, 4, 4, 1)
+    # no classes: no labels; DDIM with its eta; clipping off when asked, and for latents (decode).
+    _, none = sampling.draw_shard(model, spy, 4, shape, 1, SampleConfig())
+    assert none is None and spy.calls[-1]["kw"] == {}
+    sampling.draw_shard(model, spy, 4, shape, 1, SampleConfig(use_ddim=True, eta=0.5, clip_denoised=False))
+    assert (spy.calls[-1]["kind"], spy.calls[-1]["eta"], spy.calls[-1]["clip"]) == ("ddim", 0.5, False)
+    decoded = sampling.draw_shard(model, spy, 4, shape, 1, SampleConfig(), decode=lambda x: torch.full((4, 2, 2, 3), 7))
+    assert spy.calls[-1]["clip"] is False and decoded[0].tolist() == np.full((4, 2, 2, 3), 7).tolist()
+
+
+def test_draw_shards_counts_partitions_and_skips(tmp_path):
+    cfg = SampleConfig(num_samples=10, batch_size=4)  # shards of 4, 4, 2
+    store = sampling.ShardStore(str(tmp_path / "shards"), {"format": 1})
+    store.prepare()
+    seen = []
+    odd = sampling.draw_shards(
+        torch.nn.Identity(),
+        _SpyDiffusion(),
+        store,
+        cfg,
+        (1, 2, 2),
+        rank=1,
+        world_size=2,
+        on_shard=lambda n, drawn: seen.append((n, drawn)),
+    )
+    assert (odd.shards_drawn, odd.images_drawn, odd.shards_skipped) == (1, 4, 0) and odd.seconds > 0
+    assert seen == [(4, True)] and store.done(1, 4) and not store.done(0, 4)
+    seen.clear()
+    decoded = []
+    stats = sampling.draw_shards(
+        torch.nn.Identity(),
+        _SpyDiffusion(),
+        store,
+        cfg,
+        (1, 2, 2),
+        on_shard=lambda n, drawn: seen.append((n, drawn)),
+        decode=lambda x: decoded.append(x.shape[0]) or torch.zeros(x.shape[0], 2, 2, 1, dtype=torch.uint8),
+    )
+    assert (stats.shards_drawn, stats.images_drawn, stats.shards_skipped) == (2, 6, 1)
+    assert seen == [(4, True), (4, False), (2, True)] and decoded == [4, 2]
+    assert stats.images_per_second == stats.images_drawn / stats.seconds
+
+
+def test_shard_seeds_sizes_and_folder_names_are_pinned():
+    """Shard seeds decide every image of a run and a resumed run reuses the shards on disk:
+    a changed derivation would mix two streams in one npz. Change these values only on purpose."""
+    assert sampling.shard_seed(0, 0) == 6375474604893067239
+    assert sampling.shard_seed(2**40 + 5, 3) == 5855351189448092085
+    assert sampling.shard_seed(7, 10**6) == 7917814428551886168
+    assert sampling.shard_sizes(1, 1) == [1] and sampling.shard_sizes(10, 4) == [4, 4, 2]
+    for n, b in ((0, 4), (4, 0)):
+        with pytest.raises(sampling.SamplingError):
+            sampling.shard_sizes(n, b)
+    assert sampling.shard_dir_for("/x/s.npz") == "/x/s.shards" and sampling.shard_dir_for("/x/run") == "/x/run.shards"
+
+
+def test_manifest_names_what_decides_the_pixels():
+    model, diff, cfg = (
+        ModelConfig(arch="unet", image_size=8),
+        DiffusionConfig(),
+        SampleConfig(num_samples=4, batch_size=2),
+    )
+    m = sampling.make_manifest(model, diff, cfg, "abc", "cpu")
+    assert {"format", "sample", "model", "diffusion", "checkpoint_sha256", "device_type"} <= set(m)
+    assert m["model"] == to_dict(model) and m["diffusion"] == to_dict(diff)
+    assert (m["checkpoint_sha256"], m["device_type"], m["format"]) == ("abc", "cpu", sampling.MANIFEST_FORMAT)
+    assert m["sample"]["seed"] == cfg.seed and m["sample"]["batch_size"] == 2
+
+
+def test_shard_store_refusals_list_the_differences_and_the_manifest_is_stable(tmp_path, monkeypatch):
+    first = {f"k{i}": i for i in reversed(range(8))}  # written sorted whatever the insertion order
+    store = sampling.ShardStore(str(tmp_path / "s"), first)
+    opened = []
+    real_open = open
+    monkeypatch.setattr(
+        sampling, "open", lambda path, *a, **kw: opened.append(str(path)) or real_open(path, *a, **kw), raising=False
+    )
+    store.prepare()
+    monkeypatch.undo()
+    probe = next(p for p in opened if ".probe-" in p)
+    assert probe.startswith(str(tmp_path / "s") + os.sep)  # the write probe goes into the shard folder
+    text = (tmp_path / "s" / sampling.MANIFEST).read_text()
+    assert text == json.dumps(first, indent=2, sort_keys=True) + "\n"  # readable, and the same bytes every time
+    assert not [n for n in os.listdir(tmp_path / "s") if n.startswith(".probe")]
+    store.write(0, np.zeros((1, 2, 2, 1), np.uint8), None)
+    other = dict(first, k0=10, k1=11, k2=12, k3=13, k4=14, k5=15, k6=16)
+    with pytest.raises(sampling.SamplingError) as e:
+        sampling.ShardStore(str(tmp_path / "s"), other).prepare()
+    listed = str(e.value).split("(", 1)[1].split(")")[0].split("; ")
+    assert listed == [f"k{i}: {i} there, {i + 10} now" for i in range(6)]  # the first six of seven
+    orphan = tmp_path / "o"
+    orphan.mkdir()
+    (orphan / "shard_000000.npz").write_bytes(b"")
+    with pytest.raises(sampling.SamplingError, match="holds 1 shard\\(s\\) but no manifest"):
+        sampling.ShardStore(str(orphan), first).prepare()
+    store.remove()
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "bare").mkdir()  # a folder without a manifest (a killed remove) is removed too
+    sampling.ShardStore(str(tmp_path / "bare"), first).remove()
+    assert not (tmp_path / "bare").exists()
+
+
+def test_finish_merges_in_order_draws_the_grid_and_drops_the_shards_by_default(tmp_path):
+    cfg = SampleConfig(num_samples=3, batch_size=2)
+    store = sampling.ShardStore(str(tmp_path / "s.shards"), {"format": 1})
+    store.prepare()
+    store.write(0, np.full((2, 2, 2, 1), 1, np.uint8), None)
+    store.write(1, np.full((1, 2, 2, 1), 2, np.uint8), None)
+    images, labels = sampling.finish(store, cfg, str(tmp_path / "s.npz"))
+    assert images[:, 0, 0, 0].tolist() == [1, 1, 2] and labels is None
+    assert np.array_equal(_load(tmp_path / "s.npz")["arr_0"], images)
+    assert (tmp_path / "s.png").is_file() and not (tmp_path / "s.shards").exists()
+
+
+def test_sampling_precision_hands_back_float32():
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+
+        def forward(self, x, t, **kw):
+            return self.conv(x)
+
+    x, t = torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
+    net = Half()
+    with torch.no_grad():
+        out = sampling._Precision(net, "bf16")(x, t)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, net(x, t), atol=0.05, rtol=0.05)
+        assert torch.equal(sampling._Precision(net, "fp32")(x, t), net(x, t))
