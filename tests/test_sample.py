@@ -315,7 +315,9 @@ def test_draw_shard_hands_the_loop_its_seeded_noise_labels_sampler_and_clipping(
     assert spy.calls[-1]["clip"] is False and decoded[0].tolist() == np.full((4, 2, 2, 3), 7).tolist()
 
 
-def test_draw_shards_counts_partitions_and_skips(tmp_path):
+def test_draw_shards_counts_partitions_and_skips(tmp_path, monkeypatch):
+    ticks = iter(range(0, 1000, 3))  # each timed shard takes 3 fake seconds
+    monkeypatch.setattr(sampling.time, "perf_counter", lambda: float(next(ticks)))
     cfg = SampleConfig(num_samples=10, batch_size=4)  # shards of 4, 4, 2
     store = sampling.ShardStore(str(tmp_path / "shards"), {"format": 1})
     store.prepare()
@@ -330,7 +332,7 @@ def test_draw_shards_counts_partitions_and_skips(tmp_path):
         world_size=2,
         on_shard=lambda n, drawn: seen.append((n, drawn)),
     )
-    assert (odd.shards_drawn, odd.images_drawn, odd.shards_skipped) == (1, 4, 0) and odd.seconds > 0
+    assert (odd.shards_drawn, odd.images_drawn, odd.shards_skipped, odd.seconds) == (1, 4, 0, 3.0)
     assert seen == [(4, True)] and store.done(1, 4) and not store.done(0, 4)
     seen.clear()
     decoded = []
@@ -343,9 +345,11 @@ def test_draw_shards_counts_partitions_and_skips(tmp_path):
         on_shard=lambda n, drawn: seen.append((n, drawn)),
         decode=lambda x: decoded.append(x.shape[0]) or torch.zeros(x.shape[0], 2, 2, 1, dtype=torch.uint8),
     )
-    assert (stats.shards_drawn, stats.images_drawn, stats.shards_skipped) == (2, 6, 1)
+    assert (stats.shards_drawn, stats.images_drawn, stats.shards_skipped, stats.seconds) == (2, 6, 1, 6.0)
     assert seen == [(4, True), (4, False), (2, True)] and decoded == [4, 2]
-    assert stats.images_per_second == stats.images_drawn / stats.seconds
+    assert stats.images_per_second == 1.0
+    again = sampling.draw_shards(torch.nn.Identity(), _SpyDiffusion(), store, cfg, (1, 2, 2))
+    assert (again.shards_drawn, again.images_drawn, again.shards_skipped, again.images_per_second) == (0, 0, 3, 0.0)
 
 
 def test_shard_seeds_sizes_and_folder_names_are_pinned():
@@ -356,7 +360,9 @@ def test_shard_seeds_sizes_and_folder_names_are_pinned():
     assert sampling.shard_seed(7, 10**6) == 7917814428551886168
     assert sampling.shard_sizes(1, 1) == [1] and sampling.shard_sizes(10, 4) == [4, 4, 2]
     for n, b in ((0, 4), (4, 0)):
-        with pytest.raises(sampling.SamplingError):
+        with pytest.raises(
+            sampling.SamplingError, match=f"num_samples and batch_size must be positive, got {n} and {b}"
+        ):
             sampling.shard_sizes(n, b)
     assert sampling.shard_dir_for("/x/s.npz") == "/x/s.shards" and sampling.shard_dir_for("/x/run") == "/x/run.shards"
 
@@ -395,6 +401,9 @@ def test_shard_store_refusals_list_the_differences_and_the_manifest_is_stable(tm
         sampling.ShardStore(str(tmp_path / "s"), other).prepare()
     listed = str(e.value).split("(", 1)[1].split(")")[0].split("; ")
     assert listed == [f"k{i}: {i} there, {i + 10} now" for i in range(6)]  # the first six of seven
+    (tmp_path / "s" / sampling.MANIFEST).write_text("{not json")
+    with pytest.raises(sampling.SamplingError, match=r"different sampling run \(unreadable manifest\)"):
+        sampling.ShardStore(str(tmp_path / "s"), first).prepare()
     orphan = tmp_path / "o"
     orphan.mkdir()
     (orphan / "shard_000000.npz").write_bytes(b"")
