@@ -69,8 +69,10 @@ def test_mismatched_shapes_are_refused(tmp_path):
     loop = _loop(tmp_path, teacher, create_model("digits-student"), feature_kd_weight=1.0, feature_kd_layers="mid")
     loop.prepare_pool(progress=False)
     batch = loop.next_batch()
-    with pytest.raises(ValueError, match=r"stage mid: the student's output \(32, 4, 4\) differs from the teacher's"):
+    with pytest.raises(ValueError) as e:
         loop.loss_fn(loop.trainer.model, batch)
+    teacher_shape = tuple(batch["teacher_feat.mid"].shape[1:])
+    assert f"stage mid: the student's output (32, 4, 4) differs from the teacher's {teacher_shape};" in str(e.value)
 
 
 def test_teacher_runs_once_per_step_with_feature_kd(tmp_path):
@@ -143,3 +145,37 @@ def test_feature_kd_is_refused_where_the_teacher_call_is_not_one_plain_batch(tmp
 def test_student_init_names_a_checkpoint_only_when_it_is_a_path():
     assert [DistillConfig(student_init=s).student_checkpoint for s in ("", "random", "teacher")] == ["", "", ""]
     assert DistillConfig(student_init="runs/cut/student.pt").student_checkpoint == "runs/cut/student.pt"
+
+
+def test_hooks_record_the_teacher_only_in_its_call_in_float32_and_say_what_is_missing():
+    teacher = _teacher()
+    student = _student(teacher)
+    kd = FeatureKD(teacher, student, "down0,mid", 1.0)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 9])
+    with torch.no_grad():
+        teacher(x, t)  # outside the step's teacher call (pool preparation, sampling): nothing recorded
+    assert kd._teacher == {}
+    with pytest.raises(RuntimeError, match="the teacher forward did not reach stage\\(s\\) down0, mid"):
+        kd.teacher_targets()
+    with kd.teacher_call(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        teacher(x, t)
+    targets = kd.teacher_targets()
+    assert set(targets) == {"teacher_feat.down0", "teacher_feat.mid"}
+    assert all(v.dtype == torch.float32 and not v.requires_grad for v in targets.values())
+    with pytest.raises(RuntimeError, match="the student forward did not reach stage down0"):
+        kd.terms(targets)
+    with pytest.raises(ValueError, match="feature KD weight must be positive, got 0"):
+        FeatureKD(teacher, student, "mid", 0.0)
+    with pytest.raises(ValueError, match=r"available: none \(only the zoo UNet and ViT have named stages\)$"):
+        FeatureKD(torch.nn.Linear(2, 2), student, "mid", 1.0)
+
+
+def test_stages_of_a_ddp_wrapped_network_are_its_modules():
+    net = create_model("digits-teacher")
+
+    class Wrapped(torch.nn.Module):  # what DistributedDataParallel exposes: the network as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert stages(Wrapped(net)) == stages(net) and len(stages(net)) == 7
