@@ -385,11 +385,14 @@ def test_shard_store_refusals_list_the_differences_and_the_manifest_is_stable(tm
     store = sampling.ShardStore(str(tmp_path / "s"), first)
     opened = []
     real_open = open
-    monkeypatch.setattr(
-        sampling, "open", lambda path, *a, **kw: opened.append(str(path)) or real_open(path, *a, **kw), raising=False
-    )
-    store.prepare()
-    monkeypatch.undo()
+    with monkeypatch.context() as m:  # sampling's own open() only, for prepare() only
+        m.setattr(
+            sampling,
+            "open",
+            lambda path, *a, **kw: opened.append(str(path)) or real_open(path, *a, **kw),
+            raising=False,
+        )
+        store.prepare()
     probe = next(p for p in opened if ".probe-" in p)
     assert probe.startswith(str(tmp_path / "s") + os.sep)  # the write probe goes into the shard folder
     text = (tmp_path / "s" / sampling.MANIFEST).read_text()
