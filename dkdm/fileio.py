@@ -188,7 +188,7 @@ def acquire_lock(directory: str) -> str | None:
                 host, pid = me["host"], -1  # unreadable and old: a writer died mid-write
             if host == me["host"] and pid == me["pid"]:
                 return None
-            if host == me["host"] and (pid < 0 or not _alive(pid)):
+            if host == me["host"] and (pid <= 0 or not _alive(pid)):  # pid 0 would probe our own group
                 os.remove(path)
                 note = f"removed a stale lock of process {pid} (no longer running) from {directory}"
                 continue
