@@ -80,9 +80,9 @@ def two_step_target(sch: Schedule, z: Tensor, t: Tensor, z2: Tensor, s: Tensor) 
 class _Rounds:
     """The round counter and the round's teacher weights (checkpointed as ``roundsNNNNNN.pt``)."""
 
-    def __init__(self, schedule: list[int], round_steps: int, net: torch.nn.Module, flags: str = "") -> None:
+    def __init__(self, schedule: list[int], round_steps: int, net: torch.nn.Module, flags: str) -> None:
         self.schedule, self.round_steps, self.net = list(schedule), int(round_steps), net
-        self.flags = flags or "--progressive_start/--progressive_end/--round_steps"
+        self.flags = flags  # the method's schedule flags, named by the resume refusal
         self.round = 0
 
     def state_dict(self) -> dict[str, Any]:
