@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import types
 
 import pytest
 import torch
@@ -51,14 +52,15 @@ def test_atomic_write_replaces_whole_files_and_hashes(tmp_path):
     assert file_sha256(str(path)) == "3fc4ccfe745870e2c0d99f71f30ff0656c8dedd41cc1d7d3d376b0dbe685e2f3"
 
 
-def test_emit_json_prints_and_writes_the_same_text(tmp_path, capsys):
+def test_emit_json_prints_and_writes_the_same_text(tmp_path, capsys, monkeypatch):
     from dkdm.fileio import emit_json
 
     path = tmp_path / "r.json"
     text = emit_json({"a": 1, "b": [2.5]}, str(path))
     assert capsys.readouterr().out == text + "\n" and path.read_text() == text + "\n"
     assert json.loads(text) == {"a": 1, "b": [2.5]}
-    assert emit_json({"c": 3}) and not list(tmp_path.glob(".*"))  # no path: printed only; no temporaries left
+    monkeypatch.chdir(tmp_path)
+    assert emit_json({"c": 3}) and os.listdir(tmp_path) == ["r.json"]  # no path: printed only, nothing written
 
 
 # --------------------------------------------------------------------------- failures and the disk-full message
@@ -89,6 +91,10 @@ def test_disk_full_message_counts_what_was_written_and_what_was_free(tmp_path, m
     def no_room(*args, **kwargs):  # the temporary file cannot even be created
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    monkeypatch.setattr(fileio, "_free_bytes", lambda directory: 0)
+    with pytest.raises(DiskFullError, match="needed more than the 300 bytes that were free"):
+        atomic_write(str(path), _fail_after(300, OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(fileio, "_free_bytes", lambda directory: 1000)
     monkeypatch.setattr(fileio, "open", no_room, raising=False)
     with pytest.raises(DiskFullError, match=r"more than the 1,000 bytes .* nothing was written there"):
         atomic_write(str(path), lambda f: None)
@@ -191,14 +197,19 @@ def test_stale_temporaries_of_dead_processes_go_and_live_ones_stay(tmp_path, liv
     assert os.listdir(d) == [names["live"]]
 
 
-def test_alive_probes_without_signalling(live_pid):
+def test_alive_probes_without_signalling():
     import time
 
     from dkdm import fileio
 
-    assert fileio._alive(live_pid) and not fileio._alive(_dead_pid())
-    time.sleep(0.2)
-    assert fileio._alive(live_pid)  # probing sent no signal that ended it
+    p = subprocess.Popen(["sleep", "60"])
+    try:
+        assert fileio._alive(p.pid) and not fileio._alive(_dead_pid())
+        time.sleep(0.2)
+        assert p.poll() is None  # probing sent no signal that ended it
+    finally:
+        p.kill()
+        p.wait()
 
 
 # --------------------------------------------------------------------------- the run directory's lock
@@ -262,7 +273,7 @@ def test_a_live_holder_is_named_with_where_and_since(tmp_path, live_pid):
     msg = str(e.value)
     assert e.value.errno == errno.EBUSY
     assert f"in use by process {live_pid} on this host (since 2026-01-02 03:04:05)" in msg
-    assert f"`kill {live_pid}`" in msg and "if that run is gone" not in msg
+    assert f"`kill {live_pid}`" in msg and msg.endswith("or use another --log_dir")  # nothing to delete by hand
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 7}))  # another host: cannot be checked from here
     with pytest.raises(fileio.RunDirectoryLocked) as e:
         fileio.acquire_lock(str(tmp_path))
@@ -286,11 +297,42 @@ def test_a_lock_naming_no_real_process_is_stale(tmp_path, monkeypatch, pid):
 
 
 def test_a_lock_being_written_is_waited_for_three_times(tmp_path, monkeypatch):
+    import errno
+
     from dkdm import fileio
 
     sleeps = []
     monkeypatch.setattr(fileio.time, "sleep", sleeps.append)
     (tmp_path / fileio.LOCK_NAME).write_text('{"host": ')  # half-written, just now
-    with pytest.raises(fileio.RunDirectoryLocked, match="keeps changing"):
+    with pytest.raises(fileio.RunDirectoryLocked, match="keeps changing") as e:
         fileio.acquire_lock(str(tmp_path))
-    assert sleeps == [0.5, 0.5, 0.5]
+    assert sleeps == [0.5, 0.5, 0.5] and e.value.errno == errno.EBUSY
+
+
+def test_an_unreadable_lock_ten_seconds_old_is_stale(tmp_path, monkeypatch):
+    import time
+
+    from dkdm import fileio
+
+    lock = tmp_path / fileio.LOCK_NAME
+    lock.write_text('{"host": ')  # its writer died mid-write
+    written = os.path.getmtime(lock)
+    fake = types.SimpleNamespace(
+        time=lambda: written + 10, sleep=lambda s: pytest.fail("waited"), strftime=time.strftime
+    )
+    monkeypatch.setattr(fileio, "time", fake)
+    monkeypatch.setattr(fileio.atexit, "register", lambda *a: None)
+    assert (
+        fileio.acquire_lock(str(tmp_path)) == f"removed a stale lock of process -1 (no longer running) from {tmp_path}"
+    )
+    fileio.release_lock(str(tmp_path))
+
+
+def test_a_lock_held_by_init_is_live(tmp_path):
+    import socket
+
+    from dkdm import fileio
+
+    (tmp_path / fileio.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
+    with pytest.raises(fileio.RunDirectoryLocked, match="in use by process 1 on this host"):
+        fileio.acquire_lock(str(tmp_path))

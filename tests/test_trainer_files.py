@@ -77,6 +77,7 @@ def test_resume_finds_the_newest_complete_checkpoint(tmp_path):
 def test_load_file_honours_map_location_on_both_paths(tmp_path):
     plain, odd = tmp_path / "opt000001.pt", tmp_path / "pool000001.pt"
     torch.save({"x": torch.ones(2)}, plain)
+    assert load_file(str(plain), map_location="meta")["x"].is_meta
     torch.save({"x": torch.ones(2), "keep": _Kept()}, odd)  # needs unpickling a class: the trusted path
     with pytest.raises(UntrustedFileError):
         load_file(str(odd), map_location="meta")
@@ -114,7 +115,17 @@ def test_which_unpickling_errors_mean_untrusted(tmp_path, monkeypatch, message, 
         load_file(str(path))
     assert type(e.value) is refused
     if refused is ValueError:
-        assert f"cannot be read (UnpicklingError: {message}); it may be truncated" in str(e.value)
+        assert f"{path} cannot be read (UnpicklingError: {message}); it may be truncated" in str(e.value)
+
+
+def test_a_damaged_trainer_file_says_what_failed(tmp_path):
+    path = tmp_path / "opt000002.pt"
+    torch.save({"x": torch.zeros(100)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError) as e:
+        load_file(str(path))
+    assert str(e.value).startswith(f"checkpoint file {path} cannot be read (RuntimeError: ")
+    assert str(e.value).endswith("delete this checkpoint's files to resume from an older one")
 
 
 def test_a_trusted_file_that_still_cannot_be_read_says_why(tmp_path, monkeypatch):
