@@ -114,7 +114,7 @@ def remove_stale_temporaries(directory: str, pattern: str = "*") -> list[str]:
     directory shared between live runs (a pool cache) is safe to clean.
     """
     stale = []
-    for p in glob.glob(os.path.join(directory, f".{pattern}{TMP_MARK}*")):
+    for p in sorted(glob.glob(os.path.join(directory, f".{pattern}{TMP_MARK}*"))):
         pid = p.rsplit(TMP_MARK, 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue

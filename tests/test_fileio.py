@@ -184,7 +184,7 @@ def test_stale_temporaries_of_dead_processes_go_and_live_ones_stay(tmp_path, liv
     dead, mine = _dead_pid(), os.getpid()
     names = {
         "dead": f".model000002.pt{fileio.TMP_MARK}{dead}",
-        "live": f".model000002.pt{fileio.TMP_MARK}{live_pid}",
+        "live": f".a.pt{fileio.TMP_MARK}{live_pid}",  # sorts first: a live one does not end the sweep
         "mine": f".opt000002.pt{fileio.TMP_MARK}{mine}",  # this process starts afresh: its own leftovers go
         "yaml": f".config.yaml{fileio.TMP_MARK}{dead}",
     }
