@@ -132,7 +132,7 @@ def inception_score(probs: np.ndarray, split_size: int = 5000) -> float:
     p log p) where ADM's formula would give NaN.
     """
     probs = np.asarray(probs)
-    if probs.ndim != 2 or probs.shape[0] == 0:
+    if probs.ndim != 2 or 0 in probs.shape:
         raise ValueError(f"probs must be a non-empty [N, classes] array, got shape {probs.shape}")
     scores = []
     for i in range(0, len(probs), split_size):
@@ -151,14 +151,16 @@ def _squared_distances(u: np.ndarray, v: np.ndarray, dtype) -> np.ndarray:
     Reductions accumulate in float32 and round once (TF's half matmul on CPU does exactly
     this; its half reduce_sum differs in the last bit for about one norm in five);
     element-wise steps use numpy's own `dtype` arithmetic, which rounds after every op.
+    Overflow (float16 squares beyond 65504, and inf - inf after it) gives inf / nan quietly:
+    the caller reads it as the signal to redo the block in float32.
     """
     f32 = np.float32
-    u = u.astype(dtype)
-    v = v.astype(dtype)
-    norm_u = np.sum(np.square(u).astype(f32), axis=1).astype(dtype).reshape(-1, 1)
-    norm_v = np.sum(np.square(v).astype(f32), axis=1).astype(dtype).reshape(1, -1)
-    prod = np.matmul(u.astype(f32), v.astype(f32).T).astype(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
+        u = u.astype(dtype)
+        v = v.astype(dtype)
+        norm_u = np.sum(np.square(u).astype(f32), axis=1).astype(dtype).reshape(-1, 1)
+        norm_v = np.sum(np.square(v).astype(f32), axis=1).astype(dtype).reshape(1, -1)
+        prod = np.matmul(u.astype(f32), v.astype(f32).T).astype(dtype)
         d = norm_u - prod * dtype(2) + norm_v
     return np.maximum(d, dtype(0))
 
@@ -172,8 +174,7 @@ def pairwise_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     this backend agree with ADM's to about 1e-3 to 1e-2, not exactly; the TF evaluator
     passes its own distance block for an exact match.
     """
-    with np.errstate(over="ignore", invalid="ignore"):
-        d16 = _squared_distances(u, v, np.float16)
+    d16 = _squared_distances(u, v, np.float16)  # overflows quietly to inf / nan
     if np.all(np.isfinite(d16)):
         return d16.astype(np.float32)
     return _squared_distances(u, v, np.float32)
@@ -327,15 +328,15 @@ def precision_recall(
     row_batch_size: int = 10000,
     col_batch_size: int = 10000,
     clamp_to_percentile: float | None = None,
-    eps: float = 1e-5,
     distance_block: DistanceBlock | None = None,
 ) -> tuple[float, float]:
     """Improved precision and recall (k-NN manifolds) of samples against references.
 
     Precision: share of samples inside the reference manifold; recall: share of references
     inside the sample manifold; both with k-th-neighbour radii (k = 3 in ADM). The keyword
-    arguments are ADM's `ManifoldEstimator` settings; `distance_block` swaps the numpy
-    distance backend (the TF evaluator passes its own to match ADM bit for bit).
+    arguments are ADM's `ManifoldEstimator` settings (its `eps` enters only the realism
+    score, not these two); `distance_block` swaps the numpy distance backend (the TF
+    evaluator passes its own to match ADM bit for bit).
     """
     est = ManifoldEstimator(
         distance_block=distance_block,
@@ -343,7 +344,6 @@ def precision_recall(
         col_batch_size=col_batch_size,
         nhood_sizes=(k,),
         clamp_to_percentile=clamp_to_percentile,
-        eps=eps,
     )
     radii_ref = est.manifold_radii(ref_features)
     radii_sample = est.manifold_radii(sample_features)

@@ -182,3 +182,164 @@ def test_npz_reader_streams_batches(tmp_path):
     np.savez(fortran, arr_0=np.asfortranarray(arr))
     with open_npz_array(fortran) as reader:
         np.testing.assert_array_equal(np.concatenate(list(reader.read_batches(4))), arr)
+
+
+def _adm_float16_distances(u, v):
+    """ADM's float16 squared distances written out scalar by scalar: every element-wise result
+    rounded to float16, the two reductions accumulated in float32 and rounded once, then
+    clamped at 0."""
+    f16, f32 = np.float16, np.float32
+
+    def reduce(a, b):
+        acc = f32(0)
+        for x, y in zip(a, b):
+            acc = f32(acc + x * y)
+        return acc
+
+    u, v = u.astype(f16), v.astype(f16)
+    out = np.zeros((len(u), len(v)), np.float32)
+    for i, a in enumerate(u):
+        for j, b in enumerate(v):
+            norm_a = f16(reduce([f32(x * x) for x in a], np.ones(len(a), f32)))
+            norm_b = f16(reduce([f32(x * x) for x in b], np.ones(len(b), f32)))
+            prod = f16(reduce(a.astype(f32), b.astype(f32)))
+            out[i, j] = max(f16(f16(norm_a - f16(prod * f16(2))) + norm_b), f16(0))
+    return out
+
+
+def test_float16_distances_round_each_op_as_adm_does():
+    # Each row is built so that one shortcut changes the answer: 45.25^2 + 1 + 2^-24 is a float32
+    # tie that float16 rounds down (float64 sums would round up); 1 + 2^-12 is 1 in float16;
+    # 32 * 64 + 1 + 2^-24 is the same tie inside the product; the last row against itself rounds
+    # to -0.000977 before the clamp at 0.
+    u = np.array([[45.25, 1, 2**-12], [1 + 2**-12, 0, 0], [32, 1, 2**-12], [0.09, 0.02, 0.83]], np.float32)
+    v = np.array([[0, 0, 0], [64, 1, 2**-12], [0.09, 0.02, 0.83]], np.float32)
+    want = _adm_float16_distances(u, v)
+    assert want[0, 0] == 2048 and want[1, 0] == 1 and want[3, 2] == 0
+    got = metrics.pairwise_distances(u, v)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert np.array_equal(metrics.pairwise_distances(v, u), _adm_float16_distances(v, u))  # rounding is not symmetric
+
+
+def test_the_float16_overflow_that_selects_float32_is_silent():
+    import warnings
+
+    u = np.full((3, 4), 300.0, np.float32)  # 300^2 overflows float16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = metrics.pairwise_distances(u, u * 0.5)
+    assert np.array_equal(d, np.full((3, 3), 4 * 150.0**2, np.float32))
+
+
+def test_a_point_on_a_balls_boundary_is_inside_it():
+    # 1-D integers (exact in float16): ref 0..3, samples -3..-6, k = 3. The ball of ref 0 has
+    # radius 9 and sample -3 lies at distance 9 from it; the ball of sample -3 has radius 9 and
+    # ref 0 lies on it. No other point is in any ball of the other set.
+    ref = np.arange(4, dtype=np.float32)[:, None]
+    sample = -np.arange(3, 7, dtype=np.float32)[:, None]
+    assert metrics.precision_recall(ref, sample) == (0.25, 0.25)
+
+
+class _SpyBlock(metrics.NumpyDistanceBlock):
+    def __init__(self):
+        self.shapes = []
+
+    def pairwise_distances(self, u, v):
+        self.shapes.append(("d", len(u), len(v)))
+        return super().pairwise_distances(u, v)
+
+    def less_thans(self, batch_1, radii_1, batch_2, radii_2):
+        self.shapes.append(("lt", len(batch_1), len(batch_2)))
+        return super().less_thans(batch_1, radii_1, batch_2, radii_2)
+
+
+def test_precision_recall_passes_every_setting_to_the_estimator():
+    rng = np.random.RandomState(9)
+    ref, sample = rng.randn(30, 4).astype(np.float32), (rng.randn(20, 4) * 0.7).astype(np.float32)
+    spy = _SpyBlock()
+    got = metrics.precision_recall(ref, sample, k=5, row_batch_size=16, col_batch_size=12, distance_block=spy)
+    assert ("d", 16, 12) in spy.shapes and ("lt", 14, 8) in spy.shapes  # the blocks asked for
+    assert max(r for _, r, _ in spy.shapes) == 16 and max(c for _, _, c in spy.shapes) == 12
+    est = metrics.ManifoldEstimator(nhood_sizes=(5,))
+    r_ref, r_sample = est.manifold_radii(ref), est.manifold_radii(sample)
+    precision, recall = est.evaluate_pr(ref, r_ref, sample, r_sample)
+    assert got == (precision[0], recall[0]) != metrics.precision_recall(ref, sample, k=3)
+    clamped = metrics.ManifoldEstimator(nhood_sizes=(5,), clamp_to_percentile=50)
+    p2, r2 = clamped.evaluate_pr(ref, clamped.manifold_radii(ref), sample, clamped.manifold_radii(sample))
+    assert metrics.precision_recall(ref, sample, k=5, clamp_to_percentile=50) == (p2[0], r2[0]) != got
+
+
+def test_fid_retry_uses_the_default_eps_and_the_statistics_pass_theirs(monkeypatch):
+    real = metrics._sqrtm
+    calls = []
+
+    def once_singular(a):
+        calls.append(a)
+        return np.full_like(a, np.inf) if len(calls) % 2 == 1 else real(a)
+
+    monkeypatch.setattr(metrics, "_sqrtm", once_singular)
+    s1, s2 = np.diag([1.0, 2.0]), np.diag([3.0, 0.5])
+    a, b = metrics.FIDStatistics(np.zeros(2), s1), metrics.FIDStatistics(np.ones(2), s2)
+    with pytest.warns(UserWarning, match="adding 1e-06 to diagonal"):
+        metrics.frechet_distance(np.zeros(2), s1, np.ones(2), s2)
+    np.testing.assert_array_equal(calls[1], (s1 + 1e-6 * np.eye(2)) @ (s2 + 1e-6 * np.eye(2)))
+    for eps, want in ((None, 1e-6), (0.25, 0.25)):
+        with pytest.warns(UserWarning):
+            a.frechet_distance(b) if eps is None else a.frechet_distance(b, eps=eps)
+        np.testing.assert_array_equal(calls[-1], (s1 + want * np.eye(2)) @ (s2 + want * np.eye(2)))
+
+
+def test_fid_imaginary_error_gives_the_largest_imaginary_part(monkeypatch):
+    monkeypatch.setattr(metrics, "_sqrtm", lambda a: np.diag([1 + 0.5j, 1 - 0.25j]))
+    with pytest.raises(ValueError, match=r"^Imaginary component 0\.5$"):
+        metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_compute_statistics_takes_two_rows_and_names_the_count():
+    mu, sigma = metrics.compute_statistics(np.array([[0.0, 1.0, 2.0], [2.0, 3.0, 6.0]]))
+    np.testing.assert_array_equal(mu, [1.0, 2.0, 4.0])
+    np.testing.assert_array_equal(sigma, [[2, 2, 4], [2, 2, 4], [4, 4, 8]])  # columns are the variables
+    with pytest.raises(ValueError, match="at least 2 feature vectors, got 1;"):
+        metrics.compute_statistics(np.zeros((1, 5)))
+
+
+def test_inception_score_in_the_probabilities_dtype_and_adm_split():
+    rng = np.random.RandomState(10)
+    probs = rng.dirichlet(np.full(10, 0.3), size=10_000).astype(np.float32)
+    probs[:5000] = rng.dirichlet(np.full(10, 3.0), size=5000)  # the two default splits differ
+
+    def adm(part):  # ADM's formula, in the array's own dtype
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        return np.exp(np.mean(np.sum(kl, 1)))
+
+    assert metrics.inception_score(probs) == float(np.mean([adm(probs[:5000]), adm(probs[5000:])]))
+    assert metrics.inception_score(probs[:1]) == pytest.approx(1.0)  # one image: its own marginal
+    for bad in (np.full(10, 0.1), np.zeros((0, 10)), np.zeros((4, 0))):
+        with pytest.raises(ValueError, match="non-empty"):
+            metrics.inception_score(bad)
+
+
+def test_inception_score_of_zero_probabilities_is_quiet():
+    import warnings
+
+    probs = np.eye(4)[[0, 1, 2, 3, 0, 1]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # log(0) and 0 * -inf are handled, not warned about
+        assert metrics.inception_score(probs) == pytest.approx(np.exp(np.log(6 / 2) * 4 / 6 + np.log(6) * 2 / 6))
+
+
+def test_manifold_radii_float32_per_neighbourhood_and_clamped_at_a_sample():
+    x = np.random.RandomState(11).randn(41, 3)
+    est = metrics.ManifoldEstimator(nhood_sizes=(1, 5), clamp_to_percentile=50)
+    r = est.manifold_radii(x)
+    assert r.dtype == np.float32 and r.shape == (41, 2)
+    assert ((r == 0).sum(0) == [20, 20]).all()  # each column's own median is a radius: it stays
+
+
+def test_realism_score_divides_by_the_distance_plus_default_eps():
+    ref = np.array([[0.0], [1.0], [3.0], [7.0], [15.0]], np.float32)
+    est = metrics.ManifoldEstimator()
+    radii = est.manifold_radii(ref)
+    out = est.evaluate(ref, radii, np.array([[0.0], [2.0]], np.float32))
+    assert out["max_realism_score"][0] == np.float32(np.max(radii[:, 0] / (np.array([0, 1, 9, 49, 225]) + 1e-5)))
+    assert out["nearest_indices"].tolist() == [0, 1] and out["batch_predictions"].tolist() == [[1], [1]]
