@@ -211,8 +211,12 @@ def test_float16_distances_round_each_op_as_adm_does():
     # Each row is built so that one shortcut changes the answer: 45.25^2 + 1 + 2^-24 is a float32
     # tie that float16 rounds down (float64 sums would round up); 1 + 2^-12 is 1 in float16;
     # 32 * 64 + 1 + 2^-24 is the same tie inside the product; the last row against itself rounds
-    # to -0.000977 before the clamp at 0.
-    u = np.array([[45.25, 1, 2**-12], [1 + 2**-12, 0, 0], [32, 1, 2**-12], [0.09, 0.02, 0.83]], np.float32)
+    # to -0.000977 before the clamp at 0; the last row's entries are not float16 numbers, and
+    # distances from them come out differently unless they are rounded first.
+    u = np.array(
+        [[45.25, 1, 2**-12], [1 + 2**-12, 0, 0], [32, 1, 2**-12], [0.09, 0.02, 0.83], [0.204, 0.878, 0.027]],
+        np.float32,
+    )
     v = np.array([[0, 0, 0], [64, 1, 2**-12], [0.09, 0.02, 0.83]], np.float32)
     want = _adm_float16_distances(u, v)
     assert want[0, 0] == 2048 and want[1, 0] == 1 and want[3, 2] == 0
@@ -336,10 +340,26 @@ def test_manifold_radii_float32_per_neighbourhood_and_clamped_at_a_sample():
     assert ((r == 0).sum(0) == [20, 20]).all()  # each column's own median is a radius: it stays
 
 
-def test_realism_score_divides_by_the_distance_plus_default_eps():
+@pytest.mark.parametrize("rows", [10000, 2])
+def test_evaluate_gives_adms_per_vector_results(rows):
+    # 1-D integers, exact in float16: ref radii (k = 3) are 49, 36, 16, 49, 196.
     ref = np.array([[0.0], [1.0], [3.0], [7.0], [15.0]], np.float32)
-    est = metrics.ManifoldEstimator()
+    spy = _SpyBlock()
+    est = metrics.ManifoldEstimator(distance_block=spy, row_batch_size=rows)
     radii = est.manifold_radii(ref)
-    out = est.evaluate(ref, radii, np.array([[0.0], [2.0]], np.float32))
-    assert out["max_realism_score"][0] == np.float32(np.max(radii[:, 0] / (np.array([0, 1, 9, 49, 225]) + 1e-5)))
-    assert out["nearest_indices"].tolist() == [0, 1] and out["batch_predictions"].tolist() == [[1], [1]]
+    assert radii[:, 0].tolist() == [49, 36, 16, 49, 196]
+    evals = np.array([[0.0], [2.0], [-7.0], [29.0], [30.0]], np.float32)  # -7 and 29 lie on a ball's edge
+    spy.shapes.clear()
+    out = est.evaluate(ref, radii, evals)
+    assert spy.shapes == ([("d", 5, 5)] if rows > 5 else [("d", 2, 5), ("d", 2, 5), ("d", 1, 5)])  # row blocks
+    dist = ((evals - ref.T) ** 2).astype(np.float32)
+    realism = np.max(radii[:, 0] / (dist + np.float32(1e-5)), axis=1)  # float32 throughout, as ADM
+    assert out["max_realism_score"].dtype == np.float32 and np.array_equal(out["max_realism_score"], realism)
+    assert out["nearest_indices"].dtype == np.int32 and out["nearest_indices"].tolist() == [0, 1, 0, 4, 4]
+    assert out["batch_predictions"].dtype == np.int32 and out["batch_predictions"].tolist() == [[1], [1], [1], [1], [0]]
+    assert out["fraction"] == 0.8 and sorted(out) == [
+        "batch_predictions",
+        "fraction",
+        "max_realism_score",
+        "nearest_indices",
+    ]

@@ -23,8 +23,8 @@ def _info(shape, dtype=np.uint8):
         ((8, 24, 24, 4), r"expected NHWC RGB images \[N, H, W, 3\]$"),
         ((8, 24, 24, 5), r"expected NHWC RGB images \[N, H, W, 3\]$"),
         ((8, 24, 24, 3, 1), r"expected NHWC RGB images \[N, H, W, 3\]$"),
-        ((8, 0, 24, 3), "empty images of shape"),
-        ((8, 24, 0, 3), "empty images of shape"),
+        ((8, 0, 24, 3), r"empty images of shape \(0, 24, 3\)"),
+        ((8, 24, 0, 3), r"empty images of shape \(24, 0, 3\)"),
         ((1, 24, 24, 3), r"holds 1 image\(s\); the metrics need at least 2"),
     ],
 )
@@ -53,6 +53,7 @@ def _save(path, **arrays):
         (-0.5, 300.0, True, False),
         (0.0, 255.5, True, False),
         (0.0, 1.0, True, False),  # [0, 1] images: refused by the second check
+        (-1.0, 1.5, True, False),
         (0.0, 1.5, False, False),  # a dark 0-255 image
         (0.0, 255.0, False, False),
     ],
@@ -70,7 +71,7 @@ def test_value_range_and_its_hint(tmp_path, lo, hi, refused, hint):
 
 
 def test_value_range_reads_the_named_array(tmp_path):
-    path = _save(tmp_path / "b.npz", arr_0=np.zeros((4, 2, 2, 3), np.float32) + 9, images=np.full((4, 2, 2, 3), -9.0))
+    path = _save(tmp_path / "b.npz", arr_0=np.zeros((4, 2, 2, 3), np.uint8), images=np.full((4, 2, 2, 3), -9.0))
     check_value_range(path)
     with pytest.raises(NpzFormatError, match=r"\(images\) has values in \[-9.0, -9.0\]"):
         check_value_range(path, name="images")
@@ -128,3 +129,14 @@ def test_short_reads_are_completed_exactly():
     assert npz._read_exactly(s, 30) == bytes(range(50, 80))
     with pytest.raises(NpzFormatError, match="expected 30 bytes, got 20"):
         npz._read_exactly(s, 30)
+
+
+def test_the_loading_fallback_never_unpickles(tmp_path):
+    arr = np.empty((2, 2, 2, 3), dtype=object)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=(3, 0), allow_pickle=True)
+    path = tmp_path / "b.npz"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", buf.getvalue())
+    with pytest.raises(ValueError, match="allow_pickle"):
+        inspect_npz(str(path))
