@@ -354,7 +354,8 @@ def resolve_distillation(
                 "or pass --teacher_path"
             )
     path = teacher_path or EMBEDDED_TEACHER
-    recorded = recorded_diffusion(path) if os.path.exists(path) else None
+    # What resolve() below reads beside the teacher too: nothing for a missing file, unless its run's record.
+    recorded = recorded_diffusion(path)
     said = set(overrides.get("diffusion", {})) | set(overrides.get("teacher_diffusion", {}))
     if recorded is None and os.path.exists(path) and not _PROCESS_FIELDS & said:
         raise ConfigError(_no_diffusion(path, ""))

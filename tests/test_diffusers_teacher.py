@@ -110,8 +110,19 @@ def test_an_unrepresentable_scheduler_is_refused_naming_the_field(tmp_path, fiel
 
 def test_model_and_scheduler_that_disagree_on_the_variance_are_refused(tmp_path):
     folder, _ = _pipeline(tmp_path, out_channels=1)  # learned_range scheduler, 1x outputs
-    with pytest.raises(ConfigError, match="disagree"):
+    with pytest.raises(ConfigError) as e:
         resolve({}, {}, checkpoint=folder)
+    assert str(e.value) == (
+        f"{folder}: the model has 1x in_channels outputs but the scheduler's variance_type is learned_range; "
+        "they disagree"
+    )
+    folder, _ = _pipeline(tmp_path, name="other", out_channels=2, variance_type="fixed_small")
+    with pytest.raises(ConfigError) as e:
+        resolve({}, {}, checkpoint=folder)
+    assert str(e.value) == (
+        f"{folder}: the model has 2x in_channels outputs but the scheduler's variance_type is not learned_range; "
+        "they disagree"
+    )
 
 
 def test_a_bare_model_folder_needs_the_diffusion_flags(tmp_path):

@@ -5,6 +5,7 @@ encode/decode round trips, EMA selection and the recorded schedule."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from dkdm.config import ConfigError
 from dkdm.models import count_parameters, create_model, first_stage, ldm
-from dkdm.resolve import ldm_schedule, resolve
+from dkdm.resolve import configs_beside, ldm_schedule, resolve
 from tests import ldm_layout as L
 
 TINY_FS = dict(L.VQ4_FIRST_STAGE, ch=32, ch_mult=[1, 2], n_embed=16)
@@ -304,7 +305,9 @@ def test_ldm_checkpoint_refusals(tmp_path):
         resolve(dict(TINY_OVER), checkpoint=path).build()
     other = tmp_path / "other.ckpt"
     torch.save({"state_dict": {"net.a.weight": torch.zeros(2), "head.b": torch.zeros(1)}}, other)
-    with pytest.raises(ConfigError, match=r"prefixes head\., net\..*model.diffusion_model"):
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(other))} has prefixes head\., net\..*model.diffusion_model"
+    ):
         resolve(dict(TINY_OVER), checkpoint=str(other), diffusion_over={"steps": 10}).build()
     with pytest.raises(ConfigError, match="pass --arch .*ldm-vq4-274M"):
         resolve({}, checkpoint=path)
@@ -366,5 +369,27 @@ def test_compvis_config_yaml_beside_the_checkpoint(tmp_path):
     r.build()
     cfg["model"]["params"]["unet_config"]["params"] = dict(TINY_UNET, context_dim=16)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ConfigError, match="context_dim.*only unconditional"):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path / 'config.yaml'))}: unet_config has context_dim"):
         resolve({}, checkpoint=path)
+
+
+def test_ldm_schedules_are_matched_by_name_within_tolerance_and_refused_by_source(tmp_path):
+    from dkdm.diffusion.schedules import get_named_beta_schedule
+
+    cosine = torch.tensor(get_named_beta_schedule("cosine", 100))
+    assert ldm_schedule({"betas": cosine}) == {"steps": 100, "noise_schedule": "cosine", "sigma_small": True}
+    near = ldm_betas().clone()
+    near[1] += 2e-8  # beyond rtol 1e-5 * 0.0015 + atol 1e-9: not LDM's schedule any more
+    with pytest.raises(ConfigError, match=r"^the checkpoint: its 1000 betas \(0\.0015 \.\. 0\.0195\) follow none of"):
+        ldm_schedule({"betas": near})
+    near[1] -= 1e-8  # within it: float32 buffers round this much
+    assert ldm_schedule({"betas": near})["noise_schedule"] == "scaled_linear:0.0015,0.0195"
+    path, sd = _tiny_ldm(tmp_path, name="odd.ckpt")
+    assert configs_beside(path) == (None, ldm_schedule(sd), path)
+    sd["betas"] = sd["betas"].clone()
+    sd["betas"][500] *= 1.01
+    torch.save({"state_dict": sd}, path)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(path)}: its 1000 betas"):
+        configs_beside(path)
+    bare, _ = _tiny_ldm(tmp_path, betas=False, name="bare.ckpt")
+    assert configs_beside(bare) == (None, None, "")

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -256,3 +257,130 @@ def test_retired_architecture_flags_name_their_replacement(old, new):
         check=False,
     )
     assert p.returncode == 2 and f"{old} is now spelled {new}" in p.stderr
+
+
+# ------------------------------------------------------------------ what the mutation run found unpinned
+
+
+def test_errors_name_where_the_bad_value_came_from(tmp_path):
+    from dkdm.resolve import recorded_diffusion
+
+    cases = [
+        (lambda: resolve({"learn_sigma": "maybe"}, prefix="student."), "student.learn_sigma"),
+        (lambda: resolve({}, {"learn_sigma": "maybe"}, dprefix="teacher_diffusion."), "teacher_diffusion.learn_sigma"),
+        (lambda: resolve({"learn_sigma": "maybe"}), "model.learn_sigma"),
+        (lambda: resolve({"widht": 3}, prefix="teacher."), "teacher: unknown field 'widht'"),
+        (lambda: resolve({"widht": 3}), "model: unknown field 'widht'"),
+        (lambda: resolve({}, {"stepz": 3}, dprefix="teacher_diffusion."), "teacher_diffusion: unknown field 'stepz'"),
+        (lambda: resolve({}, {"stepz": 3}), "diffusion: unknown field 'stepz'"),
+        (lambda: resolve({}, {}, diffusion_changes={"stepz": 3}), "diffusion: unknown field 'stepz'"),
+    ]
+    for call, where in cases:
+        with pytest.raises(ConfigError, match=re.escape(where)):
+            call()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({}, run / "model000001.pt")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"widht": 3}, "diffusion": {"steps": 4}}))
+    with pytest.raises(ConfigError, match=re.escape(f"{run / 'config.yaml'}: unknown field 'widht'")):
+        resolve(checkpoint=str(run / "model000001.pt"))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(TINY), "diffusion": {"stepz": 4}}))
+    for call in (
+        lambda: resolve(checkpoint=str(run / "model000001.pt")),
+        lambda: recorded_diffusion(str(run / "model000001.pt")),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"{run / 'config.yaml'}: unknown field 'stepz'")):
+            call()
+
+
+def test_a_hand_written_config_may_name_a_zoo_entry(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({}, run / "model000001.pt")
+    data = {"model": {"arch": "digits-student", "dropout": 0.25}, "diffusion": {"steps": 4}, "notes": {"x": 1}}
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    r = resolve(checkpoint=str(run / "model000001.pt"))
+    assert r.model == dataclass_replace(get_config("digits-student"), dropout=0.25)
+    (run / "config.yaml").write_text(yaml.safe_dump({"notes": {"x": 1}}))  # names neither group
+    assert configs_beside(str(run / "model000001.pt")) == (None, None, str(run / "config.yaml"))
+
+
+def test_a_family_flag_changes_the_recorded_networks_family(tmp_path):
+    path = _run_dir(tmp_path)
+    assert resolve({"arch": "vit"}, checkpoint=path).model.arch == "vit"
+    assert resolve({}, checkpoint=path).model.arch == "unet"
+
+
+def test_without_a_checkpoint_nothing_beside_the_working_directory_is_read(tmp_path, monkeypatch):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(TINY), "diffusion": to_dict(DIFF)}))
+    monkeypatch.chdir(tmp_path)
+    r = resolve({}, {})
+    assert (r.model, r.diffusion, r.source) == (ModelConfig(), DiffusionConfig(), "defaults")
+
+
+def test_the_missing_diffusion_refusal_names_the_checkpoint(tmp_path):
+    orphan = tmp_path / "orphan.pt"
+    torch.save({}, orphan)
+    with pytest.raises(
+        ConfigError, match=rf"^nothing beside {re.escape(str(orphan))} records .* --teacher_diffusion\.steps"
+    ):
+        resolve({"arch": "digits-teacher"}, checkpoint=str(orphan), dprefix="teacher_diffusion.")
+    with pytest.raises(
+        ConfigError, match=rf"^nothing beside {re.escape(str(orphan))} records .* --steps and --noise_schedule"
+    ):
+        resolve_distillation({"teacher": {"arch": "digits-teacher"}}, str(orphan))
+
+
+def test_a_teacher_without_a_record_takes_its_process_from_the_teacher_diffusion_flags(tmp_path):
+    orphan = tmp_path / "orphan.pt"
+    torch.save(create_model("digits-teacher").state_dict(), orphan)
+    over = {"teacher": {"arch": "digits-teacher"}, "teacher_diffusion": {"steps": 12, "noise_schedule": "linear"}}
+    teacher, student = resolve_distillation(over, str(orphan))
+    assert (teacher.diffusion.steps, teacher.diffusion.noise_schedule) == (12, "linear")
+    assert student.model == get_config(DEFAULT_STUDENT) and student.source == DEFAULT_STUDENT
+    over["diffusion"] = {"use_kl": True, "timestep_respacing": "4"}  # the student's; the teacher is only
+    teacher, student = resolve_distillation(over, str(orphan))  # evaluated: no KL term, no respacing
+    assert not teacher.diffusion.use_kl and teacher.diffusion.timestep_respacing == ""
+    assert student.diffusion.use_kl and student.diffusion.timestep_respacing == "4"
+    with pytest.raises(ConfigError, match="teacher_diffusion: unknown field 'stepz'"):
+        resolve_distillation({"teacher_diffusion": {"stepz": 3}})
+    _run_dir(tmp_path)  # a teacher not written yet: its run's record describes teacher and student alike
+    teacher, student = resolve_distillation({}, str(tmp_path / "run" / "model000020.pt"))
+    assert teacher.diffusion.steps == student.diffusion.steps == DIFF.steps and teacher.model == TINY
+
+
+def test_a_latent_teachers_student_takes_its_first_stage_and_keeps_its_own_record():
+    latent = os.path.join(os.path.dirname(EMBEDDED_TEACHER), "digits_latent_teacher.pt")
+    teacher, student = resolve_distillation(
+        {"student": {"arch": "digits-student", "in_channels": 4, "image_size": 8}}, latent
+    )
+    assert teacher.model.first_stage and student.model.first_stage == teacher.model.first_stage
+    assert student.model.first_stage_scale == teacher.model.first_stage_scale
+    assert (student.checkpoint, student.source) == ("", "digits-student")
+    teacher, student = resolve_distillation({}, latent)  # no student group at all
+    assert student.model.first_stage == teacher.model.first_stage
+    with pytest.raises(ConfigError, match="is not the teacher's"):
+        resolve_distillation({"student": {"first_stage": "elsewhere"}}, latent)
+
+
+def test_sample_space_keeps_the_first_stage_scale():
+    space = SampleSpace.of(dataclass_replace(TINY, first_stage="ae", first_stage_scale=0.3))
+    assert space == SampleSpace((1, 8, 8), 0, "ae", 0.3)
+
+
+def test_first_stage_is_found_locally_then_in_the_assets_with_its_scale(tmp_path, monkeypatch):
+    import dkdm.models.first_stage as fs
+
+    calls = []
+
+    class Stage:
+        latent_channels = 1
+
+    monkeypatch.setattr(fs, "load_first_stage", lambda path, **kw: calls.append((path, kw)) or Stage())
+    assets = os.path.dirname(EMBEDDED_TEACHER)
+    SampleSpace((1, 8, 8), 0, "digits_autoencoder", 0.0).load_first_stage(chunk_size=3)
+    assert calls[-1] == (os.path.join(assets, "digits_autoencoder"), {"scale_factor": None, "chunk_size": 3})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits_autoencoder").mkdir()  # a local folder of the same name wins
+    SampleSpace((1, 8, 8), 0, "digits_autoencoder", 0.3).load_first_stage()
+    assert calls[-1] == ("digits_autoencoder", {"scale_factor": 0.3})
