@@ -381,9 +381,9 @@ def resolve_distillation(
     if teacher.model.first_stage and not s_over.get("first_stage"):
         space = {"first_stage": teacher.model.first_stage, "first_stage_scale": teacher.model.first_stage_scale}
         student = Resolved(update(student.model, space), student.diffusion, student.checkpoint, student.source)
-    if student.space.first_stage != teacher.space.first_stage:
+    if student.space.first_stage != teacher.space.first_stage:  # a student without one took the teacher's
         raise ConfigError(
-            f"the student's first stage ({student.space.first_stage or 'none: pixels'}) is not the teacher's "
+            f"the student's first stage ({student.space.first_stage}) is not the teacher's "
             f"({teacher.space.first_stage or 'none: pixels'}); a student learns in its teacher's space"
         )
     return teacher, student

@@ -273,6 +273,7 @@ def test_errors_name_where_the_bad_value_came_from(tmp_path):
         (lambda: resolve({"widht": 3}), "model: unknown field 'widht'"),
         (lambda: resolve({}, {"stepz": 3}, dprefix="teacher_diffusion."), "teacher_diffusion: unknown field 'stepz'"),
         (lambda: resolve({}, {"stepz": 3}), "diffusion: unknown field 'stepz'"),
+        (lambda: resolve({}, {"stepz": 3}, dprefix=""), "diffusion: unknown field 'stepz'"),
         (lambda: resolve({}, {}, diffusion_changes={"stepz": 3}), "diffusion: unknown field 'stepz'"),
     ]
     for call, where in cases:
@@ -301,6 +302,10 @@ def test_a_hand_written_config_may_name_a_zoo_entry(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(data))
     r = resolve(checkpoint=str(run / "model000001.pt"))
     assert r.model == dataclass_replace(get_config("digits-student"), dropout=0.25)
+    data["model"]["widht"] = 3
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=re.escape(f"{run / 'config.yaml'}: unknown field 'widht'")):
+        resolve(checkpoint=str(run / "model000001.pt"))
     (run / "config.yaml").write_text(yaml.safe_dump({"notes": {"x": 1}}))  # names neither group
     assert configs_beside(str(run / "model000001.pt")) == (None, None, str(run / "config.yaml"))
 
@@ -313,7 +318,8 @@ def test_a_family_flag_changes_the_recorded_networks_family(tmp_path):
 
 def test_without_a_checkpoint_nothing_beside_the_working_directory_is_read(tmp_path, monkeypatch):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(TINY), "diffusion": to_dict(DIFF)}))
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # "" would be a file of this folder, whose config.yaml is one up
     r = resolve({}, {})
     assert (r.model, r.diffusion, r.source) == (ModelConfig(), DiffusionConfig(), "defaults")
 
@@ -359,8 +365,15 @@ def test_a_latent_teachers_student_takes_its_first_stage_and_keeps_its_own_recor
     assert (student.checkpoint, student.source) == ("", "digits-student")
     teacher, student = resolve_distillation({}, latent)  # no student group at all
     assert student.model.first_stage == teacher.model.first_stage
-    with pytest.raises(ConfigError, match="is not the teacher's"):
+    with pytest.raises(ConfigError) as e:
         resolve_distillation({"student": {"first_stage": "elsewhere"}}, latent)
+    assert str(e.value) == (
+        f"the student's first stage (elsewhere) is not the teacher's ({teacher.model.first_stage}); "
+        "a student learns in its teacher's space"
+    )
+    with pytest.raises(ConfigError) as e:
+        resolve_distillation({"student": {"first_stage": "ae"}})  # the embedded teacher works on pixels
+    assert str(e.value).startswith("the student's first stage (ae) is not the teacher's (none: pixels);")
 
 
 def test_sample_space_keeps_the_first_stage_scale():
@@ -384,3 +397,5 @@ def test_first_stage_is_found_locally_then_in_the_assets_with_its_scale(tmp_path
     (tmp_path / "digits_autoencoder").mkdir()  # a local folder of the same name wins
     SampleSpace((1, 8, 8), 0, "digits_autoencoder", 0.3).load_first_stage()
     assert calls[-1] == ("digits_autoencoder", {"scale_factor": 0.3})
+    SampleSpace((1, 8, 8), 0, "nowhere", 0.0).load_first_stage()  # found nowhere: the loader names it as given
+    assert calls[-1] == ("nowhere", {"scale_factor": None})
