@@ -399,3 +399,12 @@ def test_first_stage_is_found_locally_then_in_the_assets_with_its_scale(tmp_path
     assert calls[-1] == ("digits_autoencoder", {"scale_factor": 0.3})
     SampleSpace((1, 8, 8), 0, "nowhere", 0.0).load_first_stage()  # found nowhere: the loader names it as given
     assert calls[-1] == ("nowhere", {"scale_factor": None})
+
+
+def test_a_network_without_a_checkpoint_is_built_fresh_and_nothing_beside_describes_nothing(tmp_path):
+    from dkdm.resolve import build_network
+
+    net = build_network(TINY)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in create_model(TINY).parameters())
+    torch.save({}, tmp_path / "lonely.pt")
+    assert configs_beside(str(tmp_path / "lonely.pt")) == (None, None, "")
