@@ -417,7 +417,6 @@ class ConfigParser:
         self.parser = argparse.ArgumentParser(
             description=description,
             usage="%(prog)s [--config FILE.yaml] [--field VALUE | --group.field VALUE ...]",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
             allow_abbrev=False,
         )
         self.parser.add_argument(

@@ -11,6 +11,7 @@ from dkdm.config import (
     dump_yaml,
     from_dict,
     load_yaml,
+    to_dict,
     update,
 )
 
@@ -111,3 +112,93 @@ def test_update_from_dict_and_dump_round_trip(tmp_path):
     data = load_yaml(str(path))
     assert from_dict(ModelConfig, data["model"]) == model
     assert data["diffusion"]["steps"] == 100
+
+
+# ------------------------------------------------------------------ what a first mutation pass found unpinned
+
+
+def test_distill_config_accepts_every_documented_value_and_refuses_near_misses():
+    for objective in ("dkdm", "luhman", "progressive", "tract", "consistency", "boot"):
+        assert DistillConfig(objective=objective).objective == objective
+    for dev in ("", "auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert DistillConfig(pool_device=dev).pool_device == dev
+    for precision in ("fp32", "fp16", "bf16"):
+        assert DistillConfig(teacher_precision=precision).teacher_precision == precision
+    for dev in ("cudax", "cuda:", "cuda:a", "CUDA:0", "gpu"):
+        with pytest.raises(ConfigError, match=f"--pool_device must be auto .* got '{dev}'"):
+            DistillConfig(pool_device=dev)
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [(w, True) for w in ("1", "true", "yes", "y", "on", "YES", " On ")]
+    + [(w, False) for w in ("0", "false", "no", "n", "off", "NO", "Off")],
+)
+def test_bool_words_in_any_case(value, want):
+    assert update(ModelConfig(), {"learn_sigma": value}).learn_sigma is want
+
+
+def test_coercion_by_type_and_where_it_is_named():
+    assert update(ModelConfig(), {"name": None}).name == ""  # YAML's empty value for a string field
+    assert update(ModelConfig(), {"name": 7}).name == "7"
+    assert update(ModelConfig(), {"num_channels": 64.0}).num_channels == 64
+    with pytest.raises(ConfigError, match=r"^ModelConfig\.num_channels: expected int, got 64\.5$"):
+        update(ModelConfig(), {"num_channels": 64.5})
+    with pytest.raises(ConfigError, match=r"^ModelConfig: unknown field 'widht'"):
+        update(ModelConfig(), {"widht": 1})
+    from dkdm.config import _coerce
+
+    assert _coerce("3", "int", "x") == 3 and _coerce("1.5", "float", "x") == 1.5 and _coerce(4, "str", "x") == "4"
+
+
+def test_unknown_arguments_and_flag_values_are_named(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse(["stray", "--num_chanels=3"])
+    assert "unknown argument --num_chanels=3 (did you mean '--num_channels'?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parser().parse(["stray"])
+    assert "unknown argument stray" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^--model\.num_channels: expected int"):
+        _parser().parse(["--model.num_channels", "many"])
+
+
+def test_yaml_values_are_checked_naming_the_file_and_group(tmp_path):
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"lr": "fast"}}))
+    with pytest.raises(ConfigError, match=rf"^{cfg}: train\.lr: expected float"):
+        _parser().parse(["--config", str(cfg)])
+    args = _parser().parse([])
+    args.overrides["train"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"^train\.lr: expected float"):
+        args.resolve("train")
+
+
+def test_differences_compare_leaves_and_dump_keeps_field_order(tmp_path):
+    from dkdm.config import differences
+
+    assert differences({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, 5: 1}) == [("5", None, 1), ("a.c", 2, 3)]
+    assert differences({"a": {"b": 1}}, {"a": 4}) == [("a", {"b": 1}, 4)]
+    path = tmp_path / "c.yaml"
+    dump_yaml({"train": TrainConfig(), "model": ModelConfig()}, str(path))
+    text = path.read_text()
+    assert text.index("train:") < text.index("model:")
+    assert list(load_yaml(str(path))["model"]) == list(to_dict(ModelConfig()))
+
+
+def test_help_describes_every_flag_once_with_its_own_default():
+    p = ConfigParser(
+        "the description", {"model": ModelConfig, "diffusion": DiffusionConfig}, renamed={"old": "--model.arch"}
+    )
+    h = " ".join(p.parser.format_help().split())  # argparse wraps lines by the terminal's width
+    assert (
+        h.startswith("usage: ")
+        and "[--config FILE.yaml] [--field VALUE | --group.field VALUE ...] the description" in h
+    )
+    assert "--config CONFIG experiment YAML with one mapping per group (model, diffusion); may be given several" in h
+    assert "--model.arch V model: arch (default 'unet')" in h and "(default: None)" not in h
+    assert "--model.learn_sigma [V] model: learn_sigma (default False)" in h  # a bool flag alone means true
+    assert "--learn_sigma [V] sets model.learn_sigma, diffusion.learn_sigma" in h
+    assert "--dropout V sets model.dropout" in h and "now spelled --model.arch" in h
+    with pytest.raises(SystemExit):
+        p.parse(["--model.dropout"])  # a value is needed: only bools take none
+    assert p.parse(["--model.learn_sigma"]).resolve("model").learn_sigma is True
