@@ -202,3 +202,33 @@ def test_help_describes_every_flag_once_with_its_own_default():
     with pytest.raises(SystemExit):
         p.parse(["--model.dropout"])  # a value is needed: only bools take none
     assert p.parse(["--model.learn_sigma"]).resolve("model").learn_sigma is True
+
+
+def test_groups_sharing_a_type_get_no_plain_flags_by_default(capsys):
+    parser = ConfigParser("t", {"teacher": ModelConfig, "student": ModelConfig, "diffusion": DiffusionConfig})
+    assert parser.parse(["--steps", "9"]).resolve("diffusion").steps == 9  # its type is its own
+    with pytest.raises(SystemExit):
+        parser.parse(["--num_channels", "32"])  # teacher or student? only --teacher./--student. exist
+    assert "unknown argument --num_channels" in capsys.readouterr().err
+
+
+def test_a_prefixed_flag_wins_over_the_plain_one_whatever_their_names():
+    args = _parser().parse(["--diffusion.steps", "7", "--steps", "9"])  # 'diffusion__steps' sorts before 'steps'
+    assert args.resolve("diffusion").steps == 7
+
+
+def test_extras_suggestions_types_and_batch_bounds(tmp_path, capsys):
+    parser = _parser()
+    parser.add_argument("--out", default="x.npz")
+    args = parser.parse(["--out", "y.npz"])
+    assert args.extras == {"config": [], "out": "y.npz"}
+    with pytest.raises(SystemExit):
+        parser.parse(["--lrr=0.000100000"])  # the name before '=' is what is compared
+    assert "unknown argument --lrr=0.000100000 (did you mean '--lr'?)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"unknown field 'numch' \(did you mean 'num_channels'\?\)"):
+        update(ModelConfig(), {"numch": 1})  # similarity 0.59: suggested from 0.5 on
+    from dkdm.config import _coerce
+
+    assert _coerce("3", int, "x") == 3 and _coerce("yes", bool, "x") is True  # a type as well as its name
+    assert TrainConfig(batch_size=1).batch_size == 1
+    assert TrainConfig(max_steps=10, lr_anneal_steps=10).max_steps == 10  # annealed to 0 at the last step
