@@ -391,6 +391,14 @@ class ParsedArgs:
     _types: dict = field(default_factory=dict, repr=False)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The script's docstring as written, and a script option's default; a config flag's default of
+    None means "not given", and its help already names the field's own default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ConfigParser:
     """Flags for a script's config groups plus its own options.
 
@@ -417,6 +425,7 @@ class ConfigParser:
         self.parser = argparse.ArgumentParser(
             description=description,
             usage="%(prog)s [--config FILE.yaml] [--field VALUE | --group.field VALUE ...]",
+            formatter_class=_HelpFormatter,
             allow_abbrev=False,
         )
         self.parser.add_argument(

@@ -199,6 +199,8 @@ def test_help_describes_every_flag_once_with_its_own_default():
     assert "--model.learn_sigma [V] model: learn_sigma (default False)" in h  # a bool flag alone means true
     assert "--learn_sigma [V] sets model.learn_sigma, diffusion.learn_sigma" in h
     assert "--dropout V sets model.dropout" in h and "now spelled --model.arch" in h
+    p.add_argument("--out", default="x.npz", help="where the images go")
+    assert "--out OUT where the images go (default: x.npz)" in " ".join(p.parser.format_help().split())
     with pytest.raises(SystemExit):
         p.parse(["--model.dropout"])  # a value is needed: only bools take none
     assert p.parse(["--model.learn_sigma"]).resolve("model").learn_sigma is True
