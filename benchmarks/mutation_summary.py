@@ -10,6 +10,14 @@ function. Exit status 1 when an unexplained survivor remains, so the habit has t
 
     make mutation                      # mutmut run, then this script
     python benchmarks/mutation_summary.py --mutants_dir . --out benchmarks/results
+
+mutmut forks each mutant's test run from a process that has already imported the code, so a
+function that runs at import time (a module-level table built by calling it, such as the model
+zoo's recipes) always runs unmutated and its mutants "survive" whatever the tests check.
+``--fresh GLOB`` reruns the survivors whose names match in a new process each, with the mutant
+switched on from the start (``MUTANT_UNDER_TEST``; the test selection of the run's ``setup.cfg``,
+``pytest -x``); a mutant whose tests fail there is counted as ``killed in a fresh process``.
+The selection must pass in a fresh process with no mutant first, or the script stops.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import configparser
 import datetime
 import fnmatch
 import json
@@ -29,6 +38,7 @@ import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+FRESH = "killed in a fresh process"
 
 
 def read_results(directory: str, mutmut: str) -> dict[str, str]:
@@ -68,6 +78,52 @@ def read_change(directory: str, mutmut: str, name: str) -> str:
     )
 
 
+def test_selection(directory: str) -> list[str]:
+    """The run's test selection: ``pytest_add_cli_args_test_selection`` of ``setup.cfg`` in ``directory``."""
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(directory, "setup.cfg"))
+    return parser.get("mutmut", "pytest_add_cli_args_test_selection", fallback="").split()
+
+
+def fails_in_fresh_process(directory: str, mutant: str, selection: list[str], timeout: float = 900) -> bool:
+    """Whether the selection fails in a new process with ``mutant`` on from the start ("" = no mutant).
+
+    Any nonzero exit counts, a collection error included (a mutant that breaks the import of the
+    code is detected); ``recheck_fresh`` makes sure the selection passes without a mutant first. A
+    run past ``timeout`` seconds counts as failed, as mutmut counts its timeouts.
+    """
+    env = {**os.environ, "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": os.path.join(directory, "mutants")}
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+            check=False,
+            cwd=os.path.join(directory, "mutants"),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return True
+    if not mutant and run.returncode:
+        raise SystemExit(
+            f"mutation_summary.py: error: the test selection fails with no mutant in a fresh process "
+            f"(pytest exit {run.returncode}):\n{run.stdout[-2000:]}{run.stderr[-2000:]}"
+        )
+    return run.returncode != 0
+
+
+def recheck_fresh(directory: str, names: list[str], workers: int = 2) -> set[str]:
+    """The mutants among ``names`` whose tests fail in a fresh process (see the module docstring)."""
+    if not names:
+        return set()
+    selection = test_selection(directory)
+    fails_in_fresh_process(directory, "", selection)  # raises unless the selection passes unmutated
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        failed = list(pool.map(lambda n: fails_in_fresh_process(directory, n, selection), names))
+    return {n for n, f in zip(names, failed) if f}
+
+
 def load_rules(path: str) -> list[dict]:
     """The YAML's rules, each checked: a ``reason`` and at least one of ``mutant`` / ``change``."""
     with open(path) as f:
@@ -100,18 +156,30 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--rules", default=os.path.join(HERE, "mutation_equivalent.yaml"))
     p.add_argument("--mutmut", default=os.path.join(os.path.dirname(sys.executable), "mutmut"))
+    p.add_argument(
+        "--fresh",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="rerun the survivors matching GLOB in a fresh process each (functions that run at import)",
+    )
     args = p.parse_args()
     results = read_results(args.mutants_dir, args.mutmut)
     if not results:
         print("mutation_summary.py: error: no mutants found; run `mutmut run` first", file=sys.stderr)
         return 2
+    recheck = sorted(
+        n for n, s in results.items() if s == "survived" and any(fnmatch.fnmatchcase(n, g) for g in args.fresh)
+    )
+    for name in recheck_fresh(args.mutants_dir, recheck):
+        results[name] = FRESH
     rules = load_rules(args.rules)
     counts: dict = collections.defaultdict(collections.Counter)
     for name, status in results.items():
         counts[module_and_function(name)[0]][status] += 1
     # A timeout is a detected mutant (the tests did not finish: mutmut's own convention); every
     # other outcome that is not "killed" (survived, suspicious, no tests, interrupted) must be explained.
-    alive = sorted(n for n, s in results.items() if s not in ("killed", "timeout"))
+    alive = sorted(n for n, s in results.items() if s not in ("killed", "timeout", FRESH))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         changes = dict(zip(alive, pool.map(lambda n: read_change(args.mutants_dir, args.mutmut, n), alive)))
     survivors = []
@@ -132,7 +200,9 @@ def main() -> int:
         ["git", "rev-parse", "HEAD"], check=False, cwd=args.mutants_dir, capture_output=True, text=True
     )
     summary = {
-        "command": "make mutation  (mutmut run --max-children 2 with setup.cfg's [mutmut]; then this script)",
+        "command": "make mutation  (mutmut run --max-children 2 with setup.cfg's [mutmut]; then this script"
+        + "".join(f" --fresh '{g}'" for g in args.fresh)
+        + ")",
         "date": datetime.date.today().isoformat(),
         "commit": commit.stdout.strip() or None,
         "modules": {m: dict(c) for m, c in sorted(counts.items())},
@@ -143,12 +213,20 @@ def main() -> int:
     with open(os.path.join(args.out, "mutation.json"), "w") as f:
         json.dump(summary, f, indent=1, ensure_ascii=False)
     statuses = sorted({s for c in counts.values() for s in c})
+    fresh_note = []
+    if args.fresh:
+        fresh_note.append(
+            f"Survivors matching {', '.join(f'`{g}`' for g in args.fresh)} were rerun in a fresh process each "
+            "(they run at import, before mutmut's forked test run switches the mutant on): "
+            f"{len(recheck)} rerun, {sum(s == FRESH for s in results.values())} {FRESH}."
+        )
     lines = [
         "# Mutation testing: the modules where a wrong sign is a silent FID loss",
         "",
         f"Command: `make mutation` ({summary['date']}, commit {str(summary['commit'])[:10]}). mutmut mutates",
         "every covered line of the modules below and runs the test files listed in `setup.cfg`",
         "against each mutant. A timeout counts as detected (the tests did not finish).",
+        *fresh_note,
         "",
         "| module | " + " | ".join(statuses) + " |",
         "|---|" + "---:|" * len(statuses),

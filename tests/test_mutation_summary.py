@@ -81,3 +81,34 @@ def test_every_committed_records_survivors_are_still_explained():
             if key not in _SINCE_RESOLVED and ms.explain(s["mutant"], s["change"], rules) is None:
                 lost.append(key)
     assert lost == []
+
+
+def _toy_run(tmp_path, test_body):
+    """A mutmut run directory whose only 'mutant' is read at import time, as the zoo's recipes are."""
+    (tmp_path / "setup.cfg").write_text("[mutmut]\npytest_add_cli_args_test_selection =\n    tests/test_toy.py\n")
+    (tmp_path / "mutants" / "tests").mkdir(parents=True)
+    (tmp_path / "mutants" / "toy.py").write_text(
+        "import os\nVALUE = 2 if os.environ.get('MUTANT_UNDER_TEST') == 'toy.x_table__mutmut_1' else 1\n"
+    )
+    (tmp_path / "mutants" / "tests" / "test_toy.py").write_text(f"import toy\n\n\ndef test_value():\n    {test_body}\n")
+    return str(tmp_path)
+
+
+def test_import_time_survivors_are_rerun_each_in_a_fresh_process(tmp_path):
+    ms = _summary()
+    run = _toy_run(tmp_path, "assert toy.VALUE == 1")
+    assert ms.test_selection(run) == ["tests/test_toy.py"]
+    assert not ms.fails_in_fresh_process(run, "", ["tests/test_toy.py"])
+    names = ["toy.x_table__mutmut_1", "toy.x_table__mutmut_2"]
+    assert ms.recheck_fresh(run, names) == {"toy.x_table__mutmut_1"}
+    assert ms.recheck_fresh(run, []) == set()
+    assert ms.fails_in_fresh_process(run, names[0], ["tests/test_missing.py"])  # any nonzero exit: a kill ...
+    with pytest.raises(SystemExit, match="fails with no mutant.*exit 4"):  # ... once the selection passes unmutated
+        ms.fails_in_fresh_process(run, "", ["tests/test_missing.py"])
+
+
+def test_a_selection_failing_without_a_mutant_stops_the_recheck(tmp_path):
+    ms = _summary()
+    run = _toy_run(tmp_path, "assert toy.VALUE == 3")
+    with pytest.raises(SystemExit, match="fails with no mutant.*exit 1"):
+        ms.recheck_fresh(run, ["toy.x_table__mutmut_1"])
