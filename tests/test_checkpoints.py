@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from dkdm.config import ModelConfig
 from dkdm.models import CheckpointError, create_model, load_checkpoint, read_state_dict
 
 
@@ -115,8 +116,11 @@ def test_truncated_file_gives_a_clear_error(tmp_path):
 def test_garbage_or_empty_file_gives_a_clear_error(tmp_path, content):
     path = tmp_path / "teacher.pt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=str(path)):
+    with pytest.raises(CheckpointError, match=str(path)) as e:
         load_checkpoint(create_model("digits-student"), str(path))
+    # damage, not untrusted objects: torch's refusal of a garbage pickle also mentions weights_only
+    expected = "is empty (0 bytes)" if not content else "it is truncated, corrupted or not a checkpoint"
+    assert expected in str(e.value) and "Python objects" not in str(e.value)
 
 
 def test_missing_file_and_non_weight_checkpoints(tmp_path):
@@ -140,3 +144,147 @@ def test_missing_file_and_non_weight_checkpoints(tmp_path):
 
 class _Opaque:
     pass
+
+
+# --------------------------------------------------------------------------- what each message says
+
+
+def test_long_lists_are_cut_and_counted():
+    from dkdm.models.checkpoints import _abbreviate
+
+    assert _abbreviate(list(range(8))) == "0, 1, 2, 3, 4, 5, 6, 7"
+    assert _abbreviate(list(range(11))) == "0, 1, 2, 3, 4, 5, 6, 7, ... and 3 more"
+    assert _abbreviate(["a", "b", "c"], 2) == "a, b, ... and 1 more"
+    # mis-shaped tensors are listed five at a time, a wrapper's entries six
+    model = create_model("digits-student")
+    sd = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(model, sd)
+    shaped = next(line for line in str(e.value).splitlines() if "mis-shaped:" in line)
+    assert shaped.count(" (checkpoint ") == 5 and shaped.endswith(f"... and {len(sd) - 5} more")
+    with pytest.raises(CheckpointError, match=r"entries a, b, c, d, e, f, \.\.\. and 1 more, not model weights"):
+        load_checkpoint(model, {k: 1 for k in "abcdefg"})
+
+
+def test_where_the_weights_came_from_and_which_model_refused_them_are_named(tmp_path):
+    student = create_model("digits-student")
+    sd = _random_state(student)
+    sd.pop("out.2.bias")
+    with pytest.raises(CheckpointError, match=r"^the given state dict does not fit the model 'digits-student'"):
+        load_checkpoint(student, sd)
+    path = tmp_path / "student.pt"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint file {path} does not fit the model 'digits-student'"):
+        load_checkpoint(student, str(path))
+    with pytest.raises(
+        CheckpointError, match=r"does not fit the model 'Linear': it has 2 tensors, the model expects 2"
+    ):
+        load_checkpoint(torch.nn.Linear(2, 3), {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)})
+    from dkdm.models.checkpoints import unwrap_state_dict
+
+    with pytest.raises(CheckpointError, match=r"^checkpoint: holds a int, not model weights"):
+        unwrap_state_dict(5)
+    with pytest.raises(CheckpointError, match=r"^checkpoint: holds an empty dict, not model weights"):
+        unwrap_state_dict({})
+    with pytest.raises(CheckpointError, match=r"has no entry 'ema' \(it has: Tensor\)"):
+        unwrap_state_dict(torch.zeros(2), key="ema")
+    with pytest.raises(CheckpointError, match=r"^the given state dict: has no entry 'ema' \(it has: model, opt\)"):
+        load_checkpoint(student, {"model": sd, "opt": {}}, key="ema")
+    one = {"w": torch.ones(2)}
+    assert unwrap_state_dict(one) == one  # a single tensor is still a state dict
+
+
+def test_an_explicit_key_picks_the_entry_from_a_file_or_a_dict(tmp_path):
+    model = create_model("digits-student")
+    ema, live = _random_state(model), _random_state(model)
+    path = tmp_path / "train.pt"
+    torch.save({"model": live, "ema": ema}, path)
+    for source in (str(path), {"model": live, "ema": ema}):
+        load_checkpoint(model, source, key="model")
+        assert torch.equal(model.out[2].weight, live["out.2.weight"])
+        load_checkpoint(model, source)  # the EMA by default
+        assert torch.equal(model.out[2].weight, ema["out.2.weight"])
+
+
+def test_a_narrower_copy_of_every_layer_is_named_as_a_pruned_network():
+    model = create_model("digits-student")
+    own = model.state_dict()
+    narrow = {k: v[:-1] if k.startswith("out.2.") else v for k, v in own.items()}  # fewer output channels
+    with pytest.raises(CheckpointError, match="it is a pruned network, which only the config saved with it rebuilds"):
+        load_checkpoint(model, narrow)
+    del narrow["out.2.bias"]  # a missing tensor as well: not the pruning case
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(model, narrow)
+    assert "pruned" not in str(e.value)
+
+
+def test_reading_a_safetensors_file_and_an_unreadable_pickle_say_which(tmp_path):
+    import math
+
+    from dkdm.models.checkpoints import save_safetensors
+
+    sd = _random_state(create_model("digits-student"))
+    path = tmp_path / "ema_0.9999_000100.safetensors"
+    save_safetensors(sd, str(path))
+    assert all(torch.equal(v, sd[k]) for k, v in read_state_dict(str(path)).items())
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is empty \(0 bytes\); the save was interrupted"):
+        read_state_dict(str(empty))
+    # A pickled function is refused as an object; a text file, whose refusal also mentions weights_only, as damage.
+    code = tmp_path / "function.pt"
+    torch.save({"w": torch.zeros(1), "f": math.floor}, code)
+    try:
+        torch.load(code, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0]
+    with pytest.raises(CheckpointError) as e:
+        read_state_dict(str(code))
+    assert f"contains Python objects other than tensors ({first[:200]}); re-save just its state dict" in str(e.value)
+    text = tmp_path / "notes.pt"
+    text.write_bytes(b"not a checkpoint\n" * 4)
+    try:
+        torch.load(text, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        kind, first = type(e).__name__, str(e).strip().splitlines()[0][:200]
+    with pytest.raises(CheckpointError) as e:
+        read_state_dict(str(text))
+    assert f"not a checkpoint ({kind}: {first}); re-download" in str(e.value)
+
+
+def test_shapes_reveal_conditioning_channels_and_learned_sigma():
+    from dkdm.models.checkpoints import _inferred_overrides
+
+    unet = create_model("digits-teacher", class_cond=True, num_classes=7, learn_sigma=False).state_dict()
+    assert _inferred_overrides(unet) == {"class_cond": True, "num_classes": 7, "in_channels": 1, "learn_sigma": False}
+    half = {k: v for k, v in unet.items() if k != "out.2.weight"}  # both ends are needed for the channels
+    assert _inferred_overrides(half) == {"class_cond": True, "num_classes": 7}
+    kw = {"arch": "vit", "image_size": 8, "hidden_size": 32, "depth": 1, "num_heads": 2, "patch_size": 2}
+    for learn_sigma in (True, False):
+        vit = create_model(ModelConfig(**kw, in_channels=3, learn_sigma=learn_sigma)).state_dict()
+        assert _inferred_overrides(vit) == {"in_channels": 3, "learn_sigma": learn_sigma}
+        alone = {k: v for k, v in vit.items() if k != "final_layer.linear.weight"}
+        assert _inferred_overrides(alone) == {}
+    assert _inferred_overrides({"x_embedder.proj.weight": torch.zeros(32, 3, 2, 2)}) == {}
+
+
+def test_a_vits_label_table_is_read_with_a_null_row_first_and_the_other_reading_offered():
+    from dkdm.models.checkpoints import suggest_architecture
+
+    with torch.device("meta"):
+        dit = create_model("dit-s2-256").state_dict()
+        digits = create_model("digits-vit", class_cond=True, num_classes=10, class_dropout_prob=0.1).state_dict()
+        cifar = create_model("cifar10-57M").state_dict()
+    assert suggest_architecture(dit) == (
+        "this looks like a ViT with hidden size 384, depth 12, patch size 2: try dit-s2-256 "
+        "(or --num_classes 1001 --class_dropout_prob 0 if none of its 1001 label rows is a null class)"
+    )
+    assert suggest_architecture(digits) == (
+        "this looks like a ViT with hidden size 128, depth 4, patch size 2: try digits-vit with --class_cond True "
+        "--num_classes 10 --class_dropout_prob 0.1 "
+        "(or --num_classes 11 --class_dropout_prob 0 if none of its 11 label rows is a null class)"
+    )
+    assert suggest_architecture(cifar) == (
+        "this looks like 128 channels, 3 res blocks, channel_mult 1,2,2,2: try cifar10-57M (same tensors: imagenet32-57M)"
+    )
+    assert suggest_architecture({"w": torch.zeros(1)}) is None

@@ -66,7 +66,7 @@ def unwrap_state_dict(obj: object, source: str = "checkpoint", key: str | None =
                 break
     if not _is_state_dict(obj):
         if isinstance(obj, Mapping):
-            what = f"a dict with entries {_abbreviate([str(k) for k in obj], 6)}"
+            what = f"a dict with entries {_abbreviate([str(k) for k in obj], 6)}" if obj else "an empty dict"
         else:
             what = f"a {type(obj).__name__}"
         raise CheckpointError(
@@ -95,7 +95,9 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, torch.Tensor
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # A class or function in the pickle ("Unsupported global"); a damaged or foreign file fails on
+        # an opcode instead ("Unsupported operand"), and both messages mention weights_only.
+        if "Unsupported global" in str(e):
             raise CheckpointError(
                 f"checkpoint file {path} contains Python objects other than tensors ({first}); "
                 "re-save just its state dict (torch.save(model.state_dict(), path)) from a trusted source"
@@ -173,45 +175,34 @@ def suggest_architecture(sd: Mapping[str, torch.Tensor]) -> str | None:
 
     target = _signature(sd)
     inferred = _inferred_overrides(sd)
-    found: list = []  # (name, description, extra flags)
+    rows = sd["y_embedder.embedding_table.weight"].shape[0] if "y_embedder.embedding_table.weight" in sd else None
+    found: list = []  # (name, description, extra flags, the other reading of a ViT's label table)
     for name, cfg in ZOO.items():
-        variants = [inferred]
-        if "y_embedder.embedding_table.weight" in sd and cfg.arch == "vit":
-            rows = sd["y_embedder.embedding_table.weight"].shape[0]
-            variants = [
-                {
-                    **inferred,
-                    "class_cond": True,
-                    "num_classes": rows,
-                    "class_dropout_prob": 0.0,
-                },
-                {
-                    **inferred,
-                    "class_cond": True,
-                    "num_classes": rows - 1,
-                    "class_dropout_prob": 0.1,
-                },
-            ]
-        for v in variants:
-            try:
-                with torch.device("meta"):
-                    model = create_model(name, **v)
-            except ValueError:
-                continue
-            if _signature(model.state_dict()) == target:
-                c = model.config
-                if c.arch == "unet":
-                    desc = f"{c.num_channels} channels, {c.num_res_blocks} res blocks, channel_mult {c.channel_mult}"
-                else:
-                    desc = f"a ViT with hidden size {c.hidden_size}, depth {c.depth}, patch size {c.patch_size}"
-                extra = "".join(f" --{k} {val}" for k, val in v.items() if getattr(cfg, k) != val)
-                found.append((name, desc, extra))
-                break
+        v = inferred
+        if rows is not None and cfg.arch == "vit":
+            # DiT's label table has a null row for classifier-free guidance: 1001 rows are 1000 classes.
+            v = {**inferred, "class_cond": True, "num_classes": rows - 1, "class_dropout_prob": 0.1}
+        try:
+            with torch.device("meta"):
+                model = create_model(name, **v)
+        except ValueError:
+            continue
+        if _signature(model.state_dict()) == target:
+            c = model.config
+            if c.arch == "unet":
+                desc = f"{c.num_channels} channels, {c.num_res_blocks} res blocks, channel_mult {c.channel_mult}"
+            else:
+                desc = f"a ViT with hidden size {c.hidden_size}, depth {c.depth}, patch size {c.patch_size}"
+            extra = "".join(f" --{k} {val}" for k, val in v.items() if getattr(cfg, k) != val)
+            alt = ""
+            if c.arch == "vit" and rows is not None:  # the same tensors, read without a null row
+                alt = f" (or --num_classes {rows} --class_dropout_prob 0 if none of its {rows} label rows is a null class)"
+            found.append((name, desc, extra, alt))
     if not found:
         return None
-    name, desc, extra = found[0]
-    also = f" (same tensors: {', '.join(n for n, _, _ in found[1:])})" if len(found) > 1 else ""
-    return f"this looks like {desc}: try {name}{' with' + extra if extra else ''}{also}"
+    name, desc, extra, alt = found[0]
+    also = f" (same tensors: {', '.join(f[0] for f in found[1:])})" if len(found) > 1 else ""
+    return f"this looks like {desc}: try {name}{' with' + extra if extra else ''}{alt}{also}"
 
 
 def load_checkpoint(
