@@ -139,7 +139,8 @@ class ViT(nn.Module):
     ``num_classes=None`` builds an unconditional model. ``class_dropout_prob`` > 0 adds the
     null class (label ``num_classes``); ``guidance_cond`` adds ``w_embedder``, an embedding of
     the guidance scale ``w`` added to the timestep embedding (Meng et al.), zero-initialised, and
-    ``forward`` then takes ``w`` [N].
+    ``forward`` then takes ``w`` [N]. The defaults are DiT-S/2's transformer (hidden size 384,
+    depth 12, 6 heads, patch 2, MLP ratio 4) on 32x32 RGB pixels.
     """
 
     def __init__(
