@@ -288,3 +288,19 @@ def test_a_vits_label_table_is_read_with_a_null_row_first_and_the_other_reading_
         "this looks like 128 channels, 3 res blocks, channel_mult 1,2,2,2: try cifar10-57M (same tensors: imagenet32-57M)"
     )
     assert suggest_architecture({"w": torch.zeros(1)}) is None
+
+
+def test_files_are_unpickled_safely_onto_the_cpu_whatever_torchs_default(tmp_path, monkeypatch):
+    """torch < 2.6 (setup.py allows 2.1) defaults to unpickling anything; the reader never relies on the default."""
+    seen = {}
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    path = tmp_path / "model000100.pt"
+    torch.save(_random_state(create_model("digits-student")), path)
+    read_state_dict(str(path))
+    assert seen == {"map_location": "cpu", "weights_only": True}

@@ -16,7 +16,7 @@ from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop, check_conditioning
 from dkdm.distill.pool import DynamicPool, classes_of_uniforms, read_class_weights
 from dkdm.models import create_model
-from dkdm.models.guidance import GuidanceError, Guided, WithScale, for_sampling, guide
+from dkdm.models.guidance import GuidanceError, Guided, WithScale, check_guidable, for_sampling, guide
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = 10
@@ -339,6 +339,29 @@ def test_guidance_refusals():
     with torch.no_grad():
         wrapped(torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3]), y=torch.tensor([0, 1, 2]))
     assert torch.equal(seen["w"], torch.full((3,), 2.0))
+
+
+def test_guidance_defaults_and_refusals_word_for_word():
+    m = LabelNet(True)
+    x, t, y = torch.randn(3, 1, 4, 4, dtype=torch.float64), torch.tensor([1, 2, 3]), torch.tensor([0, 4, 2])
+    with torch.no_grad():  # the default scale 1 is the conditional model
+        torch.testing.assert_close(Guided(m)(x, t, y), m(x, t, y), rtol=1e-12, atol=1e-12)
+    assert for_sampling(m) is m
+    plain = torch.nn.Linear(2, 2)  # says nothing about guidance_cond: not w-conditioned
+    assert for_sampling(plain) is plain
+    with pytest.raises(GuidanceError) as e:
+        check_guidable(plain)
+    assert str(e.value) == (
+        "--guidance_scale needs a class-conditional teacher, but this teacher is unconditional (class_cond false); "
+        "drop --guidance_scale"
+    )
+    with pytest.raises(GuidanceError, match=r"^--guidance_scale needs a class-conditional model, but this model is"):
+        for_sampling(_unet(), 3.0)
+    with pytest.raises(GuidanceError, match=r"needs a student trained with label dropout .* this student has none"):
+        Guided(_unet(**COND), who="student")
+    # the variance channels come from the conditional half whatever the image's size
+    out = torch.randn(4, 6, 2, 2)
+    assert torch.equal(guide(out, 2.0, 3)[:, 3:], out[:2, 3:])
 
 
 # --------------------------------------------------------------------------- the loop

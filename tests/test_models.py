@@ -20,6 +20,7 @@ from dkdm.models import (
 )
 from dkdm.models.layers import GroupNorm32, conv_nd, qkv_attention, upsample_nearest2x
 from dkdm.models.unet import AttentionBlock
+from dkdm.models.zoo import default_channel_mult
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,6 +172,65 @@ def test_unknown_architecture_lists_valid_names_closest_first():
     assert "cifar10-75M" in msg and all(n in msg for n in ZOO)
     listed = msg.split("closest first): ")[1]
     assert listed.startswith("cifar10-57M")
+
+
+def test_closest_names_are_ranked_by_similarity_whatever_the_case():
+    for asked, first in [("dit-s2", "dit-s2-256"), ("DIGITS-VIT", "digits-vit"), ("LDM-VQ4-89m", "ldm-vq4-89M")]:
+        with pytest.raises(ConfigError) as e:
+            get_config(asked)
+        assert str(e.value).startswith(f"unknown architecture '{asked}'; valid names (closest first): {first}, ")
+        assert str(e.value).endswith("; or give a path to a YAML file with the model's fields")
+
+
+def test_default_channel_mult_is_guided_diffusions_table():
+    table = {
+        512: (0.5, 1, 1, 2, 2, 4, 4),
+        256: (1, 1, 2, 2, 4, 4),
+        128: (1, 1, 2, 3, 4),
+        64: (1, 2, 3, 4),
+        32: (1, 2, 2, 2),
+    }
+    for size, mult in table.items():
+        assert default_channel_mult(size) == mult
+        assert _meta("cifar10-14M", image_size=size, channel_mult="", attention_resolutions="").channel_mult == mult
+    with pytest.raises(
+        ConfigError, match=r"no default channel_mult for image size 48 \(known: 512, 256, 128, 64, 32\)"
+    ):
+        default_channel_mult(48)
+
+
+def test_yaml_paths_are_recognised_by_suffix_or_folder_and_named_in_errors(tmp_path, monkeypatch):
+    body = "image_size: 8\nin_channels: 1\nchannel_mult: 1,2\nnum_channels: 32\nattention_resolutions: '4'\n"
+    monkeypatch.chdir(tmp_path)
+    for name in ("arch.YAML", "arch.yml", "arch.yaml"):
+        (tmp_path / name).write_text(body)
+        assert get_config(name).num_channels == 32, name
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "arch").write_text(body)  # no suffix, but a path
+    assert get_config(os.path.join("sub", "arch")).image_size == 8
+    (tmp_path / "bad.yaml").write_text(body + "num_chanels: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
+        get_config("bad.yaml")
+    with pytest.raises(ConfigError, match="model overrides"):
+        get_config("arch.yaml", num_chanels=3)
+    assert count_parameters("arch.yaml", num_channels=64) > count_parameters("arch.yaml")
+
+
+def test_an_unbuildable_config_is_named_in_the_refusal():
+    with pytest.raises(ConfigError, match=r"^cannot build 'cifar10-14M': "):
+        create_model("cifar10-14M", num_heads=0, num_head_channels=-1)
+    with pytest.raises(ConfigError, match=r"^cannot build the model config: "):
+        create_model(
+            ModelConfig(
+                image_size=8,
+                in_channels=1,
+                channel_mult="1",
+                num_channels=32,
+                num_heads=0,
+                num_head_channels=-1,
+                attention_resolutions="8",
+            )
+        )
 
 
 def test_indivisible_image_size_is_refused_with_numbers():

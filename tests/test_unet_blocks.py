@@ -120,9 +120,14 @@ def test_blocks_keep_guided_diffusions_attributes():
     assert _unet(num_heads_upsample=4).num_heads_upsample == 4
     down = model.input_blocks[2][0]  # the resampling residual block between the levels
     assert (down.channels, down.out_channels, down.use_checkpoint, down.updown) == (32, 32, True, True)
-    assert (down.x_upd.channels, down.x_upd.out_channels) == (32, 32)
+    for pool in (down.h_upd, down.x_upd):
+        assert isinstance(pool, Downsample) and (pool.channels, pool.out_channels) == (32, 32)
+        assert isinstance(pool.op, torch.nn.AvgPool2d)
     up = model.output_blocks[1][-1]
-    assert up.updown and (up.h_upd.channels, up.h_upd.dims) == (64, 2)
+    assert up.updown
+    for nearest in (up.h_upd, up.x_upd):
+        assert isinstance(nearest, Upsample) and (nearest.channels, nearest.out_channels, nearest.dims) == (64, 64, 2)
+        assert nearest.conv is None
     plain = model.input_blocks[1][0]
     assert plain.updown is False and isinstance(plain.h_upd, torch.nn.Identity)
     attn = model.middle_block[1]
@@ -434,3 +439,32 @@ def test_a_vit_with_label_dropout_has_the_null_class_guidance_needs():
     assert ViT(**kw, num_classes=10).null_class is None
     assert ViT(**kw).null_class is None
     assert ViT(**kw, mlp_ratio=2.0).blocks[0].mlp.fc1.weight.shape == (64, 32)
+
+
+def test_per_level_residual_blocks_and_the_middle_blocks_of_cut_students():
+    """level_res_blocks and mid_block (dkdm.models.compress's students): the way up has one more block per level."""
+    model = _unet(level_res_blocks=(2, 1))
+    assert model.level_res_blocks == (2, 1)
+    assert len(model.input_blocks) == 1 + 2 + 1 + 1 and len(model.output_blocks) == 3 + 2
+    assert _unet(level_res_blocks=None).level_res_blocks == (1, 1)  # num_res_blocks on every level
+    kinds = lambda m: [type(b).__name__ for b in m.middle_block]
+    assert kinds(_unet()) == ["ResBlock", "AttentionBlock", "ResBlock"]
+    assert kinds(_unet(mid_block="res")) == ["ResBlock", "ResBlock"]
+    assert kinds(_unet(mid_block="none")) == []
+    x, t = torch.randn(2, 2, 8, 8), torch.tensor([1, 2])
+    for mid in ("res", "none"):
+        assert _unet(mid_block=mid, level_res_blocks=(1, 2))(x, t).shape == x.shape
+    # without the full middle block the last level's width need not split into num_heads
+    loose = {"channel_mult": (3, 1), "attention_resolutions": (1,), "num_heads": 3, "num_head_channels": -1}
+    with pytest.raises(ValueError, match="attention at 2x downsampling has 32 channels, not divisible by num_heads 3"):
+        _unet(**loose)
+    assert _unet(**loose, mid_block="res").mid_block == "res"
+    with pytest.raises(ValueError, match=r"mid_block must be full, res or none, not 'half'"):
+        _unet(mid_block="half")
+    for bad in ((1,), (1, 0), (2, 2, 2)):
+        with pytest.raises(
+            ValueError, match=rf"level_res_blocks \[{', '.join(map(str, bad))}\] must give at least one"
+        ):
+            _unet(level_res_blocks=bad)
+    with pytest.raises(ValueError, match="channel_mult is empty"):
+        _unet(channel_mult=(), attention_resolutions=())

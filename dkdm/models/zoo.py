@@ -212,7 +212,7 @@ def get_config(name_or_path: str | ModelConfig, **overrides) -> ModelConfig:
         cfg = name_or_path
     elif name_or_path in ZOO:
         cfg = ZOO[name_or_path]
-    elif name_or_path.endswith((".yaml", ".yml")) or os.path.sep in name_or_path:
+    elif name_or_path.lower().endswith((".yaml", ".yml")) or os.path.sep in name_or_path:
         data = load_yaml(name_or_path)
         if set(data) == {"model"} and isinstance(data["model"], dict):
             data = data["model"]
