@@ -174,6 +174,20 @@ def test_unknown_architecture_lists_valid_names_closest_first():
     assert listed.startswith("cifar10-57M")
 
 
+def test_zoo_sizes_are_whole_numbers():
+    for name, cfg in ZOO.items():
+        for field in (
+            "image_size",
+            "in_channels",
+            "num_channels",
+            "num_res_blocks",
+            "hidden_size",
+            "depth",
+            "patch_size",
+        ):
+            assert type(getattr(cfg, field)) is int, (name, field)
+
+
 def test_closest_names_are_ranked_by_similarity_whatever_the_case():
     for asked, first in [("dit-s2", "dit-s2-256"), ("DIGITS-VIT", "digits-vit"), ("LDM-VQ4-89m", "ldm-vq4-89M")]:
         with pytest.raises(ConfigError) as e:
@@ -214,6 +228,20 @@ def test_yaml_paths_are_recognised_by_suffix_or_folder_and_named_in_errors(tmp_p
     with pytest.raises(ConfigError, match="model overrides"):
         get_config("arch.yaml", num_chanels=3)
     assert count_parameters("arch.yaml", num_channels=64) > count_parameters("arch.yaml")
+
+
+def test_unet_flags_are_parsed_into_guided_diffusions_types_and_bad_numbers_named():
+    model = _meta("cifar10-14M", channel_mult="0.5, 1,2", attention_resolutions="16,8", level_res_blocks="2,1,3")
+    assert model.channel_mult == (0.5, 1, 2) and [type(m) for m in model.channel_mult] == [float, int, int]
+    assert model.attention_resolutions == (2, 4) and all(type(r) is int for r in model.attention_resolutions)
+    assert model.level_res_blocks == (2, 1, 3)
+    assert _meta("cifar10-14M", class_dropout_prob=0.1).class_dropout_prob == 0.0  # unconditional: no null class
+    assert _meta("cifar10-14M", class_dropout_prob=0.1, class_cond=True, num_classes=10).class_dropout_prob == 0.1
+    for field, value in [("channel_mult", "1,x"), ("attention_resolutions", "16,a"), ("level_res_blocks", "2,b,1,1")]:
+        with pytest.raises(ConfigError, match=rf"^{field} must be comma-separated numbers, not '{value}'$"):
+            _meta("cifar10-14M", **{field: value})
+    with pytest.raises(ConfigError, match=r"attention resolution\(s\) 12,6 are not feature-map sizes of this UNet"):
+        _meta("cifar10-14M", attention_resolutions="16,12,6")
 
 
 def test_an_unbuildable_config_is_named_in_the_refusal():
