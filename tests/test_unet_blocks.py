@@ -113,6 +113,82 @@ def test_constructors_keep_guided_diffusions_defaults():
     }
 
 
+def _plain_state(model):
+    """Every module's type, plain attributes and parameter shapes: what its constructor decided."""
+    state = {}
+    for name, m in model.named_modules():
+        plain = {k: v for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, tuple, type(None)))}
+        state[name] = (type(m).__name__, plain, {k: tuple(p.shape) for k, p in m.named_parameters(recurse=False)})
+    return state
+
+
+def test_building_with_the_defaults_is_building_with_guided_diffusions_values():
+    """The signatures above, as behaviour: leaving an argument out builds what giving its value builds."""
+    req = {
+        "image_size": 8,
+        "in_channels": 2,
+        "model_channels": 32,
+        "out_channels": 2,
+        "num_res_blocks": 1,
+        "attention_resolutions": (2,),
+    }
+    gd = {
+        "dropout": 0.0,
+        "channel_mult": (1, 2, 4, 8),
+        "conv_resample": True,
+        "dims": 2,
+        "num_classes": None,
+        "use_checkpoint": False,
+        "use_fp16": False,
+        "num_heads": 1,
+        "num_head_channels": -1,
+        "num_heads_upsample": -1,
+        "use_scale_shift_norm": False,
+        "resblock_updown": False,
+        "use_new_attention_order": False,
+        "class_dropout_prob": 0.0,
+        "guidance_cond": False,
+        "level_res_blocks": None,
+        "mid_block": "full",
+    }
+    pairs = [
+        (UNetModel(**req), UNetModel(**req, **gd)),
+        (
+            ResBlock(32, 48, 0.1, out_channels=64),
+            ResBlock(32, 48, 0.1, 64, False, False, 2, False, False, False),
+        ),
+        (AttentionBlock(64), AttentionBlock(64, 1, -1, False, False)),
+        (Upsample(32, True), Upsample(32, True, 2, None)),
+        (Downsample(32, True), Downsample(32, True, 2, None)),
+        (DiTBlock(32, 2), DiTBlock(32, 2, 4.0)),
+    ]
+    with torch.device("meta"):
+        vit_gd = {
+            "image_size": 32,
+            "patch_size": 2,
+            "in_channels": 3,
+            "hidden_size": 384,
+            "depth": 12,
+            "num_heads": 6,
+            "mlp_ratio": 4.0,
+        }
+        pairs.append(
+            (
+                ViT(),
+                ViT(
+                    **vit_gd,
+                    class_dropout_prob=0.0,
+                    num_classes=None,
+                    learn_sigma=True,
+                    use_checkpoint=False,
+                    guidance_cond=False,
+                ),
+            )
+        )
+    for implicit, explicit in pairs:
+        assert _plain_state(implicit) == _plain_state(explicit), type(implicit).__name__
+
+
 def test_blocks_keep_guided_diffusions_attributes():
     model = _unet(use_checkpoint=True, num_heads=2, num_head_channels=-1, resblock_updown=True)
     assert model.dtype == torch.float32 and model.use_fp16 is False and model.use_checkpoint is True
