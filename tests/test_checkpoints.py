@@ -292,7 +292,10 @@ def test_a_vits_label_table_is_read_with_a_null_row_first_and_the_other_reading_
     assert suggest_architecture({"w": torch.zeros(1)}) is None
     with torch.device("meta"):
         plain = create_model("digits-vit").state_dict()  # no label table: no other reading to offer
-    assert suggest_architecture(plain) == "this looks like a ViT with hidden size 128, depth 4, patch size 2: try digits-vit"
+    assert (
+        suggest_architecture(plain)
+        == "this looks like a ViT with hidden size 128, depth 4, patch size 2: try digits-vit"
+    )
 
 
 def test_files_are_unpickled_safely_onto_the_cpu_whatever_torchs_default(tmp_path, monkeypatch):

@@ -359,7 +359,9 @@ def test_guidance_defaults_and_refusals_word_for_word():
         for_sampling(_unet(), 3.0)
     with pytest.raises(GuidanceError, match=r"needs a student trained with label dropout .* this student has none"):
         Guided(_unet(**COND), who="student")
-    with pytest.raises(GuidanceError, match=r"^--guidance_scale needs a class-conditional teacher, but this teacher is"):
+    with pytest.raises(
+        GuidanceError, match=r"^--guidance_scale needs a class-conditional teacher, but this teacher is"
+    ):
         Guided(_unet())
     # the variance channels come from the conditional half whatever the image's size
     out = torch.randn(4, 6, 2, 2)
