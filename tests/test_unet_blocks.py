@@ -56,9 +56,10 @@ def _unet(**kw):
 # --------------------------------------------------------------------------- what outside code reads
 
 
-def test_constructors_keep_guided_diffusions_defaults():
-    """Code written against guided-diffusion's unet.py builds the same network here."""
-    assert _defaults(UNetModel) == {
+# Guided-diffusion's defaults for its blocks (ours beyond them are each off, so the layout stays its
+# layout); DiT's block's; and our ViT's, DiT-S/2's transformer on 32x32 RGB pixels (its docstring).
+DEFAULTS = {
+    UNetModel: {
         "dropout": 0.0,
         "channel_mult": (1, 2, 4, 8),
         "conv_resample": True,
@@ -72,13 +73,12 @@ def test_constructors_keep_guided_diffusions_defaults():
         "use_scale_shift_norm": False,
         "resblock_updown": False,
         "use_new_attention_order": False,
-        # ours, each off by default so the layout stays guided-diffusion's
         "class_dropout_prob": 0.0,
         "guidance_cond": False,
         "level_res_blocks": None,
         "mid_block": "full",
-    }
-    assert _defaults(ResBlock) == {
+    },
+    ResBlock: {
         "out_channels": None,
         "use_conv": False,
         "use_scale_shift_norm": False,
@@ -86,18 +86,17 @@ def test_constructors_keep_guided_diffusions_defaults():
         "use_checkpoint": False,
         "up": False,
         "down": False,
-    }
-    assert _defaults(AttentionBlock) == {
+    },
+    AttentionBlock: {
         "num_heads": 1,
         "num_head_channels": -1,
         "use_checkpoint": False,
         "use_new_attention_order": False,
-    }
-    assert _defaults(Upsample) == _defaults(Downsample) == {"dims": 2, "out_channels": None}
-    assert _defaults(check_unet_args) == {"dims": 2, "mid_block": "full"}
-    # DiT's block, and our ViT's defaults: DiT-S/2's transformer on 32x32 RGB pixels (its docstring)
-    assert _defaults(DiTBlock) == {"mlp_ratio": 4.0}
-    assert _defaults(ViT) == {
+    },
+    Upsample: {"dims": 2, "out_channels": None},
+    Downsample: {"dims": 2, "out_channels": None},
+    DiTBlock: {"mlp_ratio": 4.0},
+    ViT: {
         "image_size": 32,
         "patch_size": 2,
         "in_channels": 3,
@@ -110,7 +109,27 @@ def test_constructors_keep_guided_diffusions_defaults():
         "learn_sigma": True,
         "use_checkpoint": False,
         "guidance_cond": False,
-    }
+    },
+}
+
+# Each class's required arguments, and values given on both sides (a width change, so the skip
+# convolution that use_conv shapes exists; convolutions, so dims shows in their type).
+BUILD = {
+    UNetModel: ((8, 2, 32, 2, 1, (2,)), {}),
+    ResBlock: ((32, 48, 0.1), {"out_channels": 64}),
+    AttentionBlock: ((64,), {}),
+    Upsample: ((32, True), {}),
+    Downsample: ((32, True), {}),
+    DiTBlock: ((32, 2), {}),
+    ViT: ((), {}),
+}
+
+
+def test_constructors_keep_guided_diffusions_defaults():
+    """Code written against guided-diffusion's unet.py builds the same network here."""
+    for cls, defaults in DEFAULTS.items():
+        assert _defaults(cls) == defaults, cls.__name__
+    assert _defaults(check_unet_args) == {"dims": 2, "mid_block": "full"}
 
 
 def _plain_state(model):
@@ -123,70 +142,12 @@ def _plain_state(model):
 
 
 def test_building_with_the_defaults_is_building_with_guided_diffusions_values():
-    """The signatures above, as behaviour: leaving an argument out builds what giving its value builds."""
-    req = {
-        "image_size": 8,
-        "in_channels": 2,
-        "model_channels": 32,
-        "out_channels": 2,
-        "num_res_blocks": 1,
-        "attention_resolutions": (2,),
-    }
-    gd = {
-        "dropout": 0.0,
-        "channel_mult": (1, 2, 4, 8),
-        "conv_resample": True,
-        "dims": 2,
-        "num_classes": None,
-        "use_checkpoint": False,
-        "use_fp16": False,
-        "num_heads": 1,
-        "num_head_channels": -1,
-        "num_heads_upsample": -1,
-        "use_scale_shift_norm": False,
-        "resblock_updown": False,
-        "use_new_attention_order": False,
-        "class_dropout_prob": 0.0,
-        "guidance_cond": False,
-        "level_res_blocks": None,
-        "mid_block": "full",
-    }
-    pairs = [
-        (UNetModel(**req), UNetModel(**req, **gd)),
-        (
-            ResBlock(32, 48, 0.1, out_channels=64),
-            ResBlock(32, 48, 0.1, 64, False, False, 2, False, False, False),
-        ),
-        (AttentionBlock(64), AttentionBlock(64, 1, -1, False, False)),
-        (Upsample(32, True), Upsample(32, True, 2, None)),
-        (Downsample(32, True), Downsample(32, True, 2, None)),
-        (DiTBlock(32, 2), DiTBlock(32, 2, 4.0)),
-    ]
+    """The signatures above, as behaviour (a signature does not show a default changed inside a
+    wrapper): leaving an argument out builds what giving its value builds."""
     with torch.device("meta"):
-        vit_gd = {
-            "image_size": 32,
-            "patch_size": 2,
-            "in_channels": 3,
-            "hidden_size": 384,
-            "depth": 12,
-            "num_heads": 6,
-            "mlp_ratio": 4.0,
-        }
-        pairs.append(
-            (
-                ViT(),
-                ViT(
-                    **vit_gd,
-                    class_dropout_prob=0.0,
-                    num_classes=None,
-                    learn_sigma=True,
-                    use_checkpoint=False,
-                    guidance_cond=False,
-                ),
-            )
-        )
-    for implicit, explicit in pairs:
-        assert _plain_state(implicit) == _plain_state(explicit), type(implicit).__name__
+        for cls, (args, given) in BUILD.items():
+            implicit, explicit = cls(*args, **given), cls(*args, **{**DEFAULTS[cls], **given})
+            assert _plain_state(implicit) == _plain_state(explicit), cls.__name__
 
 
 def test_blocks_keep_guided_diffusions_attributes():
