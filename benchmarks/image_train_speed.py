@@ -64,6 +64,7 @@ def main() -> None:
         _sync()
         elapsed = time.perf_counter() - t0
         logger.dumpkvs()
+        del trainer  # under mpiexec/torchrun its DDP wrapper holds the group cleanup() frees
     print(
         json.dumps(
             {

@@ -27,6 +27,7 @@ works when :func:`setup_dist` was never called: it then behaves as a world of on
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from typing import Any
@@ -191,6 +192,14 @@ def setup_dist(backend: str | None = None) -> None:
     global _LOCAL_RANK, _LAUNCHER
     if dist.is_initialized():
         return
+    # torch.distributed.nn's functions default to ``group=group.WORLD``, evaluated when it is
+    # first imported; DDP imports it. Imported after the group exists, ten defaults hold the
+    # group forever, destroy_process_group cannot free it, and gloo's worker threads outlive
+    # the interpreter: one that drops a Python-owned tensor during finalisation aborts the
+    # process after a complete run ("terminate called without an active exception", exit 6;
+    # seen about once in 100 two-rank runs). Imported now, the defaults are None.
+    import torch.distributed.nn  # noqa: F401
+
     backend = backend or _default_backend()
     if launched_by_mpi():
         _LAUNCHER = "mpi"
@@ -309,8 +318,15 @@ def gather(obj: Any, dst: int = 0) -> list | None:
 
 
 def cleanup() -> None:
-    """Leave the process group (safe to call when none was set up)."""
+    """Leave the process group (safe to call when none was set up).
+
+    Call it once nothing holds the group any more (drop the DDP wrapper, i.e. the trainer,
+    first): the group is freed, and its gloo worker threads joined, only when its last
+    reference goes. Threads still running while Python shuts down can abort the process
+    (see :func:`setup_dist`); ``gc.collect()`` here frees wrappers kept only by cycles.
+    """
     global _LAUNCHER
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
     _LAUNCHER = "none"

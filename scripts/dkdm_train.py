@@ -88,6 +88,7 @@ def main(argv: list[str]) -> None:
         teacher_key=teacher_id(path, teacher_cfg),
     )
     loop.run()
+    del loop  # its DDP wrapper holds the process group, which cleanup() can free only once unheld
     dist.cleanup()
 
 

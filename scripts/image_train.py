@@ -87,6 +87,7 @@ def main(argv: list[str]) -> None:
         loop_state={"data": data, "schedule_sampler": sampler},
     )
     trainer.run(batches_from_stream(data, dist.dev(), net.space.shape), diffusion_loss_fn(diffusion, sampler))
+    del trainer  # its DDP wrapper holds the process group, which cleanup() can free only once unheld
     dist.cleanup()
 
 

@@ -183,8 +183,10 @@ def test_torchrun_two_ranks(tmp_path):
 
 
 SINGLE = """
-import torch
+import os, torch
 from dkdm import dist
+def threads():
+    return len(os.listdir("/proc/self/task"))
 assert not torch.distributed.is_initialized()
 assert dist.get_rank() == 0 and dist.get_world_size() == 1  # before setup: a world of one
 assert dist.all_gather_object(3) == [3] and dist.gather(3) == [3]
@@ -197,8 +199,18 @@ ddp = torch.nn.parallel.DistributedDataParallel(net)  # usable with one rank
 ddp(torch.ones(1, 2)).sum().backward()
 assert net.weight.grad is not None
 dist.barrier()
+# No import-time default holds the group (torch.distributed.nn's group=group.WORLD) ...
+import torch.distributed.nn.functional as F
+held = [f for f in vars(F).values() if callable(f) and any(
+    isinstance(d, torch.distributed.ProcessGroup) for d in (getattr(f, "__defaults__", None) or ()))]
+assert not held, held
+# ... so once the DDP wrapper is dropped, cleanup frees the group and joins gloo's worker
+# threads (two by default); left running, they can abort the interpreter's shutdown.
+during = threads()
+del ddp
 dist.cleanup()
 assert not torch.distributed.is_initialized()
+assert threads() <= during - 2, (during, threads())
 print("ok")
 """
 

@@ -2,6 +2,7 @@
 
 import glob
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -361,14 +362,18 @@ def test_unknown_flag_names_the_closest(tiny):
 
 
 DRIVER = """
-import sys, torch
+import json, os, sys, torch
 sys.path.insert(0, {root!r})
 from dkdm import dist
 from dkdm.training import Trainer
 real_run = Trainer.run
+seen = {{}}
+def threads():
+    return len(os.listdir("/proc/self/task"))
 def run(self, *a, **k):
     out = real_run(self, *a, **k)
     pool = self.extra_state["pool"]
+    seen.update(rank=dist.get_rank(), run_dir=self.run_dir, during=threads())
     torch.save({{"model": self.model.state_dict(), "pool_x": pool.x, "pool_t": pool.t}},
                f"{{self.run_dir}}/final_rank{{dist.get_rank()}}.pt")
     return out
@@ -377,6 +382,9 @@ import importlib.util
 spec = importlib.util.spec_from_file_location("s", {script!r})
 m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
 m.main(sys.argv[1:])
+seen["after"] = threads()  # main has returned: gloo's worker threads must be joined by now
+with open(f"{{seen['run_dir']}}/threads_rank{{seen['rank']}}.json", "w") as f:
+    json.dump(seen, f)
 """
 
 
@@ -464,3 +472,8 @@ def _check_two_ranks(tiny):
         assert torch.equal(r0["model"][k], r1["model"][k]), k
     assert (tiny / "run" / "pool000003.pt").exists() and (tiny / "run" / "pool000003_rank1.pt").exists()
     assert len(glob.glob(str(tiny / "run" / "pool_cache" / "pool_*.pt"))) == 2
+    for r in (0, 1):
+        # Gloo's two worker threads gone before the interpreter shuts down: left running
+        # (the group still held), one could abort a finished run at exit.
+        seen = json.loads((tiny / "run" / f"threads_rank{r}.json").read_text())
+        assert seen["after"] <= seen["during"] - 2, seen
