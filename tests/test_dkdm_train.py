@@ -408,6 +408,7 @@ def test_two_ranks_have_different_pools_and_identical_students(tiny, launcher):
     driver.write_text(DRIVER.format(root=ROOT, script=SCRIPT))
     p = _run([*launcher, str(driver), *_args(tiny, steps=3)], timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "`broadcast_buffers` is deprecated" not in p.stderr  # DDP's switch under its current name
     _check_two_ranks(tiny)
 
 

@@ -17,6 +17,7 @@ saves atomic, exactly resumable checkpoints (layout in :mod:`dkdm.training.check
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +41,15 @@ from dkdm.models.checkpoints import save_safetensors
 from dkdm.training import checkpoint as ckpt
 from dkdm.training.compile import FirstCallClock, compile_in_place
 from dkdm.training.precision import Precision, growth_interval_from_rate
+
+# Buffers are not re-broadcast before every forward: the zoo's networks have none, and a
+# foreign network's are constants every rank builds alike. torch 2.13 renamed the switch
+# (the old name warns); the new one also syncs them once at construction, which is harmless.
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 # Fields a rerun on an existing run directory may change: they decide when the run stops, how
 # often it logs and saves, and where things go, never what a step computes. Any other change
@@ -193,7 +203,7 @@ class Trainer:
             self.ddp_model = DDP(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
+                **_NO_FORWARD_BUFFER_SYNC,
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
             )
