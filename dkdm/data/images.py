@@ -197,10 +197,6 @@ def read_npz(path: str, want_labels: bool) -> tuple[np.ndarray, np.ndarray | Non
     return images, labels
 
 
-def _rgb(image: Image.Image, channels: int) -> Image.Image:
-    return image.convert("RGB" if channels == 3 else "L")
-
-
 # --------------------------------------------------------------------------- sources
 
 
@@ -256,7 +252,7 @@ class DecodedSource(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as im:
                     im.load()
-                    image = _rgb(im, 3)
+                    image = im.convert("RGB")  # palette, alpha, grey, CMYK: all RGB
             except _PIL_ERRORS as e:
                 raise DataError(f"cannot read image '{path}': {e}") from None
         else:
