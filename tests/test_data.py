@@ -295,11 +295,18 @@ def test_image_folder_resume_with_workers(tmp_path):
 
 
 def test_per_rank_batch():
-    assert per_rank_batch(64, 4) == 16
+    assert per_rank_batch(64, 4) == 16 and per_rank_batch(1, 1) == 1
     with pytest.raises(DataError, match="cannot be split evenly over 3"):
         per_rank_batch(64, 3)
-    with pytest.raises(DataError, match="positive"):
+    with pytest.raises(DataError, match="batch size must be positive, got 0"):
         per_rank_batch(0, 1)
+    with pytest.raises(DataError, match="world size must be positive, got 0"):
+        per_rank_batch(4, 0)
+    # The hint names the nearest multiples on either side, or the world size when below it.
+    with pytest.raises(DataError, match=r"use a multiple of 4 \(e\.g\. 8 or 12\)$"):
+        per_rank_batch(10, 4)
+    with pytest.raises(DataError, match=r"use a multiple of 4 \(e\.g\. 4\)$"):
+        per_rank_batch(3, 4)
 
 
 def test_missing_and_empty_data_dir(tmp_path):
@@ -341,7 +348,7 @@ def test_bad_npz(tmp_path):
     with pytest.raises(DataError, match="N x C x H x W; transpose"):
         load_data(data_dir=p, batch_size=2, image_size=8)
     np.savez(p, np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(DataError, match="no labels"):
+    with pytest.raises(DataError, match=r"has no labels \(arr_1\) but class_cond is on"):
         load_data(data_dir=p, batch_size=2, image_size=8, class_cond=True)
     np.savez(p, np.zeros((2, 8, 8, 3), np.uint8), np.zeros(3, np.int64))
     with pytest.raises(DataError, match="arr_1"):
@@ -370,3 +377,297 @@ def test_bad_arguments():
             world_size=4,
             num_workers=0,
         )
+
+
+# --------------------------------------------------------------------------- pieces, exactly
+
+
+def _adm_center_crop(image, size):
+    """ADM's centre crop, written out step by step as the reference."""
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), resample=Image.BICUBIC)
+    a = np.asarray(image)
+    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return a[top : top + size, left : left + size]
+
+
+@pytest.mark.parametrize("wh", [(300, 200), (128, 190), (127, 70), (40, 97)])
+def test_center_crop_matches_adm(wh):
+    rng = np.random.default_rng(sum(wh))
+    image = Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+    got = center_crop_arr(image, 64 if min(wh) > 64 else 32)
+    want = _adm_center_crop(image, 64 if min(wh) > 64 else 32)
+    assert got.shape == want.shape and got.shape[:2] in ((64, 64), (32, 32))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_center_crop_halves_with_a_box_filter_at_exactly_twice():
+    # 128 px is exactly twice 64: one box halving first (a bicubic resize straight to 64 differs).
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8))
+    want = np.asarray(image.resize((64, 64), resample=Image.BOX))
+    np.testing.assert_array_equal(center_crop_arr(image, 64), want)
+
+
+def test_epoch_seeds_use_all_64_bits():
+    from dkdm.data.images import _epoch_seed
+
+    seeds = [_epoch_seed(0, r, e) for r in range(4) for e in range(8)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**64 for s in seeds)
+    assert max(seeds) >= 2**32  # not a 32-bit seed
+    assert any(s >> 32 != s & 0xFFFFFFFF for s in seeds)  # two independent halves
+    assert _epoch_seed(-1, 0, 0) == _epoch_seed(2**63 - 1, 0, 0)  # any Python int is a seed
+
+
+def test_to_uint8_is_adm_rounding():
+    from dkdm.data.arrays import to_uint8
+
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.999, 1.0, 1.5]).reshape(1, 1, 1, 7)
+    got = to_uint8(x)
+    assert got.dtype == np.uint8 and got.shape == (1, 1, 7, 1)
+    # (x + 1) * 127.5, rounded half to even, clamped: 63.75 -> 64, 127.5 -> 128, 254.87 -> 255
+    assert got.reshape(-1).tolist() == [0, 0, 64, 128, 255, 255, 255]
+    nchw = torch.linspace(-1, 1, 2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    np.testing.assert_array_equal(to_uint8(nchw), to_uint8(nchw).reshape(2, 4, 5, 3))  # NHWC out
+    assert to_uint8(nchw)[1, 2, 3, 0] == round((float(nchw[1, 0, 2, 3]) + 1) * 127.5)
+
+
+def test_save_npz_names_its_arrays(tmp_path):
+    from dkdm.data.arrays import save_npz
+
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    save_npz(str(tmp_path / "a.npz"), images)
+    save_npz(str(tmp_path / "b.npz"), images, np.array([3, 1]))
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert a.files == ["arr_0"] and b.files == ["arr_0", "arr_1"]
+        assert b["arr_1"].tolist() == [3, 1]
+
+
+def test_save_grid_layout(tmp_path):
+    from dkdm.data.arrays import save_grid
+
+    images = np.stack([np.full((2, 3, 1), 10 * (i + 1), np.uint8) for i in range(3)])  # 3 images, 2x3
+    save_grid(images, str(tmp_path / "g.png"), nrow=2, min_side=1)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode == "L"
+        g = np.asarray(im)
+    # Two columns, two rows, a 2-pixel border around and between the tiles.
+    assert g.shape == (2 * (2 + 2) + 2, 2 * (3 + 2) + 2)
+    want = np.zeros_like(g)
+    for i in range(3):
+        r, k = divmod(i, 2)
+        want[2 + r * 4 : 2 + r * 4 + 2, 2 + k * 5 : 2 + k * 5 + 3] = 10 * (i + 1)
+    np.testing.assert_array_equal(g, want)
+    # Upscaled by whole pixels (nearest) until the longer side reaches min_side.
+    for min_side, k in ((25, 3), (20, 2), (10, 1)):
+        save_grid(images, str(tmp_path / "big.png"), nrow=2, min_side=min_side)
+        with Image.open(tmp_path / "big.png") as im:
+            np.testing.assert_array_equal(np.asarray(im), want.repeat(k, 0).repeat(k, 1))
+    # The default min_side is 256: a grid exactly 256 high stays at its size.
+    tall = np.zeros((9, 125, 3, 1), np.uint8)  # two rows of 125 px: 2 * 127 + 2 = 256
+    save_grid(tall, str(tmp_path / "tall.png"))
+    with Image.open(tmp_path / "tall.png") as im:
+        assert im.size == (8 * 5 + 2, 256)
+    # Defaults: an 8 x 8 grid of the first 64 images, at least 256 px; colour stays RGB.
+    many = np.random.default_rng(0).integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)
+    save_grid(many, str(tmp_path / "d.png"))
+    with Image.open(tmp_path / "d.png") as im:
+        assert im.mode == "RGB" and im.size == (82 * 4, 82 * 4)
+        d = np.asarray(im)[::4, ::4]
+    np.testing.assert_array_equal(d[2:10, 2:10], many[0])
+    np.testing.assert_array_equal(d[72:80, 72:80], many[63])
+
+
+def test_load_digits_sizes_and_refusals():
+    x1, _ = load_digits(1)  # one pixel: the mean of each digit
+    x8, _ = load_digits(8)
+    assert x1.shape[1:] == (1, 1, 1)
+    torch.testing.assert_close(x1.reshape(-1), x8.mean(dim=(1, 2, 3)))
+    for bad in (0, -3, 8.0, "8"):
+        with pytest.raises(ValueError, match="image_size must be a positive integer"):
+            load_digits(bad)
+
+
+def _save_npz(path, *arrays):
+    np.savez(str(path), *arrays)
+    return str(path)
+
+
+def test_npz_edges_read_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    one = rng.integers(0, 256, (1, 1, 1, 1), dtype=np.uint8)  # a single one-pixel image
+    images, labels = read_npz(_save_npz(tmp_path / "one.npz", one), want_labels=False)
+    assert images.tolist() == one.tolist() and labels is None
+    # A Fortran-ordered array (np.savez records it so) is mapped with its own order.
+    f = np.asfortranarray(rng.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8))
+    images, _ = read_npz(_save_npz(tmp_path / "f.npz", f), want_labels=False)
+    np.testing.assert_array_equal(images, f)
+    # Memory-mapped read-only: a stray write cannot change the dataset file.
+    c = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    images, _ = read_npz(_save_npz(tmp_path / "c.npz", c), want_labels=False)
+    assert isinstance(images, np.memmap) and not images.flags.writeable
+    np.testing.assert_array_equal(images, c)
+
+
+def test_npz_refusals_name_what_is_wrong(tmp_path):
+    with pytest.raises(DataError, match=r"has no 'arr_0' \(it holds nothing\)"):
+        read_npz(_save_npz(tmp_path / "empty.npz"), want_labels=False)
+    with pytest.raises(DataError, match="arr_0 holds no images"):
+        read_npz(_save_npz(tmp_path / "none.npz", np.zeros((0, 8, 8, 3), np.uint8)), want_labels=False)
+    with pytest.raises(DataError, match=r"N x C x H x W; transpose"):  # one channel first
+        read_npz(_save_npz(tmp_path / "nchw.npz", np.zeros((2, 1, 8, 8), np.uint8)), want_labels=False)
+    with pytest.raises(DataError, match=r"shape \(2, 3, 8\), expected N x H x W x C with C = 1 or 3$"):
+        read_npz(_save_npz(tmp_path / "3d.npz", np.zeros((2, 3, 8), np.uint8)), want_labels=False)
+    with pytest.raises(DataError, match="must be 2 integers, got int64 of shape"):
+        read_npz(_save_npz(tmp_path / "l.npz", np.zeros((2, 8, 8, 3), np.uint8), np.zeros(3, np.int64)), False)
+
+
+def test_stream_state_records_its_arguments_and_warns_on_change(capsys):
+    a = load_data(batch_size=4, image_size=8, seed=3)
+    state = a.state_dict()
+    assert state == {
+        "batches": 0,
+        "batch_size": 4,
+        "world_size": 1,
+        "num_examples": 1797,
+        "seed": 3,
+        "shuffle": True,
+    }
+    assert (a.num_workers, a.random_flip) == (2, False)  # digits are never flipped
+    take(a, 2)
+    b = load_data(batch_size=4, image_size=8, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert "WARNING" not in capsys.readouterr().out  # same stream: resumed silently
+    c = load_data(batch_size=8, image_size=8, seed=3)
+    c.load_state_dict(a.state_dict())
+    out = capsys.readouterr().out
+    assert "data stream resumed with different batch_size (4 -> 8); continuing after batch 2" in out
+    assert "seed" not in out
+
+
+def test_load_data_defaults_and_refusals():
+    assert_same_batches(
+        take(load_data(batch_size=2, image_size=8), 2), take(load_data(batch_size=2, image_size=8, seed=0), 2)
+    )
+    x, _ = next(load_data(batch_size=2, image_size=1))
+    assert x.shape == (2, 1, 1, 1)
+    for bad in (0, 8.0):
+        with pytest.raises(DataError, match="image_size must be a positive integer"):
+            load_data(batch_size=2, image_size=bad)
+    with pytest.raises(DataError, match="rank 2 is outside a world of 2 processes"):
+        load_data(batch_size=2, image_size=8, rank=2, world_size=2)
+    with pytest.raises(DataError, match="rank -1 is outside"):
+        load_data(batch_size=2, image_size=8, rank=-1, world_size=2)
+
+
+def test_image_folder_colour_modes_and_symlinks(tmp_path):
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(root / "a" / "c0_rgb.png")
+    Image.fromarray(rgb).convert("RGBA").save(root / "a" / "c1_rgba.png")
+    Image.fromarray(rgb).convert("P").save(root / "a" / "c1_pal.png")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    Image.fromarray(rgb).save(other / "c2_linked.png")
+    os.symlink(other, root / "b")  # a linked folder is followed
+    s = load_data(
+        data_dir=str(root),
+        batch_size=4,
+        image_size=8,
+        deterministic=True,
+        random_flip=False,
+        class_cond=True,
+        num_workers=0,  # decoded in this process
+    )
+    x, cond = next(s)
+    assert x.shape == (4, 3, 8, 8)
+    want = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+    for i in (0, 2, 3):  # RGB, RGBA (sorted after the palette) and the linked file: the same pixels
+        torch.testing.assert_close(x[i], want, rtol=0, atol=1e-6)
+    assert cond["y"].tolist() == [0, 1, 1, 2]
+
+
+def test_grayscale_npz_resized_keeps_one_channel(tmp_path):
+    g = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    x, _ = next(load_data(data_dir=_save_npz(tmp_path / "g.npz", g), batch_size=3, image_size=8, deterministic=True))
+    assert x.shape == (3, 1, 8, 8)
+    ref = center_crop_arr(Image.fromarray(g[0, ..., 0]), 8)
+    flipped = torch.from_numpy(ref.copy()).float() / 127.5 - 1
+    assert torch.allclose(x[0, 0], flipped, atol=1e-6) or torch.allclose(x[0, 0], flipped.flip(-1), atol=1e-6)
+
+
+def test_read_images_reads_every_kind(tmp_path):
+    import pickle
+
+    from dkdm.data.arrays import read_images
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 2) for i in range(1, 6)] + [("test_batch", 3)]:
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": list(range(n))}))
+    images, labels = read_images(str(folder))  # the training split by default
+    assert images.shape == (10, 32, 32, 3) and labels.tolist() == [0, 1] * 5
+    import tarfile
+
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        archive = tmp_path / f"cifar{suffix}"
+        with tarfile.open(archive, "w:gz" if suffix != ".tar" else "w") as tar:
+            tar.add(folder, arcname="cifar-10-batches-py")
+        images, labels = read_images(str(archive), split="test")
+        assert images.shape == (3, 32, 32, 3) and labels.tolist() == [0, 1, 2], suffix
+    big = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    images, labels = read_images(_save_npz(tmp_path / "big.npz", big, np.array([1, 0])), image_size=8)
+    assert images.shape == (2, 8, 8, 3) and labels.tolist() == [1, 0]
+    np.testing.assert_array_equal(images[1], center_crop_arr(Image.fromarray(big[1]), 8))
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.fromarray(big[0]).save(pics / "cat_1.png")
+    images, labels = read_images(str(pics))
+    assert images.shape == (1, 16, 16, 3) and labels is None  # no labels unless asked
+
+
+def test_npz_sources_fast_path_flips_and_label_range(tmp_path):
+    from dkdm.data.images import open_source
+
+    rng = np.random.default_rng(0)
+    square = _save_npz(tmp_path / "sq.npz", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), np.arange(4))
+    source, flips_ok = open_source("", square, 8, False)
+    assert source.direct and flips_ok  # at size already: sliced in the main process, flippable
+    wide = rng.integers(0, 256, (2, 8, 16, 3), dtype=np.uint8)  # 8 high, 16 wide
+    source, flips_ok = open_source("", _save_npz(tmp_path / "wide.npz", wide), 8, False)
+    assert not source.direct and flips_ok
+    tall = rng.integers(0, 256, (2, 16, 8, 3), dtype=np.uint8)  # 16 high, 8 wide: cropped too
+    tall_source, _ = open_source("", _save_npz(tmp_path / "tall.npz", tall), 8, False)
+    assert not tall_source.direct and tall_source[(0, False)][0].shape == (3, 8, 8)
+    np.testing.assert_array_equal(
+        ((source[(1, False)][0].permute(1, 2, 0) + 1) * 127.5).round().numpy().astype(np.uint8),
+        center_crop_arr(Image.fromarray(wide[1]), 8),
+    )
+    assert load_data(data_dir=str(tmp_path / "wide.npz"), batch_size=2, image_size=8).random_flip
+    with pytest.raises(DataError, match=r"labels run from 0 to 3, outside \[0, 3\)"):
+        load_data(data_dir=square, batch_size=2, image_size=8, class_cond=True, num_classes=3)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    Image.fromarray(wide[0]).save(plain / "photo.png")  # no class prefix: fine without class_cond
+    x, cond = next(load_data(data_dir=str(plain), batch_size=1, image_size=8))
+    assert x.shape == (1, 3, 8, 8) and cond == {}
+
+
+def test_read_cifar_python_reads_the_training_split_by_default(tmp_path):
+    import pickle
+
+    from dkdm.data.arrays import read_cifar_python
+
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", 1) for i in range(1, 6)] + [("test_batch", 2)]:
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        (tmp_path / name).write_bytes(pickle.dumps({"data": data, "labels": [7] * n}))  # str keys too
+    images, labels = read_cifar_python(str(tmp_path))
+    assert images.shape == (5, 32, 32, 3) and labels.tolist() == [7] * 5
+    with pytest.raises(DataError, match="split must be 'train' or 'test', got 'val'"):
+        read_cifar_python(str(tmp_path), split="val")

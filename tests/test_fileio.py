@@ -336,3 +336,16 @@ def test_a_lock_held_by_init_is_live(tmp_path):
     (tmp_path / fileio.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
     with pytest.raises(fileio.RunDirectoryLocked, match="in use by process 1 on this host"):
         fileio.acquire_lock(str(tmp_path))
+
+
+def test_other_write_errors_are_not_reported_as_a_full_disk(tmp_path):
+    import errno as _errno
+
+    def write(f):
+        f.write(b"partial")
+        raise OSError(_errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError) as info:
+        atomic_write(str(tmp_path / "x.txt"), write)
+    assert not isinstance(info.value, DiskFullError) and info.value.errno == _errno.EIO
+    assert os.listdir(tmp_path) == []  # the temporary is gone, nothing half-written in its place

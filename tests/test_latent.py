@@ -105,13 +105,13 @@ def test_latent_distillation_runs_without_the_first_stage_and_samples_decode(tmp
     assert calls["load"] == 1 and calls["decode_uint8"] == 2 and calls["encode"] == 0  # one call per shard
 
 
-def _tiny_kl_folder(path):
+def _tiny_kl_folder(path, channels=1):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     ae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 8),
@@ -272,3 +272,138 @@ def test_latent_models_on_schedules_unsafe_without_clipping_are_warned(monkeypat
     assert len(said) == 1 and "without clipping x_0" in said[0]
     resolve({}, {"noise_schedule": "cosine"}, checkpoint=os.path.join(ASSETS, "digits_teacher.pt")).create_diffusion()
     assert len(said) == 1  # pixels
+
+
+def _npz(path, images, labels=None):
+    from dkdm.data.arrays import save_npz
+
+    save_npz(str(path), images, labels)
+    return str(path)
+
+
+def test_load_latent_data_encodes_once_and_streams_the_posterior(tmp_path):
+    """The latent stream on its own: what is encoded, where it is cached, how batches are drawn."""
+    from dkdm.data.latents import cache_key, load_latent_data
+    from dkdm.resolve import SampleSpace
+
+    folder = _tiny_kl_folder(tmp_path / "ae")
+    space = SampleSpace((2, 4, 4), 10, folder, 0.0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(20) % 10
+    data = _npz(tmp_path / "d.npz", images, labels)
+    kw = {"dataset": "", "data_dir": data, "batch_size": 4, "class_cond": True, "deterministic": True, "seed": 0}
+    kw["cache_dir"] = str(tmp_path / "cache" / "nested")  # made if missing
+    stream, info = load_latent_data(space, **kw)
+    key = cache_key(space, "", data, 8)  # the pixel size the first stage decodes to
+    assert info["path"] == os.path.join(kw["cache_dir"], f"latents-{key}.pt") and os.path.isfile(info["path"])
+    assert info["cached"] is False and info["seconds"] > 0
+    enc = torch.load(info["path"], weights_only=True)
+    stage = space.load_first_stage()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    post = stage.ae.encode(x).latent_dist
+    torch.testing.assert_close(enc["mean"], post.mean * 0.7, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(enc["std"], post.std * 0.7, rtol=1e-5, atol=1e-6)
+    assert enc["labels"].tolist() == labels.tolist()
+    # In order (deterministic), no flips, one process; each batch a fresh sample mean + std * eps.
+    assert (stream.shuffle, stream.random_flip, stream.world_size, stream.num_workers) == (False, False, 1, 0)
+    torch.manual_seed(5)
+    xb, cond = next(stream)
+    torch.manual_seed(5)
+    want = enc["mean"][:4] + enc["std"][:4] * torch.randn_like(enc["mean"][:4])
+    torch.testing.assert_close(xb, want, rtol=0, atol=0)
+    assert cond["y"].tolist() == labels[:4].tolist()
+    # Read back, not encoded again; a shuffled stream when not deterministic.
+    again, info2 = load_latent_data(space, **{**kw, "deterministic": False})
+    assert info2 == {"cached": True, "path": info["path"], "seconds": 0.0} and again.shuffle is True
+
+
+def test_latent_encoding_of_a_decoded_source_and_no_labels(tmp_path):
+    """Images that need resizing go through the decoding source (item by item), unlabelled here."""
+    from dkdm.data.images import open_source
+    from dkdm.data.latents import encode_dataset
+
+    folder = _tiny_kl_folder(tmp_path / "ae")
+    stage = first_stage.load_first_stage(folder)
+    images = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    source, _ = open_source("", _npz(tmp_path / "big.npz", images), 8, False)
+    assert not source.direct
+    enc = encode_dataset(source, stage, chunk=2)  # chunks of 2: 2 + 2 + 1
+    x = torch.stack([source[(i, False)][0] for i in range(5)])
+    torch.testing.assert_close(enc["mean"], stage.ae.encode(x).latent_dist.mean * 0.7, rtol=1e-5, atol=1e-6)
+    assert enc["labels"] is None and enc["std"].shape == enc["mean"].shape == (5, 2, 4, 4)
+
+
+def test_latent_cache_key_follows_what_decides_the_encodings(tmp_path):
+    from dkdm.data.latents import cache_key
+    from dkdm.resolve import SampleSpace
+
+    folder = _tiny_kl_folder(tmp_path / "ae")
+    data = _npz(tmp_path / "d.npz", np.zeros((2, 8, 8, 1), np.uint8))
+    space = SampleSpace((2, 4, 4), 0, folder, 0.0)
+    key = cache_key(space, "", data, 8)
+    assert len(key) == 16 and key == cache_key(space, "", data, 8)
+    changed = {
+        cache_key(space, "", data, 16),  # another pixel size
+        cache_key(SampleSpace((2, 4, 4), 0, folder, 0.5), "", data, 8),  # another scale
+        cache_key(space, "digits", "", 8),  # a named dataset instead of the file
+    }
+    assert key not in changed and len(changed) == 3
+    assert cache_key(space, "digits", "", 8) != cache_key(space, "other", "", 8)
+    with open(os.path.join(folder, "config.json"), "a") as f:
+        f.write(" ")  # the first stage's files are hashed (all of them, by name)
+    assert cache_key(space, "", data, 8) != key
+    key2 = cache_key(space, "", data, 8)
+    os.utime(data, (1, 1))  # the data file's modification time is part of it
+    assert cache_key(space, "", data, 8) != key2
+
+
+def test_a_vq_first_stage_encodes_to_its_latents_without_a_posterior():
+    from dkdm.data.images import ArraySource
+    from dkdm.data.latents import encode_dataset
+    from tests.test_first_stage import rand_sd
+
+    fs = first_stage.from_compvis_state_dict(rand_sd(L.first_stage_shapes(TINY_FS, "vq")))
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    enc = encode_dataset(ArraySource(images, np.array([2, 0, 1]), uint8=False), fs)
+    assert enc["std"] is None and enc["labels"].tolist() == [2, 0, 1]
+    torch.testing.assert_close(enc["mean"], fs.ae.encode(images).latents * fs.scale_factor)
+
+
+class _Smuggled:
+    """Stands for anything but tensors in a pickle: a cache file must never unpickle one."""
+
+
+def test_latent_cache_is_shared_checked_and_read_as_tensors_only(tmp_path):
+    import time
+
+    from PIL import Image
+
+    from dkdm.data.latents import cache_key, load_latent_data
+    from dkdm.resolve import SampleSpace
+
+    folder = _tiny_kl_folder(tmp_path / "ae", channels=3)  # image folders decode to RGB
+    space = SampleSpace((2, 4, 4), 2, folder, 0.0)
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("cat_0.png", "dog_0.png", "dog_1.png"):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(pics / name)
+    cache = tmp_path / "cache"
+    kw = {"batch_size": 3, "deterministic": True, "seed": 0, "cache_dir": str(cache)}
+    t0 = time.perf_counter()
+    stream, info = load_latent_data(space, dataset="", data_dir=str(pics), class_cond=True, **kw)
+    assert 0 < info["seconds"] < time.perf_counter() - t0
+    _, cond = next(stream)
+    assert cond["y"].tolist() == [0, 1, 1]  # classes from the file names, as for pixels
+    # A second dataset in the same (existing) cache folder; a built-in one is keyed by its name.
+    grey = _tiny_kl_folder(tmp_path / "ae1")
+    digits = SampleSpace((2, 4, 4), 0, grey, 0.0)
+    _, info2 = load_latent_data(digits, dataset="digits", data_dir="", class_cond=False, **kw)
+    assert not info2["cached"] and info2["path"].endswith(f"latents-{cache_key(digits, 'digits', '', 8)}.pt")
+    assert len(os.listdir(cache)) == 2
+    # A cache file replaced by a pickle carrying objects is refused, not unpickled.
+    enc = torch.load(info["path"], weights_only=True)
+    torch.save({**enc, "extra": _Smuggled()}, info["path"])
+    with pytest.raises(Exception, match="Unsupported global|weights_only"):
+        load_latent_data(space, dataset="", data_dir=str(pics), class_cond=True, **kw)
