@@ -119,6 +119,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | fp16 | bf16
     compile: bool = False  # torch.compile the trained network (and a distillation's teacher) in place
     compile_backend: str = "inductor"  # inductor | aot_eager | eager | cudagraphs
+    channels_last: bool = False  # the trained network's weights (and so its activations) in NHWC memory order
     fp16_scale_growth: float = 1e-3
     grad_clip: float = 0.0  # 0: off
     schedule_sampler: str = "uniform"  # uniform | loss-second-moment
@@ -186,6 +187,7 @@ class DistillConfig:
     simple_only: bool = False
     clip_teacher_mean: bool = False  # True: the official release's variance term (teacher mean from clipped x_0)
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
+    teacher_channels_last: bool = False  # the teacher's weights (and so its activations) in NHWC memory order
     # Class-conditional teachers: pool labels in proportion to these weights ("" = uniform); a .npy
     # or text file of num_classes non-negative numbers.
     class_weights: str = ""
@@ -250,6 +252,7 @@ class SampleConfig:
     precision: str = "fp32"
     compile: bool = False  # torch.compile the network in place (the first batch compiles)
     compile_backend: str = "inductor"  # inductor | aot_eager | eager | cudagraphs
+    channels_last: bool = False  # the network's weights (and so its activations) in NHWC memory order
     seed: int = 0
     guidance_scale: float = 1.0  # classifier-free guidance (guided models) or the w input (w-conditioned students)
     output: str = ""  # a .npz path, or a folder for guided-diffusion's samples_NxHxWxC.npz; "" = runs/samples

@@ -82,6 +82,8 @@ def make_manifest(
     sample = {k: s[k] for k in keep}
     if sample_cfg.compile:  # compiled kernels round differently; absent when off, as in older manifests
         sample["compile_backend"] = sample_cfg.compile_backend
+    if sample_cfg.channels_last:  # so do NHWC kernels (to float rounding); absent when off, as compile_backend
+        sample["channels_last"] = True
     return {
         "format": MANIFEST_FORMAT,
         "sample": sample,

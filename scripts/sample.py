@@ -25,7 +25,7 @@ from dkdm.distill.objectives.sampling import step_sampler_for
 from dkdm.hostmem import tune_host_allocator
 from dkdm.models.guidance import for_sampling
 from dkdm.resolve import EMBEDDED_TEACHER, resolve
-from dkdm.training.compile import FirstCallClock, compile_in_place
+from dkdm.training.compile import FirstCallClock, compile_in_place, to_channels_last
 
 
 def main(argv: list[str]) -> None:
@@ -40,6 +40,8 @@ def main(argv: list[str]) -> None:
     net = resolve(args.overrides["model"], args.overrides["diffusion"], checkpoint=path)
     model_cfg, diff_cfg, shape = net.model, net.diffusion, net.space.shape
     model = for_sampling(net.build(), cfg.guidance_scale).to(dist.dev())  # guided, or w for a w-conditioned net
+    if cfg.channels_last:
+        to_channels_last(model)
     if cfg.compile:
         compile_in_place(model, cfg.compile_backend)
     diffusion = net.create_diffusion()  # validate everything before the manifest binds the output

@@ -40,7 +40,7 @@ from dkdm.distill.objectives import build_objective
 from dkdm.distill.pool import DynamicPool, read_class_weights, teacher_fingerprint
 from dkdm.models.guidance import Guided, check_guidable
 from dkdm.training import Trainer
-from dkdm.training.compile import compile_in_place
+from dkdm.training.compile import compile_in_place, to_channels_last
 from dkdm.training.precision import autocast, autocast_dtype
 
 __all__ = ["DistillLoop", "check_conditioning", "teacher_id"]
@@ -50,6 +50,20 @@ def teacher_id(checkpoint: str | torch.nn.Module, model_config: Any = None) -> s
     """Identity of a teacher for the pool cache: checkpoint sha256 plus its model config."""
     desc = {"weights": teacher_fingerprint(checkpoint), "model": to_dict(model_config) if model_config else None}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def teacher_numerics(distill: DistillConfig, train: TrainConfig) -> str:
+    """How the teacher's arithmetic differs from plain fp32 eager NCHW, as a suffix of the pool cache's
+    key ("" when it does not, so earlier caches keep their keys): a pool prepared in bf16, in
+    channels_last or by compiled kernels is another pool, not the one this run would compute."""
+    parts = []
+    if distill.teacher_precision != "fp32":
+        parts.append(f"teacher_precision={distill.teacher_precision}")
+    if distill.teacher_channels_last:
+        parts.append("teacher_channels_last")
+    if train.compile:
+        parts.append(f"compile={train.compile_backend}")
+    return "".join(f"|{p}" for p in parts)
 
 
 def check_conditioning(
@@ -182,6 +196,8 @@ class DistillLoop:
         self.teacher_dtype = autocast_dtype(distill.teacher_precision, "teacher_precision")
 
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if distill.teacher_channels_last:
+            to_channels_last(self.teacher)
         if train.compile:  # the teacher's forward is the largest single cost of a step
             compile_in_place(self.teacher, train.compile_backend)
         self.student = student
@@ -326,7 +342,18 @@ class DistillLoop:
         key = self.teacher_key or teacher_id(self.teacher, getattr(self.teacher, "config", None))
         if self.guided and not self.student_takes_w:  # a guided pool is another pool (a w range is in its key)
             key = f"{key}|guidance_scale={self.guidance_scale!r}"
+        numerics = teacher_numerics(self.cfg, self.train_cfg)
         cache = self.cfg.pool_cache_dir or os.path.join(self.run_dir, "pool_cache")
+        if numerics and not os.path.isfile(self.pool.cache_path(cache, key + numerics)):
+            legacy = self.pool.cache_path(cache, key)
+            if os.path.isfile(legacy):  # caches from before the teacher's numerics were in the key
+                logger.log(
+                    f"pool: {legacy} is a prepared pool of this teacher from before its numerics "
+                    f"({numerics[1:].replace('|', ', ')}) were part of the cache key, and may come from another "
+                    f"precision; preparing anew. To reuse it, rename it to "
+                    f"{os.path.basename(self.pool.cache_path(cache, key + numerics))}"
+                )
+        key += numerics
         self.pool.prepare(
             self.teacher_forward,
             teacher_id=key,

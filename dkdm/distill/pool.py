@@ -445,6 +445,10 @@ class DynamicPool:
             desc["w_range"] = list(self.w_range)
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
 
+    def cache_path(self, cache_dir: str, teacher_id: str) -> str:
+        """Where :meth:`prepare` keeps this pool's finished preparation in ``cache_dir``."""
+        return os.path.join(cache_dir, f"pool_{self.cache_key(teacher_id)[:24]}.pt")
+
     def prepare(
         self,
         teacher_fn: TeacherFn,
@@ -469,10 +473,9 @@ class DynamicPool:
             return
         done_path = part_path = ""
         if cache_dir:
-            key = self.cache_key(teacher_id)[:24]
             os.makedirs(cache_dir, exist_ok=True)
-            done_path = os.path.join(cache_dir, f"pool_{key}.pt")
-            part_path = os.path.join(cache_dir, f"pool_{key}.partial.pt")
+            done_path = self.cache_path(cache_dir, teacher_id)
+            part_path = done_path[: -len(".pt")] + ".partial.pt"
             remove_stale_temporaries(cache_dir, "pool_*")
             cached = read_cache(done_path) if os.path.isfile(done_path) else None
             if cached is not None:

@@ -39,7 +39,7 @@ from dkdm.config import (
 )
 from dkdm.models.checkpoints import save_safetensors
 from dkdm.training import checkpoint as ckpt
-from dkdm.training.compile import FirstCallClock, compile_in_place
+from dkdm.training.compile import FirstCallClock, compile_in_place, to_channels_last
 from dkdm.training.precision import Precision, growth_interval_from_rate
 
 # Buffers are not re-broadcast before every forward: the zoo's networks have none, and a
@@ -156,6 +156,8 @@ class Trainer:
         if any(p.dtype != torch.float32 for p in model.parameters()):
             logger.warn("model parameters are not all fp32; converting (train.precision picks the compute dtype)")
             self.model.float()
+        if cfg.channels_last:  # before the optimiser and EMA copy the parameters: their state follows the order
+            to_channels_last(self.model)
         self.param_names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
         self._param_data = [p.detach() for p in self.params]
@@ -535,7 +537,9 @@ class Trainer:
 
 
 def _cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in sd.items()}
+    """Weights to write: on the CPU, in the standard memory order (a --channels_last run's files are
+    byte for byte what the same weights give without it)."""
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
 
 # ---------------------------------------------------------------------- data-based training
