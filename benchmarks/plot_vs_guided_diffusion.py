@@ -19,12 +19,16 @@ KINDS = (("iddpm", "IDDPM loop"), ("ddim", "DDIM loop"), ("train", "training ste
 
 def label(result: dict) -> str:
     if result.get("device", "cpu") == "cpu":
-        device = f"CPU, {result['threads']} thread{'s' if result['threads'] > 1 else ''}"
+        cpu = result.get("cpu", "")  # "AMD EPYC (AVX2)"; records from before it was kept have none
+        isa = cpu[cpu.rindex("(") + 1 : -1] if cpu.endswith(")") and "(" in cpu else ""
+        device = f"CPU{f' ({isa})' if isa else ''}, {result['threads']} thread{'s' if result['threads'] > 1 else ''}"
     else:  # the benchmark turns TF32 off on CUDA
         device = result["device"].replace("NVIDIA ", "") + ", fp32"
     parts = [device, f"batch {result['batch']}"]
     if result.get("ours_compiled"):
         parts.append("ours compiled")
+    if result.get("ours_channels_last"):
+        parts.append("ours channels_last")
     if str(result.get("host_allocator", "default")).startswith("tuned"):
         parts.append("allocator tuned")
     return "\n".join(parts)

@@ -8,12 +8,13 @@ a training step (``training_losses`` + backward + AdamW). Outputs must agree to 
 (sampling from the same noise and the same global RNG stream; the training loss and the
 updated weights). ``ratio`` = guided-diffusion's time / ours (> 1: we are faster). Each side
 steps its own trainer's optimiser (guided-diffusion's AdamW, ours ``make_adamw``).
-``--host_allocator tuned`` applies dkdm's scripts' glibc settings (:mod:`dkdm.hostmem`) to the
+``--ours_channels_last`` puts ours in channels_last (the library's ``--channels_last``; the
+setting each of dkdm's scripts offers for sampling and training alike). ``--host_allocator tuned`` applies dkdm's scripts' glibc settings (:mod:`dkdm.hostmem`) to the
 whole process, so both sides run with them; ``--device cuda`` times on a GPU (synchronised, TF32 off).
 
     GUIDED_DIFFUSION_PATH=/path/to/guided-diffusion python benchmarks/vs_guided_diffusion.py \\
         [--arch cifar10-14M] [--batch 16] [--respacing 10] [--rounds 3] [--threads 1] \\
-        [--host_allocator default|tuned] [--device cpu|cuda] [--ours_compile]
+        [--host_allocator default|tuned] [--device cpu|cuda] [--ours_compile] [--ours_channels_last]
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ import torch
 
 from dkdm.diffusion import create_diffusion
 from dkdm.fileio import emit_json
-from dkdm.hostmem import tune_host_allocator
+from dkdm.hostmem import describe_cpu, tune_host_allocator
 from dkdm.models import create_model, get_config
-from dkdm.training.compile import compile_in_place
+from dkdm.training.compile import compile_in_place, to_channels_last
 from dkdm.training.trainer import make_adamw
 
 
@@ -117,6 +118,8 @@ def run(a: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    if a.ours_channels_last:  # the library's --channels_last switch (before compiling, as the scripts do)
+        to_channels_last(ours)
     if a.ours_compile:  # the library's --compile switch (in place; the agreement pass below compiles)
         compile_in_place(ours, "inductor")
     shape = (a.batch, cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -160,9 +163,11 @@ def run(a: argparse.Namespace) -> dict:
         "respacing": a.respacing,
         "threads": a.threads,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cpu": describe_cpu(),
         "host_allocator": host_allocator,
         "rounds": a.rounds,
         "ours_compiled": a.ours_compile,
+        "ours_channels_last": a.ours_channels_last,
         "torch": torch.__version__,
         "note": "order swapped every round; medians and [min, max] of the per-round ratios",
         "load_average_1min_at_start": round(os.getloadavg()[0], 2),
@@ -223,6 +228,11 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0, help="seed of the shared weights")
     p.add_argument("--ours_compile", action="store_true", help="ours under torch.compile (inductor), as --compile")
+    p.add_argument(
+        "--ours_channels_last",
+        action="store_true",
+        help="ours in channels_last, as --channels_last (theirs as shipped)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--host_allocator",

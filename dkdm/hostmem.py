@@ -48,3 +48,23 @@ def tune_host_allocator() -> str:
     if not ok:
         return "default (glibc refused the mallopt settings)"
     return f"tuned: glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 20} MiB"
+
+
+def describe_cpu(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and widest vector ISA, e.g. ``"AMD EPYC (AVX2)"``, for benchmark records.
+
+    The same kernels run at very different speeds on machines of one name (the development
+    machines have been both an AVX-512 and an AVX2 EPYC), so a record says which it came from.
+    Falls back to :func:`platform.processor` where there is no ``/proc/cpuinfo``.
+    """
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    first = text.split("\n\n", 1)[0]  # the first processor's block; every core reports the same
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags), "")
+    name = fields.get("model name", platform.machine())
+    return f"{name} ({isa})" if isa else name

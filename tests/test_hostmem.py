@@ -75,3 +75,17 @@ def test_a_bad_setting_stops_a_training_script_before_its_run_directory(tmp_path
     )
     assert p.returncode == 1 and "DKDM_HOST_ALLOCATOR must be 'tuned' or 'default'" in p.stderr
     assert not run.exists()
+
+
+def test_describe_cpu_names_the_model_and_widest_isa(tmp_path):
+    block = "processor\t: {n}\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 {isa} fma\n"
+    for flags, want in (("avx avx2 avx512f avx512bw", "AMD EPYC (AVX-512)"), ("avx avx2", "AMD EPYC (AVX2)")):
+        info = tmp_path / f"cpuinfo_{len(flags)}"
+        # Only the first processor's block is read: a second one with other flags changes nothing.
+        info.write_text(block.format(n=0, isa=flags) + "\n" + block.format(n=1, isa="avx512f"))
+        assert hostmem.describe_cpu(str(info)) == want
+    plain = tmp_path / "plain"
+    plain.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2\n")
+    assert hostmem.describe_cpu(str(plain)) == "Some CPU"
+    missing = hostmem.describe_cpu(str(tmp_path / "absent"))
+    assert missing == (platform.processor() or platform.machine())

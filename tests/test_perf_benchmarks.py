@@ -144,9 +144,11 @@ def test_cost_model_latent_unets_are_the_released_ones():
 
 
 @pytest.mark.skipif(not os.environ.get("GUIDED_DIFFUSION_PATH"), reason="GUIDED_DIFFUSION_PATH names no checkout")
-def test_side_by_side_with_guided_diffusion_agrees():
+@pytest.mark.parametrize("switch", [[], ["--ours_channels_last"]])
+def test_side_by_side_with_guided_diffusion_agrees(switch):
     vs = _load("vs_guided_diffusion")
-    out = vs.main(["--batch", "1", "--respacing", "2", "--rounds", "1"])
+    out = vs.main(["--batch", "1", "--respacing", "2", "--rounds", "1", *switch])
+    assert out["ours_channels_last"] == bool(switch)
     assert out["agree_to_tol"], out["max_abs_diff"]
     assert out["max_abs_diff"]["ddim"] <= 1e-4 and out["max_abs_diff"]["weights_after_step"] <= 1e-4
     for loop in ("iddpm", "ddim"):  # the float64 reference is guided-diffusion's own network
@@ -162,3 +164,8 @@ def test_the_comparison_figure_is_drawn_from_the_committed_results(tmp_path):
     assert out.stat().st_size > 10_000 and len(drawn) == len(results)
     labels = [plot.label(r) for r in drawn]
     assert any("CPU, 1 thread" in x for x in labels) and any("ours compiled" in x for x in labels)
+    assert any("CPU (AVX2), 1 thread" in x and "ours channels_last" in x for x in labels)
+    assert plot.label({"device": "cpu", "threads": 2, "batch": 4, "cpu": "X (AVX-512)"}).startswith(
+        "CPU (AVX-512), 2 threads"
+    )
+    assert plot.label({"device": "cpu", "threads": 1, "batch": 4, "cpu": "X"}).startswith("CPU, 1 thread")
