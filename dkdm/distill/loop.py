@@ -54,8 +54,9 @@ def teacher_id(checkpoint: str | torch.nn.Module, model_config: Any = None) -> s
 
 def teacher_numerics(distill: DistillConfig, train: TrainConfig) -> str:
     """How the teacher's arithmetic differs from plain fp32 eager NCHW, as a suffix of the pool cache's
-    key ("" when it does not, so earlier caches keep their keys): a pool prepared in bf16, in
-    channels_last or by compiled kernels is another pool, not the one this run would compute."""
+    key ("" when it does not, so a default teacher's earlier caches keep their keys): a pool prepared
+    in bf16, in channels_last or by compiled kernels is another pool, not the one this run would
+    compute. A cache written under the old key is named in the log by :meth:`DistillLoop.prepare_pool`."""
     parts = []
     if distill.teacher_precision != "fp32":
         parts.append(f"teacher_precision={distill.teacher_precision}")
