@@ -8,9 +8,10 @@ a training step (``training_losses`` + backward + AdamW). Outputs must agree to 
 (sampling from the same noise and the same global RNG stream; the training loss and the
 updated weights). ``ratio`` = guided-diffusion's time / ours (> 1: we are faster). Each side
 steps its own trainer's optimiser (guided-diffusion's AdamW, ours ``make_adamw``).
-``--ours_channels_last`` puts ours in channels_last (the library's ``--channels_last``; the
-setting each of dkdm's scripts offers for sampling and training alike). ``--host_allocator tuned`` applies dkdm's scripts' glibc settings (:mod:`dkdm.hostmem`) to the
-whole process, so both sides run with them; ``--device cuda`` times on a GPU (synchronised, TF32 off).
+``--ours_channels_last`` puts ours in channels_last (the library's ``--channels_last``, which
+sample.py and the training scripts offer alike). ``--host_allocator tuned`` applies dkdm's
+scripts' glibc settings (:mod:`dkdm.hostmem`) to the whole process, so both sides run with them;
+``--device cuda`` times on a GPU (synchronised, TF32 off).
 
     GUIDED_DIFFUSION_PATH=/path/to/guided-diffusion python benchmarks/vs_guided_diffusion.py \\
         [--arch cifar10-14M] [--batch 16] [--respacing 10] [--rounds 3] [--threads 1] \\

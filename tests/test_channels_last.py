@@ -18,6 +18,7 @@ from dkdm.config import ConfigError, DistillConfig, TrainConfig
 from dkdm.distill.loop import teacher_numerics
 from dkdm.models import create_model
 from dkdm.training.compile import to_channels_last
+from dkdm.training.trainer import _cpu
 from tests.test_distill_loop import make_loop, tiny_teacher
 from tests.test_sample import MAIN, _load, _run_dir
 from tests.test_training import make, noisy_loss
@@ -117,8 +118,6 @@ def test_training_matches_the_standard_order_and_writes_standard_files(tmp_path)
         if order is NHWC:
             to_channels_last(net)
         buf = io.BytesIO()
-        from dkdm.training.trainer import _cpu
-
         torch.save(_cpu(net.state_dict()), buf)
         as_saved[order] = buf.getvalue()
     assert as_saved[torch.contiguous_format] == as_saved[NHWC]
@@ -159,9 +158,8 @@ def test_teacher_numerics_name_what_changes_a_pools_bits():
 
 
 def test_a_channels_last_teacher_prepares_the_same_pool_but_not_from_the_same_cache(tmp_path):
-    teacher = tiny_teacher(arch="unet")
     cache = str(tmp_path / "cache")
-    plain = make_loop(tmp_path / "plain", teacher=teacher, pool_cache_dir=cache)
+    plain = make_loop(tmp_path / "plain", teacher=tiny_teacher(arch="unet"), pool_cache_dir=cache)
     plain.prepare_pool(progress=False)
     logger.reset()
     nhwc = make_loop(

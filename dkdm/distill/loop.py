@@ -345,15 +345,14 @@ class DistillLoop:
             key = f"{key}|guidance_scale={self.guidance_scale!r}"
         numerics = teacher_numerics(self.cfg, self.train_cfg)
         cache = self.cfg.pool_cache_dir or os.path.join(self.run_dir, "pool_cache")
-        if numerics and not os.path.isfile(self.pool.cache_path(cache, key + numerics)):
-            legacy = self.pool.cache_path(cache, key)
-            if os.path.isfile(legacy):  # caches from before the teacher's numerics were in the key
-                logger.log(
-                    f"pool: {legacy} is a prepared pool of this teacher from before its numerics "
-                    f"({numerics[1:].replace('|', ', ')}) were part of the cache key, and may come from another "
-                    f"precision; preparing anew. To reuse it, rename it to "
-                    f"{os.path.basename(self.pool.cache_path(cache, key + numerics))}"
-                )
+        own, legacy = self.pool.cache_path(cache, key + numerics), self.pool.cache_path(cache, key)
+        if numerics and not os.path.isfile(own) and os.path.isfile(legacy):
+            # A cache from before the teacher's numerics were in the key: it may hold either's pool.
+            logger.log(
+                f"pool: {legacy} is a prepared pool of this teacher from before its numerics "
+                f"({numerics[1:].replace('|', ', ')}) were part of the cache key, and may have been prepared "
+                f"with others; preparing anew. To reuse it, rename it to {os.path.basename(own)}"
+            )
         key += numerics
         self.pool.prepare(
             self.teacher_forward,
