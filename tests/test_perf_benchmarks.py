@@ -41,19 +41,33 @@ def test_flops_on_the_meta_device_equal_a_real_runs_attention_included():
     assert roof.count_flops(model, cfg) - plain.get_total_flops() == 4 * 4 * 16 * 16 * 128
 
 
-@pytest.mark.parametrize("m", [2, 4])
-def test_winograd_probe_computes_the_convolution_it_times(m):
-    """The Winograd probe's verdict (slower here) only means something if it computes the same convolution."""
+@pytest.mark.parametrize("variant", ["F2", "F4", "F4p"])
+def test_winograd_probe_computes_the_convolution_it_times(variant):
+    """The Winograd probe's verdict only means something if it computes the same convolution."""
     wino = _load("winograd")
+    m = len(wino.WINOGRAD[variant]["AT"])
     g = torch.Generator().manual_seed(m)
     x = torch.randn(2, 5, 8, 12, generator=g, dtype=torch.float64)
     w = torch.randn(7, 5, 3, 3, generator=g, dtype=torch.float64)
     b = torch.randn(7, generator=g, dtype=torch.float64)
     ref = torch.nn.functional.conv2d(x, w, b, padding=1)
-    assert (wino.Winograd3x3(m, w, b)(x) - ref).abs().max() < 1e-12  # exact up to float64 rounding
-    assert (wino.Winograd3x3(m, w, None)(x) - (ref - b.view(1, 7, 1, 1))).abs().max() < 1e-12
+    out = wino.Winograd3x3(variant, w, b)(x)
+    assert (out - ref).abs().max() < 1e-12  # exact up to float64 rounding
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (wino.Winograd3x3(variant, w, None)(x) - (ref - b.view(1, 7, 1, 1))).abs().max() < 1e-12
     with pytest.raises(ValueError, match=f"divisible by {m}"):
-        wino.Winograd3x3(m, w, b)(x[:, :, :7])
+        wino.Winograd3x3(variant, w, b)(x[:, :, :7])
+
+
+def test_cook_toom_builds_exact_transforms_and_refuses_repeated_points():
+    wino = _load("winograd")
+    mats = wino.cook_toom([0.0, 1.0, -1.0, 0.5, -2.0], 4)
+    assert [tuple(mats[k].shape) for k in ("BT", "G", "AT")] == [(6, 6), (6, 3), (4, 6)]
+    d, g = torch.randn(6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    direct = torch.stack([(d[i : i + 3] * g).sum() for i in range(4)])  # the 1-D correlation F(4,3) computes
+    assert (mats["AT"] @ ((mats["G"] @ g) * (mats["BT"] @ d)) - direct).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="distinct"):
+        wino.cook_toom([0.0, 1.0, 1.0, 0.5, -2.0], 4)
 
 
 def test_winograd_probe_tiny_finds_every_3x3_convolution(tmp_path):
@@ -69,9 +83,15 @@ def test_winograd_probe_tiny_finds_every_3x3_convolution(tmp_path):
     assert sum(row["layers"] for row in out["shapes"]) == n3x3
     for row in out["shapes"]:
         assert row["direct_max_abs_err_vs_float64"] < 1e-5 and row["F2_max_abs_err_vs_float64"] < 1e-5
+        assert row["direct_channels_last_ms"] > 0 and ("F4p_ms" in row) == (row["H"] % 4 == 0)
+        assert row.get("F4p_max_abs_err_vs_float64", 0.0) < 1e-5  # the better-conditioned F(4,3)
         assert row["F2_ms"] > 0 and row["F2_speedup"] == round(row["direct_ms"] / row["F2_ms"], 3)
     best = out["network_3x3_conv_ms_best_of_direct_and_winograd"]
     assert 0 < best <= out["network_3x3_conv_ms_best_within_max_err"] <= out["network_3x3_conv_ms_direct"]
+    net = out["network_forward"]
+    assert net["variant"] == "F4p" and net["winograd_layers"] == n3x3
+    for name in ("direct", "direct_channels_last", "F4p"):  # the whole forward, each path near float64
+        assert 0 < net[f"{name}_max_abs_err_vs_float64"] < 1e-5 and net[f"{name}_ms"] > 0
 
 
 @pytest.mark.slow
