@@ -255,14 +255,14 @@ def network_forward(model: torch.nn.Module, cfg, a: argparse.Namespace) -> dict:
     x = torch.randn(a.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
     t = torch.randint(0, 1000, (a.batch,), generator=g)
     kwargs = {"y": torch.zeros(a.batch, dtype=torch.long)} if cfg.class_cond else {}
-    ref = copy.deepcopy(model).double()
-    ref.dtype = torch.float64
-    ref.time_embed.register_forward_pre_hook(lambda _mod, args: (args[0].double(),))  # its input is float32
-    channels_last = to_channels_last(copy.deepcopy(model))
     wino = to_channels_last(copy.deepcopy(model))
     layers = with_winograd(wino, a.network_variant)
-    if not layers:
+    if not layers:  # a ViT: nothing to route
         return None
+    channels_last = to_channels_last(copy.deepcopy(model))
+    ref = copy.deepcopy(model).double()
+    ref.dtype = torch.float64  # the UNet's compute dtype
+    ref.time_embed.register_forward_pre_hook(lambda _mod, args: (args[0].double(),))  # its input is float32
     nets = {"direct": model, "direct_channels_last": channels_last, a.network_variant: wino}
     out = {"variant": a.network_variant, "winograd_layers": layers}
     with torch.inference_mode():
