@@ -105,7 +105,7 @@ def cook_toom(points: list[float], m: int, r: int = 3) -> dict[str, torch.Tensor
 
 # Lavin & Gray's F(2,3) and F(4,3) (points 0, +-1, (+-2,) infinity), and F(4,3) at 0, +-1, 1/2, -2,
 # whose transforms are better conditioned (Barabasz et al. 2020, "Error analysis and improving the
-# accuracy of Winograd convolution"): here about as far from float64 as the direct convolution.
+# accuracy of Winograd convolution"): here within about 2x of the direct fp32 convolution's own error.
 WINOGRAD = {"F2": _F2, "F4": _F4, "F4p": cook_toom([0.0, 1.0, -1.0, 0.5, -2.0], 4)}
 
 
@@ -147,12 +147,24 @@ class Winograd3x3:
         return y.reshape(n, h, w, k).permute(0, 3, 1, 2)  # [N, K, H, W], channels_last in memory
 
 
+def winograd_eligible(mod: torch.nn.Module) -> bool:
+    """A plain stride-1, padding-1 3x3 convolution: the kind every variant here computes."""
+    return (
+        isinstance(mod, torch.nn.Conv2d)
+        and mod.kernel_size == (3, 3)
+        and mod.stride == (1, 1)
+        and mod.padding == (1, 1)
+        and mod.dilation == (1, 1)
+        and mod.groups == 1
+    )
+
+
 def conv_shapes(model: torch.nn.Module, cfg, batch: int) -> dict[tuple[int, int, int, int, int], int]:
     """(N, C, K, H, W) of every stride-1 padding-1 3x3 convolution in one forward -> how many layers have it."""
     found: dict[tuple[int, int, int, int, int], int] = {}
 
     def hook(mod, inputs, _out):
-        if mod.kernel_size == (3, 3) and mod.stride == (1, 1) and mod.padding == (1, 1) and mod.groups == 1:
+        if winograd_eligible(mod):
             x = inputs[0]
             key = (x.shape[0], mod.in_channels, mod.out_channels, x.shape[2], x.shape[3])
             found[key] = found.get(key, 0) + 1
@@ -226,9 +238,7 @@ def with_winograd(model: torch.nn.Module, variant: str) -> int:
     m = len(WINOGRAD[variant]["AT"])
     count = 0
     for mod in model.modules():
-        if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3) and mod.stride == (1, 1):
-            if mod.padding != (1, 1) or mod.groups != 1 or mod.dilation != (1, 1):
-                continue
+        if winograd_eligible(mod):
             wino = Winograd3x3(variant, mod.weight, mod.bias)
 
             def forward(x, mod=mod, wino=wino):
