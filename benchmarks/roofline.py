@@ -8,18 +8,21 @@
   update, objective, backward, AdamW, EMA) and one ancestral sampling step, each as GFLOP/s and
   as a fraction of the matmul peak and of the best peak probe (matmul or convolution, whichever
   ran faster) measured in the same round.
-* ``switches``: the same teacher forward with ``channels_last``, ``no_grad`` vs
-  ``inference_mode``, with guided-diffusion's two-matmul attention instead of the library's SDPA
-  (``attention_bmm``) and with the 1x1 convolutions left to torch's kernel choice instead of
-  oneDNN (``pointwise_torch``), as speed-ups over the library's forward taken round by round
-  (< 1: the library's choice is faster); and SDPA vs a batched-matmul attention alone at the
-  teacher's attention shapes (same outputs to 1e-5), outside the network.
+* ``switches``: the teacher forward with ``channels_last``, ``no_grad`` vs ``inference_mode``,
+  with guided-diffusion's two-matmul attention instead of the library's SDPA (``attention_bmm``)
+  and with the 1x1 convolutions left to torch's kernel choice instead of oneDNN
+  (``pointwise_torch``); the student's forward + backward with the last two; each as the speed-up
+  over the library's own call (< 1: the library's choice is faster), timed as a pair with it in
+  every round, the order alternating. ``teacher_fwd_copy`` is the control, an unchanged copy of
+  the teacher timed the same way: how far it reads from 1 is what a pair's ratio means on the
+  machine of the run. Also SDPA vs a batched-matmul attention alone at the teacher's attention
+  shapes (same outputs to 1e-5), outside the network.
 * ``profile``: where the teacher forward and the student step spend their time (profiler self
   time by category: conv, attention, matmul, norm, elementwise, copy/layout).
 
-Every timed thing runs once per round, in the same order, for ``--rounds`` rounds; medians and
-[min, max] are reported, and fractions/ratios are taken within a round, so a change of load from
-other processes hits both sides alike.
+Every timed thing runs once per round, for ``--rounds`` rounds; medians and [min, max] are
+reported, and fractions/ratios are taken within a round (a switch's within its pair), so a change
+of load from other processes hits both sides alike.
 
     python benchmarks/roofline.py --out benchmarks/results/cpu-x86_64-2core_roofline.json
     python benchmarks/roofline.py --tiny            # seconds: the digits pair, small peak sizes
@@ -46,6 +49,7 @@ from dkdm.config import DistillConfig, TrainConfig
 from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop
 from dkdm.fileio import emit_json
+from dkdm.hostmem import describe_cpu
 from dkdm.models import create_model, get_config
 
 ZOO_FOR_FLOPS = [
@@ -160,6 +164,22 @@ def _stats(values: list[float], digits: int = 4) -> dict:
     }
 
 
+def time_switch_pairs(
+    switches: dict[str, tuple[Callable[[], object], Callable[[], object]]], round_index: int, clock=_time
+) -> dict[str, float]:
+    """One round of the switches: each (library call, variant) pair timed back to back, the one
+    first in even positions (round + switch index) the other first in odd ones; returns each
+    switch's library time over its variant's time (> 1: the variant is faster)."""
+    out = {}
+    for i, (name, (base, variant)) in enumerate(switches.items()):
+        if (round_index + i) % 2:
+            t_variant, t_base = clock(variant), clock(base)
+        else:
+            t_base, t_variant = clock(base), clock(variant)
+        out[name] = t_base / t_variant
+    return out
+
+
 def peak_kernels(n: int, conv_batch: int, conv_channels: int, conv_size: int) -> dict[str, tuple[Callable, int]]:
     """The peak probes: name -> (callable, FLOPs per call)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -174,6 +194,16 @@ def peak_kernels(n: int, conv_batch: int, conv_channels: int, conv_size: int) ->
         "conv3x3_fp32": (lambda: conv(x), conv_flops),
         "conv3x3_fp32_channels_last": (lambda: conv_cl(x_cl), conv_flops),
     }
+
+
+def _attention_bmm(m: torch.nn.Module) -> None:
+    if hasattr(m, "attention_impl"):
+        m.attention_impl = "bmm"
+
+
+def _pointwise_torch(m: torch.nn.Module) -> None:
+    if hasattr(m, "onednn_pointwise"):
+        m.onednn_pointwise = False
 
 
 class Workload:
@@ -229,34 +259,52 @@ class Workload:
         with torch.inference_mode():
             self.teacher_cl(self.x_cl, self.t, **self.kw)
 
-    def _variant(self, name: str, change: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
-        if name not in self.variants:
-            model = create_model(self.tcfg)
-            model.load_state_dict(self.teacher.state_dict())
-            model.train(self.teacher.training)
-            for m in model.modules():
+    def _variant(self, name: str, role: str, change: Callable[[torch.nn.Module], None] | None) -> torch.nn.Module:
+        """A copy of the teacher or the student (``role``) with ``change`` applied to every module
+        (None: an unchanged copy, the control); its deviation from the original, both in eval mode
+        so dropout draws nothing, goes into ``variant_diff``."""
+        key = f"{role}_{name}"
+        if key not in self.variants:
+            base, cfg = (self.teacher, self.tcfg) if role == "teacher" else (self.student, self.scfg)
+            model = create_model(cfg)
+            model.load_state_dict(base.state_dict())
+            for m in model.modules() if change is not None else ():
                 change(m)
-            self.variants[name] = model
+            training = base.training
+            base.eval(), model.eval()
             with torch.inference_mode():  # the switch changes the kernels, not the function
-                ref, out = self.teacher(self.x, self.t, **self.kw), model(self.x, self.t, **self.kw)
-            self.variant_diff[name] = float((ref - out).abs().max())
-        return self.variants[name]
+                ref, out = base(self.x, self.t, **self.kw), model(self.x, self.t, **self.kw)
+            base.train(training), model.train(training)
+            self.variants[key] = model
+            self.variant_diff[key] = float((ref - out).abs().max())
+        return self.variants[key]
+
+    def _teacher_variant_fwd(self, name: str, change) -> None:
+        with torch.inference_mode():
+            self._variant(name, "teacher", change)(self.x, self.t, **self.kw)
+
+    def _student_variant_fwd_bwd(self, name: str, change) -> None:
+        model = self._variant(name, "student", change)
+        model(self.x, self.t, **self.kw).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def teacher_fwd_copy(self) -> None:
+        """The control: an unchanged copy of the teacher, timed as a switch is."""
+        self._teacher_variant_fwd("copy", None)
 
     def teacher_fwd_attention_bmm(self) -> None:
         """The teacher with guided-diffusion's two-matmul attention instead of SDPA."""
-        model = self._variant(
-            "bmm", lambda m: setattr(m, "attention_impl", "bmm") if hasattr(m, "attention_impl") else None
-        )
-        with torch.inference_mode():
-            model(self.x, self.t, **self.kw)
+        self._teacher_variant_fwd("bmm", _attention_bmm)
 
     def teacher_fwd_pointwise_torch(self) -> None:
         """The teacher with its 1x1 convolutions left to torch's choice of kernel."""
-        model = self._variant(
-            "pw", lambda m: setattr(m, "onednn_pointwise", False) if hasattr(m, "onednn_pointwise") else None
-        )
-        with torch.inference_mode():
-            model(self.x, self.t, **self.kw)
+        self._teacher_variant_fwd("pw", _pointwise_torch)
+
+    def student_fwd_bwd_attention_bmm(self) -> None:
+        self._student_variant_fwd_bwd("bmm", _attention_bmm)
+
+    def student_fwd_bwd_pointwise_torch(self) -> None:
+        self._student_variant_fwd_bwd("pw", _pointwise_torch)
 
     def student_fwd_bwd(self) -> None:
         self.student(self.x, self.t, **self.kw).square().mean().backward()
@@ -334,6 +382,7 @@ def run(a: argparse.Namespace) -> dict:
     out: dict = {
         "benchmark": "roofline",
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
+        "cpu": describe_cpu(),
         "torch": torch.__version__,
         "note": "medians of interleaved rounds, [min, max] shown; load averages say how quiet the machine was",
         "load_average_1min_at_start": round(os.getloadavg()[0], 2),
@@ -355,11 +404,18 @@ def run(a: argparse.Namespace) -> dict:
             "dkdm_step": w.dkdm_step,
             "sampling_step": w.sampling_step,
         }
+        # Each switch is timed in a pair with the library's own call, the two back to back and their
+        # order alternating round by round and switch by switch, and its ratio is taken within the
+        # pair: a ratio against one base timing per round reads whatever the base's position costs
+        # (a forward after the peak probes' large buffers) as a speed-up of every switch.
         switches = {
-            "teacher_fwd_no_grad": w.teacher_fwd_no_grad,
-            "teacher_fwd_channels_last": w.teacher_fwd_channels_last,
-            "teacher_fwd_attention_bmm": w.teacher_fwd_attention_bmm,
-            "teacher_fwd_pointwise_torch": w.teacher_fwd_pointwise_torch,
+            "teacher_fwd_copy": (w.teacher_fwd, w.teacher_fwd_copy),  # the control: should read 1
+            "teacher_fwd_no_grad": (w.teacher_fwd, w.teacher_fwd_no_grad),
+            "teacher_fwd_channels_last": (w.teacher_fwd, w.teacher_fwd_channels_last),
+            "teacher_fwd_attention_bmm": (w.teacher_fwd, w.teacher_fwd_attention_bmm),
+            "teacher_fwd_pointwise_torch": (w.teacher_fwd, w.teacher_fwd_pointwise_torch),
+            "student_fwd_bwd_attention_bmm": (w.student_fwd_bwd, w.student_fwd_bwd_attention_bmm),
+            "student_fwd_bwd_pointwise_torch": (w.student_fwd_bwd, w.student_fwd_bwd_pointwise_torch),
         }
         attn = []
         for bh, n, d in attention_shapes(w.tcfg, a.batch):
@@ -369,17 +425,20 @@ def run(a: argparse.Namespace) -> dict:
         out["per_threads"] = {}
         for threads in a.threads:
             torch.set_num_threads(threads)
-            times: dict[str, list[float]] = {k: [] for k in [*peaks, *work, *switches]}
+            times: dict[str, list[float]] = {k: [] for k in [*peaks, *work]}
+            pairs: dict[str, list[float]] = {k: [] for k in switches}
             times.update({f"sdpa_{s}": [] for s, *_ in attn})
             times.update({f"bmm_{s}": [] for s, *_ in attn})
-            for fn in [*(f for f, _ in peaks.values()), *work.values(), *switches.values()]:
+            for fn in [*(f for f, _ in peaks.values()), *work.values(), *(v for _, v in switches.values())]:
                 fn()  # warm-up: allocator, oneDNN primitive caches, the optimizer's state
             for r in range(a.rounds):
                 print(f"roofline: {threads} thread(s), round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
                 for name, (fn, _) in peaks.items():
                     times[name].append(min(_time(fn) for _ in range(3)))
-                for name, fn in {**work, **switches}.items():
+                for name, fn in work.items():
                     times[name].append(_time(fn))
+                for name, ratio in time_switch_pairs(switches, r).items():
+                    pairs[name].append(ratio)
                 for s, q, k, v, _ in attn:
                     times[f"sdpa_{s}"].append(
                         min(_time(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)) for _ in range(3))
@@ -398,11 +457,7 @@ def run(a: argparse.Namespace) -> dict:
                     "fraction_of_matmul_peak": _stats(frac, 3),
                     "fraction_of_best_peak": _stats([g / b for g, b in zip(gf, best)], 3),
                 }
-            base = times["teacher_fwd"]
-            sw = {
-                f"{name}_speedup_vs_inference_mode": _stats([b / t for b, t in zip(base, times[name])], 3)
-                for name in switches
-            }
+            sw = {f"{name}_speedup_over_default": _stats(pairs[name], 3) for name in switches}
             sw["attention_sdpa_over_bmm_time"] = {
                 str(s): {
                     "ratio": _stats([x / y for x, y in zip(times[f"sdpa_{s}"], times[f"bmm_{s}"])], 3),

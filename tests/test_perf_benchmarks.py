@@ -114,9 +114,13 @@ def test_roofline_tiny(tmp_path):
     for shape in one["switches"]["attention_sdpa_over_bmm_time"].values():
         assert shape["max_abs_diff"] < 1e-5  # the two attention paths compute the same thing
     variants = one["switches"]["max_abs_diff_of_the_variant_networks"]
-    assert set(variants) == {"bmm", "pw"} and max(variants.values()) < 1e-4
+    assert set(variants) == {"teacher_copy", "teacher_bmm", "teacher_pw", "student_bmm", "student_pw"}
+    assert max(variants.values()) < 1e-4 and variants["teacher_copy"] == 0.0  # the control is the same network
+    for name in ("copy", "no_grad", "channels_last", "attention_bmm", "pointwise_torch"):
+        ratio = one["switches"][f"teacher_fwd_{name}_speedup_over_default"]
+        assert ratio["n"] == 2 and ratio["median"] > 0  # one pair per round
     for name in ("attention_bmm", "pointwise_torch"):
-        assert one["switches"][f"teacher_fwd_{name}_speedup_vs_inference_mode"]["median"] > 0
+        assert one["switches"][f"student_fwd_bwd_{name}_speedup_over_default"]["median"] > 0
     for part in ("teacher_fwd", "student_fwd_bwd"):
         assert math.isclose(sum(out["profile"][part]["share"].values()), 1.0, abs_tol=1e-3)
     assert out["profile"]["teacher_fwd"]["share"]["conv"] > 0.1  # a UNet's time is in its convolutions
@@ -189,3 +193,28 @@ def test_the_comparison_figure_is_drawn_from_the_committed_results(tmp_path):
         "CPU (AVX-512), 2 threads"
     )
     assert plot.label({"device": "cpu", "threads": 1, "batch": 4, "cpu": "X"}).startswith("CPU, 1 thread")
+
+
+def test_switch_pairs_alternate_their_order_and_divide_within_the_pair():
+    """A switch's ratio is its own pair's (library time / variant time), and which of the two runs
+    first alternates by round and by switch, so neither side always takes the first-place cost."""
+    roof = _load("roofline")
+    calls, cost = [], {"base_a": 2.0, "var_a": 1.0, "base_b": 3.0, "var_b": 6.0}
+
+    def clock(fn):
+        calls.append(fn.__name__)
+        return cost[fn.__name__]
+
+    def named(name):
+        def fn():
+            return None
+
+        fn.__name__ = name
+        return fn
+
+    switches = {"a": (named("base_a"), named("var_a")), "b": (named("base_b"), named("var_b"))}
+    assert roof.time_switch_pairs(switches, 0, clock) == {"a": 2.0, "b": 0.5}
+    assert calls == ["base_a", "var_a", "var_b", "base_b"]
+    calls.clear()
+    roof.time_switch_pairs(switches, 1, clock)
+    assert calls == ["var_a", "base_a", "base_b", "var_b"]
