@@ -213,9 +213,10 @@ class Workload:
         torch.manual_seed(0)
         self.tcfg, self.scfg = get_config(teacher), get_config(student)
         self.teacher, self.student = create_model(self.tcfg), create_model(self.scfg)
-        with torch.no_grad():  # output layers start at zero; give the teacher something to say
-            for p in self.teacher.parameters():
-                p.add_(0.01 * torch.randn_like(p))
+        with torch.no_grad():  # output layers start at zero: give both networks something to say,
+            for net in (self.teacher, self.student):  # or a switch's deviation reads 0 whatever it does
+                for p in net.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
         self.batch = batch
         self.diffusion = create_diffusion(steps=steps, noise_schedule="cosine", learn_sigma=self.tcfg.learn_sigma)
         logger.configure(run_dir, format_strs=["log"])

@@ -116,6 +116,7 @@ def test_roofline_tiny(tmp_path):
     variants = one["switches"]["max_abs_diff_of_the_variant_networks"]
     assert set(variants) == {"teacher_copy", "teacher_bmm", "teacher_pw", "student_bmm", "student_pw"}
     assert max(variants.values()) < 1e-4 and variants["teacher_copy"] == 0.0  # the control is the same network
+    assert variants["teacher_bmm"] > 0  # the switch did change the kernel (the outputs are not all zero)
     for name in ("copy", "no_grad", "channels_last", "attention_bmm", "pointwise_torch"):
         ratio = one["switches"][f"teacher_fwd_{name}_speedup_over_default"]
         assert ratio["n"] == 2 and ratio["median"] > 0  # one pair per round
