@@ -85,8 +85,9 @@ def _onednn_pointwise(conv: Conv1d | Conv2d, x: torch.Tensor) -> torch.Tensor | 
 
     With one thread and a batch under 16, torch sends 1x1 convolutions to its im2col path,
     whose matrix products (MKL sgemm) ran at about half the speed of oneDNN's kernels on this
-    project's AMD CPU: 106 vs 198 GFLOP/s at the attention blocks' qkv shapes, 1.07x on the
-    57M teacher's forward at batch 4 (benchmarks/roofline.py, ``teacher_fwd_pointwise_torch``).
+    project's AVX-512 EPYC: 106 vs 198 GFLOP/s at the attention blocks' qkv shapes, 1.07x on the
+    57M teacher's forward at batch 4 (benchmarks/roofline.py, ``teacher_fwd_pointwise_torch``);
+    on the AVX2 EPYC level, in the teacher's forward and the student's training step alike.
     Same maths (fp32, the products summed in another order). Left to torch under autocast (its casts apply), under
     ``torch.compile`` (the direct call has no fake-tensor kernel), when oneDNN is off, and for a
     module whose ``onednn_pointwise`` is False (measurements).
