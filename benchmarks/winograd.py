@@ -21,7 +21,9 @@ for the fastest whose deviation stays within ``--max_err`` (1e-5, the library's 
 the timing (as inference could cache it), which favours Winograd. ``--network_variant`` (F4p) then
 times the whole forward with every divisible 3x3 convolution routed through that variant (channels_last,
 as its output is) against the direct convolutions in NCHW and channels_last, with each one's deviation
-from the float64 network: the number that decides whether the library should offer it.
+from the float64 network: the number that decides whether the library should offer it. The three
+forwards run in an order that rotates round by round, and their speed-ups (over NCHW, and the
+variant's over channels_last) are medians and [min, max] of the per-round ratios.
 
     python benchmarks/winograd.py --out benchmarks/results/cpu-x86_64-2core_winograd.json
     python benchmarks/winograd.py --out benchmarks/results/cpu-epyc-avx2-2core_winograd.json
@@ -280,15 +282,23 @@ def network_forward(model: torch.nn.Module, cfg, a: argparse.Namespace) -> dict:
         for name, net in nets.items():
             out[f"{name}_max_abs_err_vs_float64"] = float((net(x, t, **kwargs).double() - want).abs().max())
         times = {name: [] for name in nets}
-        for _ in range(a.rounds):
-            for name, net in nets.items():
+        names = list(nets)
+        for r in range(a.rounds):  # the order rotates round by round: no network always goes first
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                net = nets[name]
                 times[name].append(_mean_time(lambda net=net: net(x, t, **kwargs), max(1, a.repeats // 2)))
     for name, ts in times.items():
         out[f"{name}_ms"] = round(1e3 * statistics.median(ts), 2)
         out[f"{name}_ms_min_max"] = [round(1e3 * min(ts), 2), round(1e3 * max(ts), 2)]
-    for name in nets:
-        if name != "direct":
-            out[f"{name}_speedup"] = round(out["direct_ms"] / out[f"{name}_ms"], 3)
+
+    def ratios(num: str, den: str) -> tuple[float, list[float]]:  # per round: median, [min, max]
+        rs = [n / d for n, d in zip(times[num], times[den])]
+        return round(statistics.median(rs), 3), [round(min(rs), 3), round(max(rs), 3)]
+
+    for name in names[1:]:
+        out[f"{name}_speedup"], out[f"{name}_speedup_min_max"] = ratios("direct", name)
+    key = f"{a.network_variant}_over_channels_last"
+    out[f"{key}_speedup"], out[f"{key}_speedup_min_max"] = ratios("direct_channels_last", a.network_variant)
     return out
 
 

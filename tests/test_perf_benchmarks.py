@@ -92,6 +92,9 @@ def test_winograd_probe_tiny_finds_every_3x3_convolution(tmp_path):
     assert net["variant"] == "F4p" and net["winograd_layers"] == n3x3
     for name in ("direct", "direct_channels_last", "F4p"):  # the whole forward, each path near float64
         assert 0 < net[f"{name}_max_abs_err_vs_float64"] < 1e-5 and net[f"{name}_ms"] > 0
+    for name in ("direct_channels_last", "F4p", "F4p_over_channels_last"):  # per-round ratios
+        lo, hi = net[f"{name}_speedup_min_max"]
+        assert 0 < lo <= net[f"{name}_speedup"] <= hi
 
 
 @pytest.mark.slow
