@@ -29,6 +29,8 @@ def label(result: dict) -> str:
         parts.append("ours compiled")
     if result.get("ours_channels_last"):
         parts.append("ours channels_last")
+    if result.get("ours_winograd"):
+        parts.append("ours Winograd")
     if str(result.get("host_allocator", "default")).startswith("tuned"):
         parts.append("allocator tuned")
     return "\n".join(parts)

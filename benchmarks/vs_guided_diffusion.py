@@ -8,6 +8,8 @@ a training step (``training_losses`` + backward + AdamW). Outputs must agree to 
 (sampling from the same noise and the same global RNG stream; the training loss and the
 updated weights). ``ratio`` = guided-diffusion's time / ours (> 1: we are faster). Each side
 steps its own trainer's optimiser (guided-diffusion's AdamW, ours ``make_adamw``).
+``--ours_winograd`` routes ours's 3x3 convolutions through Winograd F(4x4,3x3) (sample.py's
+``--winograd``; it applies with autograd off, so the sampling loops, not the training step).
 ``--ours_channels_last`` puts ours in channels_last (the library's ``--channels_last``, which
 sample.py and the training scripts offer alike). ``--host_allocator tuned`` applies dkdm's
 scripts' glibc settings (:mod:`dkdm.hostmem`) to the whole process, so both sides run with them;
@@ -15,7 +17,7 @@ scripts' glibc settings (:mod:`dkdm.hostmem`) to the whole process, so both side
 
     GUIDED_DIFFUSION_PATH=/path/to/guided-diffusion python benchmarks/vs_guided_diffusion.py \\
         [--arch cifar10-14M] [--batch 16] [--respacing 10] [--rounds 3] [--threads 1] \\
-        [--host_allocator default|tuned] [--device cpu|cuda] [--ours_compile] [--ours_channels_last]
+        [--host_allocator default|tuned] [--device cpu|cuda] [--ours_compile] [--ours_channels_last] [--ours_winograd]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dkdm.diffusion import create_diffusion
 from dkdm.fileio import emit_json
 from dkdm.hostmem import describe_cpu, tune_host_allocator
 from dkdm.models import create_model, get_config
+from dkdm.models.winograd import use_winograd
 from dkdm.training.compile import compile_in_place, to_channels_last
 from dkdm.training.trainer import make_adamw
 
@@ -121,6 +124,8 @@ def run(a: argparse.Namespace) -> dict:
 
     if a.ours_channels_last:  # the library's --channels_last switch (before compiling, as the scripts do)
         to_channels_last(ours)
+    if a.ours_winograd:  # the library's --winograd switch (sample.py): the sampling loops only, autograd is off
+        use_winograd(ours)
     if a.ours_compile:  # the library's --compile switch (in place; the agreement pass below compiles)
         compile_in_place(ours, "inductor")
     shape = (a.batch, cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -169,6 +174,7 @@ def run(a: argparse.Namespace) -> dict:
         "rounds": a.rounds,
         "ours_compiled": a.ours_compile,
         "ours_channels_last": a.ours_channels_last,
+        "ours_winograd": a.ours_winograd,
         "torch": torch.__version__,
         "note": "order swapped every round; medians and [min, max] of the per-round ratios",
         "load_average_1min_at_start": round(os.getloadavg()[0], 2),
@@ -233,6 +239,11 @@ def main(argv: list[str]) -> dict:
         "--ours_channels_last",
         action="store_true",
         help="ours in channels_last, as --channels_last (theirs as shipped)",
+    )
+    p.add_argument(
+        "--ours_winograd",
+        action="store_true",
+        help="ours with Winograd F(4x4,3x3), as sample.py --winograd (CPU fp32; the training step is unchanged)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from dkdm.fileio import emit_json
 from dkdm.hostmem import describe_cpu
 from dkdm.models import create_model, get_config
+from dkdm.models.winograd import F4P, Winograd3x3, use_winograd, winograd_eligible
 from dkdm.training.compile import to_channels_last
 
 # Winograd matrices (Lavin & Gray 2016) for the interpolation points 0, +-1, (+-2,) infinity.
@@ -75,90 +76,10 @@ _F4 = {
 }
 
 
-def cook_toom(points: list[float], m: int, r: int = 3) -> dict[str, torch.Tensor]:
-    """Winograd matrices for F(m, r) at the given finite interpolation points and infinity, in float64.
-
-    A^T[i, j] = p_j^i and G[j, k] = p_j^k / prod_{l != j}(p_j - p_l) (Lavin & Gray's construction,
-    the fractions in G, which is applied to the weights once); B^T is then the unique matrix with
-    sum_j A^T[i, j] G[j, k] B^T[j, l] = [l == i + k], solved for and checked exact.
-    """
-    n = m + r - 1
-    if len(points) != n - 1 or len(set(points)) != n - 1:
-        raise ValueError(f"F({m},{r}) needs {n - 1} distinct finite points, got {points}")
-    p = torch.tensor(points, dtype=torch.float64)
-    at = torch.zeros(m, n, dtype=torch.float64)
-    g = torch.zeros(n, r, dtype=torch.float64)
-    for j in range(n - 1):
-        f = torch.prod(p[j] - torch.cat([p[:j], p[j + 1 :]]))
-        at[:, j] = p[j] ** torch.arange(m, dtype=torch.float64)
-        g[j] = p[j] ** torch.arange(r, dtype=torch.float64) / f
-    at[m - 1, n - 1] = g[n - 1, r - 1] = 1.0
-    lhs = torch.stack([at[i] * g[:, k] for i in range(m) for k in range(r)])  # [m r, n]
-    rhs = torch.zeros(m * r, n, dtype=torch.float64)
-    for i in range(m):
-        for k in range(r):
-            rhs[i * r + k, i + k] = 1.0
-    bt = torch.linalg.lstsq(lhs, rhs).solution
-    if (lhs @ bt - rhs).abs().max() > 1e-10:
-        raise ValueError(f"no exact F({m},{r}) for points {points}")
-    bt = torch.where(bt.abs() < 1e-12, torch.zeros_like(bt), bt)
-    return {"BT": bt, "G": g, "AT": at}
-
-
-# Lavin & Gray's F(2,3) and F(4,3) (points 0, +-1, (+-2,) infinity), and F(4,3) at 0, +-1, 1/2, -2,
-# whose transforms are better conditioned (Barabasz et al. 2020, "Error analysis and improving the
-# accuracy of Winograd convolution"): here within about 2x of the direct fp32 convolution's own error.
-WINOGRAD = {"F2": _F2, "F4": _F4, "F4p": cook_toom([0.0, 1.0, -1.0, 0.5, -2.0], 4)}
-
-
-class Winograd3x3:
-    """A Winograd variant of a stride-1, padding-1 3x3 convolution whose output sides are multiples of its tile m.
-
-    The result is written channels_last (the layout its output transform produces without a
-    transposing copy); its values do not depend on the input's memory format.
-    """
-
-    def __init__(self, variant: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        mats = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in WINOGRAD[variant].items()}
-        self.m = mats["AT"].shape[0]
-        self.a = self.m + 2
-        self.kb = torch.kron(mats["BT"], mats["BT"]).to(weight.dtype)  # [a^2, a^2]
-        self.ka = torch.kron(mats["AT"], mats["AT"]).to(weight.dtype)  # [m^2, a^2]
-        kg = torch.kron(mats["G"], mats["G"])  # [a^2, 9]
-        k, c = weight.shape[:2]
-        u = kg @ weight.detach().double().reshape(k * c, 9).T  # transformed in float64, once
-        self.u = u.reshape(self.a**2, k, c).transpose(1, 2).contiguous().to(weight.dtype)  # [a^2, C, K]
-        self.bias = None if bias is None else bias.detach()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        m, a = self.m, self.a
-        if h % m or w % m:
-            raise ValueError(f"F({m},3) needs output sides divisible by {m}, got {h}x{w}")
-        th, tw = h // m, w // m
-        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # [N, H+2, W+2, C], contiguous
-        hp, wp = h + 2, w + 2
-        tiles = xp.as_strided((a, a, n, th, tw, c), (wp * c, c, hp * wp * c, m * wp * c, m * c, 1))
-        p = n * th * tw
-        v = (self.kb @ tiles.reshape(a * a, p * c)).view(a * a, p, c)
-        prod = torch.bmm(v, self.u)  # [a^2, P, K]
-        k = prod.shape[2]
-        y = (self.ka @ prod.view(a * a, p * k)).view(m, m, n, th, tw, k).permute(2, 3, 0, 4, 1, 5)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(n, h, w, k).permute(0, 3, 1, 2)  # [N, K, H, W], channels_last in memory
-
-
-def winograd_eligible(mod: torch.nn.Module) -> bool:
-    """A plain stride-1, padding-1 3x3 convolution: the kind every variant here computes."""
-    return (
-        isinstance(mod, torch.nn.Conv2d)
-        and mod.kernel_size == (3, 3)
-        and mod.stride == (1, 1)
-        and mod.padding == (1, 1)
-        and mod.dilation == (1, 1)
-        and mod.groups == 1
-    )
+# Lavin & Gray's F(2,3) and F(4,3) (points 0, +-1, (+-2,) infinity), and the library's F(4,3) at
+# 0, +-1, 1/2, -2 (dkdm.models.winograd, F4P), whose transforms are better conditioned (Barabasz et
+# al. 2020): within about 2x of the direct fp32 convolution's own error.
+WINOGRAD = {"F2": _F2, "F4": _F4, "F4p": F4P}
 
 
 def conv_shapes(model: torch.nn.Module, cfg, batch: int) -> dict[tuple[int, int, int, int, int], int]:
@@ -215,7 +136,7 @@ def probe_shape(shape, rounds: int, repeats: int, seed: int = 0) -> dict:
         for name, mats in WINOGRAD.items():
             m = len(mats["AT"])
             if h % m == 0 and w % m == 0:
-                wino = Winograd3x3(name, weight, bias)
+                wino = Winograd3x3(weight, bias, mats)
                 row[f"{name}_max_abs_err_vs_float64"] = float((wino(x).double() - ref).abs().max())
                 fns[name] = lambda wino=wino: wino(xcl)
         for fn in fns.values():  # warm-up
@@ -235,13 +156,18 @@ def probe_shape(shape, rounds: int, repeats: int, seed: int = 0) -> dict:
 def with_winograd(model: torch.nn.Module, variant: str) -> int:
     """Route every stride-1 padding-1 3x3 convolution of ``model`` (inference) through ``variant``; returns how many.
 
-    Layers whose input sides are not multiples of the tile fall back to ``F.conv2d`` per call.
+    F4p is the library's own switch (:func:`dkdm.models.winograd.use_winograd`, what ``sample.py
+    --winograd`` runs). The other variants replace each layer's forward; layers whose input sides
+    are not multiples of the tile fall back to ``F.conv2d`` per call.
     """
-    m = len(WINOGRAD[variant]["AT"])
+    if variant == "F4p":
+        return use_winograd(model)
+    mats = WINOGRAD[variant]
+    m = len(mats["AT"])
     count = 0
     for mod in model.modules():
         if winograd_eligible(mod):
-            wino = Winograd3x3(variant, mod.weight, mod.bias)
+            wino = Winograd3x3(mod.weight, mod.bias, mats)
 
             def forward(x, mod=mod, wino=wino):
                 if x.shape[2] % m or x.shape[3] % m:

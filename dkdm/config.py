@@ -253,6 +253,7 @@ class SampleConfig:
     compile: bool = False  # torch.compile the network in place (the first batch compiles)
     compile_backend: str = "inductor"  # inductor | aot_eager | eager | cudagraphs
     channels_last: bool = False  # the network's weights (and so its activations) in NHWC memory order
+    winograd: bool = False  # CPU fp32: 3x3 convolutions by Winograd F(4x4,3x3) (dkdm.models.winograd)
     seed: int = 0
     guidance_scale: float = 1.0  # classifier-free guidance (guided models) or the w input (w-conditioned students)
     output: str = ""  # a .npz path, or a folder for guided-diffusion's samples_NxHxWxC.npz; "" = runs/samples
@@ -260,6 +261,11 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_compile_backend(self.compile_backend)
+        if self.winograd and (self.compile or self.precision != "fp32"):
+            raise ConfigError(
+                "--winograd replaces the eager fp32 CPU forward's 3x3 convolutions: it needs --precision fp32 "
+                f"and --compile false (got precision={self.precision!r}, compile={self.compile}); drop one of them"
+            )
 
 
 GROUP_TYPES = {

@@ -84,6 +84,8 @@ def make_manifest(
         sample["compile_backend"] = sample_cfg.compile_backend
     if sample_cfg.channels_last:  # so do NHWC kernels (to float rounding); absent when off, as compile_backend
         sample["channels_last"] = True
+    if sample_cfg.winograd:  # and Winograd products (to about 2x fp32's rounding); absent when off
+        sample["winograd"] = "F4p"
     return {
         "format": MANIFEST_FORMAT,
         "sample": sample,

@@ -20,10 +20,11 @@ import sys
 from tqdm import tqdm
 
 from dkdm import dist, fileio, logger, sampling
-from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
+from dkdm.config import ConfigError, ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
 from dkdm.distill.objectives.sampling import step_sampler_for
 from dkdm.hostmem import tune_host_allocator
 from dkdm.models.guidance import for_sampling
+from dkdm.models.winograd import use_winograd
 from dkdm.resolve import EMBEDDED_TEACHER, resolve
 from dkdm.training.compile import FirstCallClock, compile_in_place, to_channels_last
 
@@ -42,6 +43,13 @@ def main(argv: list[str]) -> None:
     model = for_sampling(net.build(), cfg.guidance_scale).to(dist.dev())  # guided, or w for a w-conditioned net
     if cfg.channels_last:
         to_channels_last(model)
+    if cfg.winograd:
+        if dist.dev().type != "cpu":
+            raise ConfigError(
+                f"--winograd is for sampling on a CPU, this process samples on {dist.dev().type} (whose "
+                "libraries choose their own convolution algorithms): drop it, or set DKDM_DEVICE=cpu"
+            )
+        use_winograd(model)
     if cfg.compile:
         compile_in_place(model, cfg.compile_backend)
     diffusion = net.create_diffusion()  # validate everything before the manifest binds the output

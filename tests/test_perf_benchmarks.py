@@ -51,23 +51,12 @@ def test_winograd_probe_computes_the_convolution_it_times(variant):
     w = torch.randn(7, 5, 3, 3, generator=g, dtype=torch.float64)
     b = torch.randn(7, generator=g, dtype=torch.float64)
     ref = torch.nn.functional.conv2d(x, w, b, padding=1)
-    out = wino.Winograd3x3(variant, w, b)(x)
+    out = wino.Winograd3x3(w, b, wino.WINOGRAD[variant])(x)
     assert (out - ref).abs().max() < 1e-12  # exact up to float64 rounding
     assert out.is_contiguous(memory_format=torch.channels_last)
-    assert (wino.Winograd3x3(variant, w, None)(x) - (ref - b.view(1, 7, 1, 1))).abs().max() < 1e-12
+    assert (wino.Winograd3x3(w, None, wino.WINOGRAD[variant])(x) - (ref - b.view(1, 7, 1, 1))).abs().max() < 1e-12
     with pytest.raises(ValueError, match=f"divisible by {m}"):
-        wino.Winograd3x3(variant, w, b)(x[:, :, :7])
-
-
-def test_cook_toom_builds_exact_transforms_and_refuses_repeated_points():
-    wino = _load("winograd")
-    mats = wino.cook_toom([0.0, 1.0, -1.0, 0.5, -2.0], 4)
-    assert [tuple(mats[k].shape) for k in ("BT", "G", "AT")] == [(6, 6), (6, 3), (4, 6)]
-    d, g = torch.randn(6, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    direct = torch.stack([(d[i : i + 3] * g).sum() for i in range(4)])  # the 1-D correlation F(4,3) computes
-    assert (mats["AT"] @ ((mats["G"] @ g) * (mats["BT"] @ d)) - direct).abs().max() < 1e-12
-    with pytest.raises(ValueError, match="distinct"):
-        wino.cook_toom([0.0, 1.0, 1.0, 0.5, -2.0], 4)
+        wino.Winograd3x3(w, b, wino.WINOGRAD[variant])(x[:, :, :7])
 
 
 def test_winograd_probe_tiny_finds_every_3x3_convolution(tmp_path):
@@ -172,11 +161,12 @@ def test_cost_model_latent_unets_are_the_released_ones():
 
 
 @pytest.mark.skipif(not os.environ.get("GUIDED_DIFFUSION_PATH"), reason="GUIDED_DIFFUSION_PATH names no checkout")
-@pytest.mark.parametrize("switch", [[], ["--ours_channels_last"]])
+@pytest.mark.parametrize("switch", [[], ["--ours_channels_last"], ["--ours_channels_last", "--ours_winograd"]])
 def test_side_by_side_with_guided_diffusion_agrees(switch):
     vs = _load("vs_guided_diffusion")
     out = vs.main(["--batch", "1", "--respacing", "2", "--rounds", "1", *switch])
-    assert out["ours_channels_last"] == bool(switch)
+    assert out["ours_channels_last"] == ("--ours_channels_last" in switch)
+    assert out["ours_winograd"] == ("--ours_winograd" in switch)
     assert out["agree_to_tol"], out["max_abs_diff"]
     assert out["max_abs_diff"]["ddim"] <= 1e-4 and out["max_abs_diff"]["weights_after_step"] <= 1e-4
     for loop in ("iddpm", "ddim"):  # the float64 reference is guided-diffusion's own network
