@@ -69,8 +69,10 @@ def _calls(monkeypatch):
 
 def test_a_routed_network_matches_the_direct_one_and_falls_back_where_it_must(monkeypatch):
     model, wino = _net(), _net()
-    n3x3 = sum(winograd_eligible(m) for m in model.modules())
-    assert n3x3 > 0 and use_winograd(wino) == n3x3 and use_winograd(wino) == n3x3  # idempotent
+    n3x3 = sum(winograd_eligible(m) and min(m.in_channels, m.out_channels) >= 16 for m in model.modules())
+    assert 0 < n3x3 == sum(winograd_eligible(m) for m in model.modules()) - 2  # the 1-in and 2-out ends stay direct
+    assert use_winograd(wino) == n3x3 and use_winograd(wino) == n3x3  # idempotent
+    assert type(wino.input_blocks[0][0]) is type(model.input_blocks[0][0])
     assert list(wino.state_dict()) == list(model.state_dict())
     calls = _calls(monkeypatch)
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 3])
@@ -89,13 +91,13 @@ def test_a_routed_network_matches_the_direct_one_and_falls_back_where_it_must(mo
     with torch.no_grad():  # sides not divisible by 4, and another dtype: also the layers' own forward
         assert torch.equal(wino(x[..., :6, :6], t), model(x[..., :6, :6], t)) and not calls
         conv = torch.nn.Conv2d(1, 4, 3, padding=1).double()
-        use_winograd(conv)
+        use_winograd(conv, min_channels=1)
         assert torch.equal(conv(x.double()), F.conv2d(x.double(), conv.weight, conv.bias, padding=1)) and not calls
 
 
 def test_a_weight_changed_in_place_is_transformed_again():
     conv = torch.nn.Conv2d(4, 6, 3, padding=1)
-    assert use_winograd(conv) == 1
+    assert use_winograd(conv) == 0 and use_winograd(conv, min_channels=4) == 1  # 4 and 6 channels: only when asked
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         first = conv(x)
@@ -104,6 +106,17 @@ def test_a_weight_changed_in_place_is_transformed_again():
         again = conv(x)
         want = F.conv2d(x, conv.weight, conv.bias, padding=1)
     assert (again - want).abs().max() < 1e-5 and (again - first).abs().max() > 0.1
+
+
+def test_channels_last_weights_and_inputs_give_the_same_convolution():
+    """``--channels_last`` with ``--winograd``: the weights' memory order must not change the filter."""
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    use_winograd(conv.to(memory_format=torch.channels_last), min_channels=1)
+    with torch.no_grad():
+        got = conv(x.contiguous(memory_format=torch.channels_last))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and (got - want).abs().max() < 1e-5
 
 
 def test_only_stride_1_padding_1_3x3_convolutions_are_eligible():

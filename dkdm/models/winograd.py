@@ -143,13 +143,19 @@ class _WinogradConv:
 _CLASSES: dict[type, type] = {}
 
 
-def use_winograd(model: torch.nn.Module) -> int:
-    """Route every eligible 3x3 convolution of ``model`` through Winograd F(4x4,3x3) when it applies
-    (module docstring); returns how many layers. Parameters, state-dict keys and the training
-    path are unchanged; the switch is idempotent."""
+MIN_CHANNELS = 16
+
+
+def use_winograd(model: torch.nn.Module, min_channels: int = MIN_CHANNELS) -> int:
+    """Route every eligible 3x3 convolution of ``model`` with at least ``min_channels`` input and
+    output channels through Winograd F(4x4,3x3) when it applies (module docstring); returns how
+    many layers. A UNet's first and last convolutions (3 in, 6 out) are left direct: there the
+    transforms cost more than the products they save (0.43-0.49x, benchmarks/winograd.py) and
+    the input layer's error was 4.7x the direct one's. Parameters, state-dict keys and the
+    training path are unchanged; the switch is idempotent."""
     count = 0
     for mod in model.modules():
-        if winograd_eligible(mod):
+        if winograd_eligible(mod) and min(mod.in_channels, mod.out_channels) >= min_channels:
             cls = type(mod)
             if not issubclass(cls, _WinogradConv):
                 if cls not in _CLASSES:
