@@ -8,10 +8,11 @@ transforms are better conditioned than Lavin & Gray's 0, +-1, +-2 (the choice fo
 et al. 2020 on Winograd accuracy); the matrices are built here in float64 by :func:`cook_toom`.
 
 Measured (``benchmarks/winograd.py``, benchmarks/results/README.md), one thread, on the 2-core
-AVX2 EPYC: the 14M UNet's forward at batch 4 1.25x faster than the direct convolutions in
-channels_last, its output 4.0e-6 from the float64 network (direct: 1.8e-6). On the AVX-512 EPYC,
-whose oneDNN direct kernels run 2.5x faster than MKL's ``bmm``, it was no faster, so it is a
-switch, off by default. It is inference only: a layer runs the Winograd path when autograd is off
+AVX2 EPYC: the 14M UNet's forward at batch 4 1.1-1.25x faster than the direct convolutions in
+channels_last (medians of five runs), its output 3.9e-6 from the float64 network (direct:
+1.8e-6); its DDPM and DDIM loops 1.24x faster than guided-diffusion's. On the AVX-512 EPYC, whose
+oneDNN direct kernels run 2.5x faster than MKL's ``bmm``, the 3x3 layers were no faster, so it is
+a switch, off by default. It is inference only: a layer runs the Winograd path when autograd is off
 (``no_grad`` / ``inference_mode``), the input is fp32 on a CPU outside autocast and compilation,
 and its sides are multiples of 4; otherwise the layer's own forward. The filter transform is done
 once per weight version, in float64, and redone whenever the weight changes in place.
