@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
                 f"--winograd is for sampling on a CPU, this process samples on {dist.dev().type} (whose "
                 "libraries choose their own convolution algorithms): drop it, or set DKDM_DEVICE=cpu"
             )
-        use_winograd(model)
+        routed = use_winograd(model)
     if cfg.compile:
         compile_in_place(model, cfg.compile_backend)
     diffusion = net.create_diffusion()  # validate everything before the manifest binds the output
@@ -79,6 +79,8 @@ def main(argv: list[str]) -> None:
         f"{how}, "
         f"{cfg.num_samples} images on {dist.get_world_size()} process(es) -> {output}"
     )
+    if cfg.winograd:
+        logger.log(f"winograd: {routed} 3x3 convolution(s) by F(4x4,3x3), the others direct")
     sizes = sampling.shard_sizes(cfg.num_samples, cfg.batch_size)
     mine = sum(sizes[dist.get_rank() :: dist.get_world_size()])
     bar = tqdm(total=mine, unit="img", desc="rank 0", disable=not dist.is_main())

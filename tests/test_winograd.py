@@ -134,14 +134,17 @@ def test_only_stride_1_padding_1_3x3_convolutions_are_eligible():
     assert use_winograd(strided) == 0 and type(strided) is torch.nn.Conv2d
 
 
-def test_winograd_sampling_gives_the_standard_images_and_binds_its_shards(tmp_path, monkeypatch):
+def test_winograd_sampling_gives_the_standard_images_and_binds_its_shards(tmp_path, monkeypatch, capsys):
     ckpt = _run_dir(str(tmp_path / "run"))
     plain, wino = tmp_path / "plain.npz", tmp_path / "wino.npz"
     base = ["--model_path", ckpt, "--num_samples", "12", "--batch_size", "6", "--keep_shards", "true"]
     MAIN([*base, "--output", str(plain)])
+    capsys.readouterr()
     calls = _calls(monkeypatch)
     MAIN([*base, "--output", str(wino), "--winograd", "true"])
     assert calls  # the sampler's forwards went through it
+    # TINY's 3x3 layers: 1 -> 32 and 32 -> 2 left direct; the five ResBlocks' ten routed
+    assert "winograd: 10 3x3 convolution(s) by F(4x4,3x3), the others direct" in capsys.readouterr().out
     diff = np.abs(_load(plain)["arr_0"].astype(int) - _load(wino)["arr_0"].astype(int))
     assert diff.max() <= 1  # rounding may move a pixel across a quantisation level, no further
     with open(str(wino)[:-4] + ".shards/manifest.json") as f:

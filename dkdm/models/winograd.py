@@ -10,7 +10,7 @@ et al. 2020 on Winograd accuracy); the matrices are built here in float64 by :fu
 Measured (``benchmarks/winograd.py``, benchmarks/results/README.md), one thread, on the 2-core
 AVX2 EPYC: the 14M UNet's forward at batch 4 1.1-1.25x faster than the direct convolutions in
 channels_last (medians of five runs), its output 3.9e-6 from the float64 network (direct:
-1.8e-6); its DDPM and DDIM loops 1.24x faster than guided-diffusion's. On the AVX-512 EPYC, whose
+1.8e-6); its IDDPM and DDIM loops 1.24x faster than guided-diffusion's. On the AVX-512 EPYC, whose
 oneDNN direct kernels run 2.5x faster than MKL's ``bmm``, the 3x3 layers were no faster, so it is
 a switch, off by default. It is inference only: a layer runs the Winograd path when autograd is off
 (``no_grad`` / ``inference_mode``), the input is fp32 on a CPU outside autocast and compilation,
@@ -151,7 +151,7 @@ def use_winograd(model: torch.nn.Module, min_channels: int = MIN_CHANNELS) -> in
     """Route every eligible 3x3 convolution of ``model`` with at least ``min_channels`` input and
     output channels through Winograd F(4x4,3x3) when it applies (module docstring); returns how
     many layers. A UNet's first and last convolutions (3 in, 6 out) are left direct: there the
-    transforms cost more than the products they save (0.43-0.49x, benchmarks/winograd.py) and
+    transforms cost more than the products they save (0.48-0.57x, benchmarks/winograd.py) and
     the input layer's error was 4.7x the direct one's. Parameters, state-dict keys and the
     training path are unchanged; the switch is idempotent."""
     count = 0
