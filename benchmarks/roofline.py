@@ -11,9 +11,10 @@
 * ``switches``: the teacher forward with ``channels_last``, ``no_grad`` vs ``inference_mode``,
   with guided-diffusion's two-matmul attention instead of the library's SDPA (``attention_bmm``)
   and with the 1x1 convolutions left to torch's kernel choice instead of oneDNN
-  (``pointwise_torch``); the student's forward + backward with the last two; each as the speed-up
-  over the library's own call (< 1: the library's choice is faster), timed as a pair with it in
-  every round, the order alternating. ``teacher_fwd_copy`` is the control, an unchanged copy of
+  (``pointwise_torch``) and with its 3x3 convolutions by Winograd F(4x4,3x3) (``winograd``,
+  ``--teacher_winograd``); the student's forward + backward with the attention and 1x1
+  switches; each as the speed-up over the library's own call (< 1: the library's choice is
+  faster), timed as a pair with it in every round, the order alternating. ``teacher_fwd_copy`` is the control, an unchanged copy of
   the teacher timed the same way: how far it reads from 1 is what a pair's ratio means on the
   machine of the run. Also SDPA vs a batched-matmul attention alone at the teacher's attention
   shapes (same outputs to 1e-5), outside the network.
@@ -51,6 +52,7 @@ from dkdm.distill.loop import DistillLoop
 from dkdm.fileio import emit_json
 from dkdm.hostmem import describe_cpu
 from dkdm.models import create_model, get_config
+from dkdm.models.winograd import use_winograd, winograd_eligible
 
 ZOO_FOR_FLOPS = [
     "cifar10-57M",
@@ -201,6 +203,11 @@ def _attention_bmm(m: torch.nn.Module) -> None:
         m.attention_impl = "bmm"
 
 
+def _winograd(m: torch.nn.Module) -> None:
+    if winograd_eligible(m):
+        use_winograd(m)
+
+
 def _pointwise_torch(m: torch.nn.Module) -> None:
     if hasattr(m, "onednn_pointwise"):
         m.onednn_pointwise = False
@@ -300,6 +307,10 @@ class Workload:
     def teacher_fwd_pointwise_torch(self) -> None:
         """The teacher with its 1x1 convolutions left to torch's choice of kernel."""
         self._teacher_variant_fwd("pw", _pointwise_torch)
+
+    def teacher_fwd_winograd(self) -> None:
+        """The teacher with its 3x3 convolutions by Winograd F(4x4,3x3) (``--teacher_winograd``)."""
+        self._teacher_variant_fwd("winograd", _winograd)
 
     def student_fwd_bwd_attention_bmm(self) -> None:
         self._student_variant_fwd_bwd("bmm", _attention_bmm)
@@ -415,6 +426,7 @@ def run(a: argparse.Namespace) -> dict:
             "teacher_fwd_channels_last": (w.teacher_fwd, w.teacher_fwd_channels_last),
             "teacher_fwd_attention_bmm": (w.teacher_fwd, w.teacher_fwd_attention_bmm),
             "teacher_fwd_pointwise_torch": (w.teacher_fwd, w.teacher_fwd_pointwise_torch),
+            "teacher_fwd_winograd": (w.teacher_fwd, w.teacher_fwd_winograd),
             "student_fwd_bwd_attention_bmm": (w.student_fwd_bwd, w.student_fwd_bwd_attention_bmm),
             "student_fwd_bwd_pointwise_torch": (w.student_fwd_bwd, w.student_fwd_bwd_pointwise_torch),
         }

@@ -188,6 +188,7 @@ class DistillConfig:
     clip_teacher_mean: bool = False  # True: the official release's variance term (teacher mean from clipped x_0)
     teacher_precision: str = "fp32"  # fp32 | fp16 | bf16
     teacher_channels_last: bool = False  # the teacher's weights (and so its activations) in NHWC memory order
+    teacher_winograd: bool = False  # CPU fp32: the teacher's 3x3 convolutions by Winograd F(4x4,3x3)
     # Class-conditional teachers: pool labels in proportion to these weights ("" = uniform); a .npy
     # or text file of num_classes non-negative numbers.
     class_weights: str = ""
@@ -232,6 +233,11 @@ class DistillConfig:
             raise ConfigError(f"--pool_device must be auto (the training device), cpu or cuda[:N], got {dev!r}")
         if self.teacher_precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"--teacher_precision must be fp32, fp16 or bf16, got {self.teacher_precision!r}")
+        if self.teacher_winograd and self.teacher_precision != "fp32":
+            raise ConfigError(
+                "--teacher_winograd replaces the fp32 teacher's 3x3 convolutions: it needs --teacher_precision "
+                f"fp32 (got {self.teacher_precision!r}); drop one of them"
+            )
 
     @property
     def student_checkpoint(self) -> str:

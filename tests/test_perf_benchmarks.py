@@ -106,10 +106,17 @@ def test_roofline_tiny(tmp_path):
     for shape in one["switches"]["attention_sdpa_over_bmm_time"].values():
         assert shape["max_abs_diff"] < 1e-5  # the two attention paths compute the same thing
     variants = one["switches"]["max_abs_diff_of_the_variant_networks"]
-    assert set(variants) == {"teacher_copy", "teacher_bmm", "teacher_pw", "student_bmm", "student_pw"}
+    assert set(variants) == {
+        "teacher_copy",
+        "teacher_bmm",
+        "teacher_pw",
+        "teacher_winograd",
+        "student_bmm",
+        "student_pw",
+    }
     assert max(variants.values()) < 1e-4 and variants["teacher_copy"] == 0.0  # the control is the same network
-    assert variants["teacher_bmm"] > 0  # the switch did change the kernel (the outputs are not all zero)
-    for name in ("copy", "no_grad", "channels_last", "attention_bmm", "pointwise_torch"):
+    assert variants["teacher_bmm"] > 0 and variants["teacher_winograd"] > 0  # the kernels did change
+    for name in ("copy", "no_grad", "channels_last", "attention_bmm", "pointwise_torch", "winograd"):
         ratio = one["switches"][f"teacher_fwd_{name}_speedup_over_default"]
         assert ratio["n"] == 2 and ratio["median"] > 0  # one pair per round
     for name in ("attention_bmm", "pointwise_torch"):

@@ -1,4 +1,5 @@
-"""``dkdm.models.winograd`` and ``sample.py --winograd``: Winograd F(4x4,3x3) for CPU fp32 inference.
+"""``dkdm.models.winograd``, ``sample.py --winograd`` and ``--teacher_winograd``: Winograd F(4x4,3x3)
+for CPU fp32 inference.
 
 The switch changes how a 3x3 convolution's products are formed, never what it computes: exact in
 float64, within fp32 rounding in fp32, used only where it applies (autograd off, fp32 on a CPU,
@@ -12,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dkdm import dist
-from dkdm.config import ConfigError, SampleConfig
+from dkdm import dist, logger
+from dkdm.config import ConfigError, DistillConfig, SampleConfig, TrainConfig
+from dkdm.distill.loop import teacher_numerics
 from dkdm.models import create_model
 from dkdm.models.winograd import F4P, Winograd3x3, cook_toom, use_winograd, winograd_eligible
+from tests.test_distill_loop import make_loop, tiny_teacher
 from tests.test_sample import MAIN, TINY, _load, _run_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,3 +171,34 @@ def test_winograd_sampling_on_another_device_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--winograd is for sampling on a CPU, this process samples on meta"):
         MAIN(["--model_path", ckpt, "--num_samples", "2", "--output", str(tmp_path / "x.npz"), "--winograd", "true"])
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_winograd_teacher_prepares_the_same_pool_but_not_from_the_same_cache(tmp_path, monkeypatch):
+    """``--teacher_winograd``: the teacher's calls (pool preparation, every step's target) take the
+    Winograd path; the pool it prepares is the plain one to fp32 rounding, under its own cache key."""
+    assert teacher_numerics(DistillConfig(teacher_winograd=True), TrainConfig()) == "|teacher_winograd=F4p"
+    cache = str(tmp_path / "cache")
+    plain = make_loop(tmp_path / "plain", teacher=tiny_teacher(arch="unet"), pool_cache_dir=cache)
+    plain.prepare_pool(progress=False)
+    logger.reset()
+    calls = _calls(monkeypatch)
+    wino = make_loop(tmp_path / "wino", teacher=tiny_teacher(arch="unet"), pool_cache_dir=cache, teacher_winograd=True)
+    with open(tmp_path / "wino" / "log.txt") as f:
+        assert "teacher: 10 3x3 convolution(s) by Winograd F(4x4,3x3)" in f.read()
+    wino.prepare_pool(progress=False)
+    assert calls and wino.pool.prep_stats != {"cached": 1.0}  # prepared through it, not read from the plain pool
+    torch.testing.assert_close(wino.pool.x, plain.pool.x, rtol=0, atol=1e-4)
+    assert torch.equal(wino.pool.t, plain.pool.t)
+    calls.clear()
+    batch = wino.next_batch()
+    assert calls  # the step's teacher call too
+    loss, _ = wino.loss_fn(wino.trainer.ddp_model, batch)
+    assert torch.isfinite(loss)
+    assert not any(type(m).__name__.startswith("Winograd") for m in wino.student.modules())  # the teacher only
+
+
+def test_a_winograd_teacher_is_refused_where_it_would_not_run(tmp_path):
+    with pytest.raises(ConfigError, match="--teacher_winograd .* needs --teacher_precision fp32"):
+        DistillConfig(teacher_winograd=True, teacher_precision="bf16")
+    with pytest.raises(ConfigError, match="runs on cpu compiled: drop it"):
+        make_loop(tmp_path / "c", teacher=tiny_teacher(arch="unet"), teacher_winograd=True, compile=True)

@@ -33,12 +33,13 @@ import torch
 from torch import Tensor
 
 from dkdm import dist, logger
-from dkdm.config import DistillConfig, TrainConfig, to_dict
+from dkdm.config import ConfigError, DistillConfig, TrainConfig, to_dict
 from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
 from dkdm.distill.objectives import build_objective
 from dkdm.distill.pool import DynamicPool, read_class_weights, teacher_fingerprint
 from dkdm.models.guidance import Guided, check_guidable
+from dkdm.models.winograd import use_winograd
 from dkdm.training import Trainer
 from dkdm.training.compile import compile_in_place, to_channels_last
 from dkdm.training.precision import autocast, autocast_dtype
@@ -62,6 +63,8 @@ def teacher_numerics(distill: DistillConfig, train: TrainConfig) -> str:
         parts.append(f"teacher_precision={distill.teacher_precision}")
     if distill.teacher_channels_last:
         parts.append("teacher_channels_last")
+    if distill.teacher_winograd:
+        parts.append("teacher_winograd=F4p")
     if train.compile:
         parts.append(f"compile={train.compile_backend}")
     return "".join(f"|{p}" for p in parts)
@@ -199,6 +202,14 @@ class DistillLoop:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         if distill.teacher_channels_last:
             to_channels_last(self.teacher)
+        if distill.teacher_winograd:
+            if self.device.type != "cpu" or train.compile:
+                raise ConfigError(
+                    "--teacher_winograd replaces the eager CPU teacher's 3x3 convolutions; this run's teacher "
+                    f"runs on {self.device.type}{' compiled' if train.compile else ''}: drop it (or set "
+                    "DKDM_DEVICE=cpu, --compile false)"
+                )
+            logger.log(f"teacher: {use_winograd(self.teacher)} 3x3 convolution(s) by Winograd F(4x4,3x3)")
         if train.compile:  # the teacher's forward is the largest single cost of a step
             compile_in_place(self.teacher, train.compile_backend)
         self.student = student

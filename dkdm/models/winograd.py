@@ -1,4 +1,5 @@
-"""Winograd F(4x4, 3x3) for the 3x3 convolutions of CPU fp32 inference (``sample.py --winograd``).
+"""Winograd F(4x4, 3x3) for the 3x3 convolutions of CPU fp32 inference (``sample.py --winograd``,
+a distillation's ``--teacher_winograd``).
 
 A stride-1, padding-1 3x3 convolution computed on 6x6 input tiles: each tile and each filter is
 carried into the transform space (B^T d B, G g G^T), multiplied there channel by channel (36
