@@ -288,8 +288,9 @@ class Workload:
         return self.variants[key]
 
     def _teacher_variant_fwd(self, name: str, change) -> None:
+        model = self._variant(name, "teacher", change)  # built outside inference mode, as a run builds it
         with torch.inference_mode():
-            self._variant(name, "teacher", change)(self.x, self.t, **self.kw)
+            model(self.x, self.t, **self.kw)
 
     def _student_variant_fwd_bwd(self, name: str, change) -> None:
         model = self._variant(name, "student", change)

@@ -111,6 +111,16 @@ def test_a_weight_changed_in_place_is_transformed_again():
     assert (again - want).abs().max() < 1e-5 and (again - first).abs().max() > 0.1
 
 
+def test_weights_made_under_inference_mode_keep_the_layers_own_forward(monkeypatch):
+    """Inference tensors keep no version counter: a change in place would go unseen, so no cache."""
+    calls = _calls(monkeypatch)
+    with torch.inference_mode():
+        conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        assert use_winograd(conv) == 1
+        x = torch.randn(1, 16, 8, 8)
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) and not calls
+
+
 def test_channels_last_weights_and_inputs_give_the_same_convolution():
     """``--channels_last`` with ``--winograd``: the weights' memory order must not change the filter."""
     conv = torch.nn.Conv2d(4, 6, 3, padding=1)

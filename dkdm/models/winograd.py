@@ -16,7 +16,8 @@ oneDNN direct kernels run 2.5x faster than MKL's ``bmm``, the 3x3 layers were no
 a switch, off by default. It is inference only: a layer runs the Winograd path when autograd is off
 (``no_grad`` / ``inference_mode``), the input is fp32 on a CPU outside autocast and compilation,
 and its sides are multiples of 4; otherwise the layer's own forward. The filter transform is done
-once per weight version, in float64, and redone whenever the weight changes in place.
+once per weight version, in float64, and redone whenever the weight changes in place (weights
+made under ``inference_mode``, which keep no version counter, take the layer's own forward).
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ class _WinogradConv:
             and x.shape[3] % TILE == 0
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()
+            # Parameters made under inference_mode keep no version counter, so a change in place
+            # could not be seen: such a layer keeps its own forward.
+            and not self.weight.is_inference()
+            and (self.bias is None or not self.bias.is_inference())
         )
 
     def _winograd(self) -> Winograd3x3:
