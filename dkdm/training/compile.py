@@ -17,7 +17,7 @@ Which order is faster depends on the machine (benchmarks/results/README.md): on 
 EPYC with AVX-512 of earlier measurements the 57M teacher's forward took 1.09x longer in
 channels_last; on a 2-core EPYC with AVX2 only (Zen 3) the 14M's sampling loops at batch 4 ran
 about 1.1x faster (against guided-diffusion: 1.00-1.01 -> 1.11-1.14), its training step and
-the 57M teacher's forward no faster (paired roofline switch: 0.96 [0.84, 1.08]); on an H100
+the 57M teacher's forward no faster (paired roofline switch: 0.96 and 1.05 in two runs); on an H100
 the 57M's bf16 sampling took 1.2x longer. Hence a switch per role (the trained network, a
 distillation's teacher, the sampler), off by default. The
 products are summed in another order, so results agree to float rounding (fp32: 1e-5), and a
