@@ -14,10 +14,10 @@
   (``pointwise_torch``) and with its 3x3 convolutions by Winograd F(4x4,3x3) (``winograd``,
   ``--teacher_winograd``); the student's forward + backward with the attention and 1x1
   switches; each as the speed-up over the library's own call (< 1: the library's choice is
-  faster), timed as a pair with it in every round, the order alternating. ``teacher_fwd_copy`` is the control, an unchanged copy of
-  the teacher timed the same way: how far it reads from 1 is what a pair's ratio means on the
-  machine of the run. Also SDPA vs a batched-matmul attention alone at the teacher's attention
-  shapes (same outputs to 1e-5), outside the network.
+  faster), timed as a pair with it in every round, the order alternating. ``teacher_fwd_copy``
+  is the control, an unchanged copy of the teacher timed the same way: how far it reads from 1
+  is what a pair's ratio means on the machine of the run. Also SDPA vs a batched-matmul
+  attention alone at the teacher's attention shapes (same outputs to 1e-5), outside the network.
 * ``profile``: where the teacher forward and the student step spend their time (profiler self
   time by category: conv, attention, matmul, norm, elementwise, copy/layout).
 
