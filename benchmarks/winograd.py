@@ -19,8 +19,8 @@ summed over its layers (count x median) for the direct path, for the fastest var
 for the fastest whose deviation stays within ``--max_err`` (1e-5, the library's fp32 tolerance) or
 ``--max_err_ratio`` (2) times the direct convolution's own. The weight transform is done once outside
 the timing (as inference could cache it), which favours Winograd. ``--network_variant`` (F4p) then
-times the whole forward with every divisible 3x3 convolution routed through that variant (channels_last,
-as its output is) against the direct convolutions in NCHW and channels_last, with each one's deviation
+times the whole forward with every divisible 3x3 convolution routed through that variant (F4p: the
+library's ``use_winograd``, which leaves layers under 16 channels direct; channels_last, as its output is) against the direct convolutions in NCHW and channels_last, with each one's deviation
 from the float64 network: the number that decides whether the library should offer it. The three
 forwards run in an order that rotates round by round, and their speed-ups (over NCHW, and the
 variant's over channels_last) are medians and [min, max] of the per-round ratios.
