@@ -212,3 +212,4 @@ def test_a_winograd_teacher_is_refused_where_it_would_not_run(tmp_path):
         DistillConfig(teacher_winograd=True, teacher_precision="bf16")
     with pytest.raises(ConfigError, match="runs on cpu compiled: drop it"):
         make_loop(tmp_path / "c", teacher=tiny_teacher(arch="unet"), teacher_winograd=True, compile=True)
+    logger.reset()  # the refused loop's log.txt
