@@ -20,11 +20,11 @@ import sys
 from tqdm import tqdm
 
 from dkdm import dist, fileio, logger, sampling
-from dkdm.config import ConfigError, ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
+from dkdm.config import ConfigParser, DiffusionConfig, ModelConfig, SampleConfig
 from dkdm.distill.objectives.sampling import step_sampler_for
 from dkdm.hostmem import tune_host_allocator
 from dkdm.models.guidance import for_sampling
-from dkdm.models.winograd import use_winograd
+from dkdm.models.winograd import check_winograd_run, use_winograd
 from dkdm.resolve import EMBEDDED_TEACHER, resolve
 from dkdm.training.compile import FirstCallClock, compile_in_place, to_channels_last
 
@@ -44,11 +44,7 @@ def main(argv: list[str]) -> None:
     if cfg.channels_last:
         to_channels_last(model)
     if cfg.winograd:
-        if dist.dev().type != "cpu":
-            raise ConfigError(
-                f"--winograd is for sampling on a CPU, this process samples on {dist.dev().type} (whose "
-                "libraries choose their own convolution algorithms): drop it, or set DKDM_DEVICE=cpu"
-            )
+        check_winograd_run("--winograd", dist.dev().type, cfg.compile)
         routed = use_winograd(model)
     if cfg.compile:
         compile_in_place(model, cfg.compile_backend)

@@ -178,7 +178,7 @@ def test_winograd_is_refused_where_it_would_not_run():
 def test_winograd_sampling_on_another_device_is_refused(tmp_path, monkeypatch):
     ckpt = _run_dir(str(tmp_path / "run"))
     monkeypatch.setattr(dist, "dev", lambda: torch.device("meta"))
-    with pytest.raises(ConfigError, match="--winograd is for sampling on a CPU, this process samples on meta"):
+    with pytest.raises(ConfigError, match="this run's network runs on meta: drop --winograd, or run on the CPU"):
         MAIN(["--model_path", ckpt, "--num_samples", "2", "--output", str(tmp_path / "x.npz"), "--winograd", "true"])
     assert not (tmp_path / "x.npz").exists()
 
@@ -210,6 +210,6 @@ def test_a_winograd_teacher_prepares_the_same_pool_but_not_from_the_same_cache(t
 def test_a_winograd_teacher_is_refused_where_it_would_not_run(tmp_path):
     with pytest.raises(ConfigError, match="--teacher_winograd .* needs --teacher_precision fp32"):
         DistillConfig(teacher_winograd=True, teacher_precision="bf16")
-    with pytest.raises(ConfigError, match="runs on cpu compiled: drop it"):
+    with pytest.raises(ConfigError, match="this run's network runs on cpu compiled: drop --teacher_winograd"):
         make_loop(tmp_path / "c", teacher=tiny_teacher(arch="unet"), teacher_winograd=True, compile=True)
     logger.reset()  # the refused loop's log.txt

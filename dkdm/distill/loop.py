@@ -33,13 +33,13 @@ import torch
 from torch import Tensor
 
 from dkdm import dist, logger
-from dkdm.config import ConfigError, DistillConfig, TrainConfig, to_dict
+from dkdm.config import DistillConfig, TrainConfig, to_dict
 from dkdm.data import per_rank_batch
 from dkdm.distill.objective import DKDMObjective
 from dkdm.distill.objectives import build_objective
 from dkdm.distill.pool import DynamicPool, read_class_weights, teacher_fingerprint
 from dkdm.models.guidance import Guided, check_guidable
-from dkdm.models.winograd import use_winograd
+from dkdm.models.winograd import check_winograd_run, use_winograd
 from dkdm.training import Trainer
 from dkdm.training.compile import compile_in_place, to_channels_last
 from dkdm.training.precision import autocast, autocast_dtype
@@ -203,12 +203,7 @@ class DistillLoop:
         if distill.teacher_channels_last:
             to_channels_last(self.teacher)
         if distill.teacher_winograd:
-            if self.device.type != "cpu" or train.compile:
-                raise ConfigError(
-                    "--teacher_winograd replaces the eager CPU teacher's 3x3 convolutions; this run's teacher "
-                    f"runs on {self.device.type}{' compiled' if train.compile else ''}: drop it (or set "
-                    "DKDM_DEVICE=cpu, --compile false)"
-                )
+            check_winograd_run("--teacher_winograd", self.device.type, train.compile)
             logger.log(f"teacher: {use_winograd(self.teacher)} 3x3 convolution(s) by Winograd F(4x4,3x3)")
         if train.compile:  # the teacher's forward is the largest single cost of a step
             compile_in_place(self.teacher, train.compile_backend)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dkdm.config import ConfigError
+
 POINTS = (0.0, 1.0, -1.0, 0.5, -2.0)  # with infinity: F(4, 3)'s six points
 TILE = 4
 
@@ -145,6 +147,19 @@ class _WinogradConv:
         if self._winograd_applies(x):
             return self._winograd()(x)
         return super().forward(x)
+
+
+def check_winograd_run(flag: str, device_type: str, compiled: bool) -> None:
+    """Refuse ``flag`` (``--winograd``, ``--teacher_winograd``) where the network would never take
+    the Winograd path, so a run's record never names numerics it did not use: off the CPU (other
+    devices' libraries choose their own algorithms) or compiled. (fp16/bf16 are refused by the
+    configs.)"""
+    if device_type != "cpu" or compiled:
+        where = device_type + (" compiled" if compiled else "")
+        raise ConfigError(
+            f"{flag} replaces the eager CPU fp32 forward's 3x3 convolutions, but this run's network runs on "
+            f"{where}: drop {flag}, or run on the CPU (DKDM_DEVICE=cpu) without --compile"
+        )
 
 
 _CLASSES: dict[type, type] = {}
