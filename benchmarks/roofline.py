@@ -292,10 +292,12 @@ class Workload:
         with torch.inference_mode():
             model(self.x, self.t, **self.kw)
 
-    def _student_variant_fwd_bwd(self, name: str, change) -> None:
-        model = self._variant(name, "student", change)
+    def _fwd_bwd(self, model: torch.nn.Module) -> None:
         model(self.x, self.t, **self.kw).square().mean().backward()
         model.zero_grad(set_to_none=True)
+
+    def _student_variant_fwd_bwd(self, name: str, change) -> None:
+        self._fwd_bwd(self._variant(name, "student", change))
 
     def teacher_fwd_copy(self) -> None:
         """The control: an unchanged copy of the teacher, timed as a switch is."""
@@ -320,8 +322,7 @@ class Workload:
         self._student_variant_fwd_bwd("pw", _pointwise_torch)
 
     def student_fwd_bwd(self) -> None:
-        self.student(self.x, self.t, **self.kw).square().mean().backward()
-        self.student.zero_grad(set_to_none=True)
+        self._fwd_bwd(self.student)
 
     def dkdm_step(self) -> None:
         self.loop.trainer.run_step(self.loop.next_batch, self.loop.loss_fn)
