@@ -7,9 +7,11 @@ by round with the order swapped every round: an IDDPM (ancestral) sampling loop,
 a training step (``training_losses`` + backward + AdamW). Outputs must agree to ``--tol``
 (sampling from the same noise and the same global RNG stream; the training loss and the
 updated weights). ``ratio`` = guided-diffusion's time / ours (> 1: we are faster). Each side
-steps its own trainer's optimiser (guided-diffusion's AdamW, ours ``make_adamw``).
-``--ours_winograd`` routes ours's 3x3 convolutions through Winograd F(4x4,3x3) (sample.py's
-``--winograd``; it applies with autograd off, so the sampling loops, not the training step).
+steps its own trainer's optimiser (guided-diffusion's AdamW, ours ``make_adamw``) on its own
+copy of the networks, so the sampling loops keep the weights whose agreement was checked.
+``--ours_winograd`` routes ours's 3x3 convolutions through Winograd F(4x4,3x3): sample.py's
+``--winograd`` for the loops, the training scripts' ``--winograd`` (forward and backward) for
+the step.
 ``--ours_channels_last`` puts ours in channels_last (the library's ``--channels_last``, which
 sample.py and the training scripts offer alike). ``--host_allocator tuned`` applies dkdm's
 scripts' glibc settings (:mod:`dkdm.hostmem`) to the whole process, so both sides run with them;
@@ -122,12 +124,16 @@ def run(a: argparse.Namespace) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    if a.ours_channels_last:  # the library's --channels_last switch (before compiling, as the scripts do)
-        to_channels_last(ours)
-    if a.ours_winograd:  # the library's --winograd switch (sample.py): the sampling loops only, autograd is off
-        use_winograd(ours)
-    if a.ours_compile:  # the library's --compile switch (in place; the agreement pass below compiles)
-        compile_in_place(ours, "inductor")
+    # The training step steps copies: the loops keep the weights checked below, and a network
+    # whose weights stay put keeps its Winograd filter transforms, as in sample.py.
+    theirs_t, ours_t = copy.deepcopy(theirs), copy.deepcopy(ours)
+    for net in (ours, ours_t):
+        if a.ours_channels_last:  # the library's --channels_last switch (before compiling, as the scripts do)
+            to_channels_last(net)
+        if a.ours_winograd:  # the library's --winograd switches: sample.py's for the loops, the trainer's for the step
+            use_winograd(net, train=net is ours_t)
+        if a.ours_compile:  # the library's --compile switch (in place; the agreement pass below compiles)
+            compile_in_place(net, "inductor")
     shape = (a.batch, cfg.in_channels, cfg.image_size, cfg.image_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
     x0 = (torch.rand(shape, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(device)
@@ -135,8 +141,8 @@ def run(a: argparse.Namespace) -> dict:
     eps = torch.randn(shape, generator=torch.Generator().manual_seed(4)).to(device)
     # Each side's optimiser as its trainer builds it: guided-diffusion's AdamW, ours make_adamw.
     opts = {
-        "theirs": torch.optim.AdamW(theirs.parameters(), lr=1e-4),
-        "ours": make_adamw(list(ours.parameters()), 1e-4, 0.0),
+        "theirs": torch.optim.AdamW(theirs_t.parameters(), lr=1e-4),
+        "ours": make_adamw(list(ours_t.parameters()), 1e-4, 0.0),
     }
     train_d = {"theirs": diff["train"][0], "ours": diff["train"][1]}
 
@@ -152,7 +158,7 @@ def run(a: argparse.Namespace) -> dict:
                 return loop(model, shape, noise=noise.double(), clip_denoised=True)
 
     def train(which: str):
-        model, opt = (theirs, opts["theirs"]) if which == "theirs" else (ours, opts["ours"])
+        model, opt = (theirs_t, opts["theirs"]) if which == "theirs" else (ours_t, opts["ours"])
         model.train()
         opt.zero_grad(set_to_none=True)
         d = train_d[which]
@@ -194,7 +200,7 @@ def run(a: argparse.Namespace) -> dict:
     loss_t, loss_o = train("theirs"), train("ours")
     agree["train_loss"] = float((loss_t - loss_o).abs())
     agree["weights_after_step"] = max(
-        float((p - q).abs().max()) for p, q in zip(theirs.state_dict().values(), ours.state_dict().values())
+        float((p - q).abs().max()) for p, q in zip(theirs_t.state_dict().values(), ours_t.state_dict().values())
     )
     out["max_abs_diff"] = agree
     out["max_abs_diff_from_float64"] = vs64
@@ -243,7 +249,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument(
         "--ours_winograd",
         action="store_true",
-        help="ours with Winograd F(4x4,3x3), as sample.py --winograd (CPU fp32; the training step is unchanged)",
+        help="ours with Winograd F(4x4,3x3): sample.py --winograd in the loops, the trainer's --winograd in the step (CPU fp32)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(

@@ -120,6 +120,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the trained network (and a distillation's teacher) in place
     compile_backend: str = "inductor"  # inductor | aot_eager | eager | cudagraphs
     channels_last: bool = False  # the trained network's weights (and so its activations) in NHWC memory order
+    # CPU fp32: the trained network's 3x3 convolutions, forward and backward, by Winograd F(4x4,3x3)
+    winograd: bool = False
     fp16_scale_growth: float = 1e-3
     grad_clip: float = 0.0  # 0: off
     schedule_sampler: str = "uniform"  # uniform | loss-second-moment
@@ -141,6 +143,7 @@ class TrainConfig:
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
         check_compile_backend(self.compile_backend)
+        check_winograd_config(self.winograd, self.precision, self.compile)
         if self.max_steps and self.lr_anneal_steps and self.max_steps > self.lr_anneal_steps:
             raise ConfigError(
                 f"--max_steps {self.max_steps} lies past --lr_anneal_steps {self.lr_anneal_steps}, where the "
@@ -159,6 +162,15 @@ def check_compile_backend(backend: str) -> None:
     """Raise ConfigError for a ``--compile_backend`` outside :data:`COMPILE_BACKENDS`."""
     if backend not in COMPILE_BACKENDS:
         raise ConfigError(f"--compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
+
+
+def check_winograd_config(winograd: bool, precision: str, compile: bool) -> None:
+    """Raise ConfigError for ``--winograd`` (sampling or training) with what it cannot run beside."""
+    if winograd and (compile or precision != "fp32"):
+        raise ConfigError(
+            "--winograd replaces the eager fp32 CPU network's 3x3 convolutions: it needs --precision fp32 "
+            f"and --compile false (got precision={precision!r}, compile={compile}); drop one of them"
+        )
 
 
 _ZERO_MEANS = {
@@ -267,11 +279,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_compile_backend(self.compile_backend)
-        if self.winograd and (self.compile or self.precision != "fp32"):
-            raise ConfigError(
-                "--winograd replaces the eager fp32 CPU forward's 3x3 convolutions: it needs --precision fp32 "
-                f"and --compile false (got precision={self.precision!r}, compile={self.compile}); drop one of them"
-            )
+        check_winograd_config(self.winograd, self.precision, self.compile)
 
 
 GROUP_TYPES = {

@@ -582,6 +582,9 @@ def test_the_trainers_adamw_is_the_fused_kernel_with_the_for_loops_update():
     for p, q, p0 in zip(a, b, start):
         assert (p - p0).abs().mean() > 5e-3  # they moved (Adam steps are about lr each)
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        # The fused kernel alone leaves the version counters where they were; caches keyed on
+        # them (the Winograd layers' filter transforms) must see each step.
+        assert p._version == 5
 
 
 # --------------------------------------------------------------------------- the trainer's contract

@@ -1,11 +1,13 @@
-"""``dkdm.models.winograd``, ``sample.py --winograd`` and ``--teacher_winograd``: Winograd F(4x4,3x3)
-for CPU fp32 inference.
+"""``dkdm.models.winograd``: Winograd F(4x4,3x3) for CPU fp32 sampling (``sample.py --winograd``),
+a distillation's teacher (``--teacher_winograd``) and training (the training scripts' ``--winograd``).
 
 The switch changes how a 3x3 convolution's products are formed, never what it computes: exact in
-float64, within fp32 rounding in fp32, used only where it applies (autograd off, fp32 on a CPU,
-sides divisible by 4) and otherwise the layer's own forward, bit for bit.
+float64 (forward and backward), within fp32 rounding in fp32, used only where it applies (fp32 on a
+CPU, sides divisible by 4; under autograd only when asked for training, on calls with enough
+tiles) and otherwise the layer's own forward, bit for bit.
 """
 
+import csv
 import json
 
 import numpy as np
@@ -16,10 +18,11 @@ import torch.nn.functional as F
 from dkdm import dist, logger
 from dkdm.config import ConfigError, DistillConfig, SampleConfig, TrainConfig
 from dkdm.distill.loop import teacher_numerics
-from dkdm.models import create_model
-from dkdm.models.winograd import F4P, Winograd3x3, cook_toom, use_winograd, winograd_eligible
+from dkdm.models import create_model, winograd
+from dkdm.models.winograd import F4P, Winograd3x3, _WinogradGrad, cook_toom, use_winograd, winograd_eligible
 from tests.test_distill_loop import make_loop, tiny_teacher
 from tests.test_sample import MAIN, TINY, _load, _run_dir
+from tests.test_training import make, noisy_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -213,3 +216,134 @@ def test_a_winograd_teacher_is_refused_where_it_would_not_run(tmp_path):
     with pytest.raises(ConfigError, match="this run's network runs on cpu compiled: drop --teacher_winograd"):
         make_loop(tmp_path / "c", teacher=tiny_teacher(arch="unet"), teacher_winograd=True, compile=True)
     logger.reset()  # the refused loop's log.txt
+
+
+# --------------------------------------------------------------------------- training (--winograd)
+
+
+def test_the_training_path_is_the_exact_adjoint_in_float64():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 8, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: _WinogradGrad.apply(x, w, b, Winograd3x3(w, b)), (x, w, b))
+    dy = torch.randn(2, 7, 8, 12, generator=g, dtype=torch.float64)
+    out = _WinogradGrad.apply(x, w, b, Winograd3x3(w, b))
+    got = torch.autograd.grad(out, (x, w, b), dy)
+    want = torch.autograd.grad(F.conv2d(x, w, b, padding=1), (x, w, b), dy)
+    assert all((p - q).abs().max() < 1e-11 for p, q in zip(got, want))
+    # without a bias, and with only the weight asking for a gradient (a network's first layer)
+    out = _WinogradGrad.apply(x.detach(), w, None, Winograd3x3(w, None))
+    (gw,) = torch.autograd.grad(out, (w,), dy)
+    assert (gw - torch.autograd.grad(F.conv2d(x.detach(), w, padding=1), (w,), dy)[0]).abs().max() < 1e-11
+
+
+def _grads(model, x, t, dy):
+    model.zero_grad(set_to_none=True)
+    out = model(x, t)
+    (out * dy).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_a_training_network_routes_the_calls_with_enough_tiles_and_keeps_the_direct_gradients(monkeypatch):
+    model, wino = _net(), _net()
+    assert use_winograd(wino, train=True) == 10
+    applied = []
+    real = _WinogradGrad.apply
+    monkeypatch.setattr(_WinogradGrad, "apply", lambda x, *a: applied.append(tuple(x.shape)) or real(x, *a))
+    t = torch.arange(16) % 4
+    x, dy = torch.randn(16, 1, 8, 8), torch.randn(16, 2, 8, 8)
+    want, want_g = _grads(model, x, t, dy)
+    got, got_g = _grads(wino, x, t, dy)
+    assert len(applied) == 10 and {s[0] * s[2] * s[3] for s in applied} == {16 * 64}  # 64 tiles: all routed
+    assert 0 < (got - want).abs().max() < 1e-5
+    for name, g in want_g.items():  # every parameter's gradient to fp32 rounding of its largest entry
+        assert (got_g[name] - g).abs().max() <= 1e-5 * max(g.abs().max(), 1.0), name
+    applied.clear()  # 3 images: 12 tiles, under MIN_TRAIN_TILES, so the direct convolution, bit for bit
+    out, grads = _grads(wino, x[:3], t[:3], dy[:3])
+    ref, ref_g = _grads(model, x[:3], t[:3], dy[:3])
+    assert not applied and torch.equal(out, ref) and all(torch.equal(grads[n], g) for n, g in ref_g.items())
+    monkeypatch.setattr(winograd, "MIN_TRAIN_TILES", 12)  # the threshold is the one rule
+    _grads(wino, x[:3], t[:3], dy[:3])
+    assert len(applied) == 10
+
+
+class Convs16(torch.nn.Module):
+    """A 16 -> 16 3x3 convolution between two thin ones: the layer a --winograd run routes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a = torch.nn.Conv2d(4, 16, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(4, 16)
+        self.b = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.c = torch.nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.norm(self.a(x))))))
+
+
+def stream16():
+    return {"x": torch.randn(16, 4, 8, 8)}  # 16 images of 8x8: 64 output tiles per call
+
+
+def _logged(run_dir, key):
+    with open(run_dir / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [float(r[key]) for r in rows]
+
+
+def test_a_winograd_training_run_learns_like_the_direct_one_and_resumes_bitwise(tmp_path, monkeypatch):
+    applied = []
+    real = _WinogradGrad.apply
+    monkeypatch.setattr(_WinogradGrad, "apply", lambda x, *a: applied.append(1) or real(x, *a))
+    direct = make(tmp_path, "direct", model=Convs16(), max_steps=4, lr=1e-3, batch_size=16)
+    direct.run(stream16, noisy_loss)
+    logger.reset()
+    straight = make(tmp_path, "straight", model=Convs16(), max_steps=4, lr=1e-3, batch_size=16, winograd=True)
+    straight.run(stream16, noisy_loss)
+    assert len(applied) == 4  # one routed layer, four steps
+    with open(tmp_path / "straight" / "log.txt") as f:
+        assert "winograd: 1 3x3 convolution(s) by F(4x4,3x3), forward and backward" in f.read()
+    # Adam's steps move a weight by about lr whatever its gradient's size, so a tiny gradient's
+    # rounding can flip a step: the logged losses are what must agree, and the weights to 2 lr a step.
+    losses = [_logged(tmp_path / name, "loss") for name in ("direct", "straight")]
+    assert len(losses[0]) == 2 and np.allclose(losses[0], losses[1], rtol=1e-5, atol=0)
+    for k, v in direct.model.state_dict().items():
+        assert (straight.model.state_dict()[k] - v).abs().max() < 2 * 4 * 1e-3, k
+    logger.reset()
+    make(tmp_path, "resumed", model=Convs16(), max_steps=2, lr=1e-3, batch_size=16, winograd=True).run(
+        stream16, noisy_loss
+    )
+    logger.reset()
+    resumed = make(tmp_path, "resumed", model=Convs16(), max_steps=4, lr=1e-3, batch_size=16, winograd=True)
+    assert resumed.step == 2
+    resumed.run(stream16, noisy_loss)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+    logger.reset()
+    with pytest.raises(ConfigError, match=r"train\.winograd: True there, False now"):
+        make(tmp_path, "resumed", model=Convs16(), max_steps=6, lr=1e-3, batch_size=16)
+
+
+def test_winograd_training_is_refused_where_it_would_not_run(tmp_path, monkeypatch):
+    for bad in ({"precision": "bf16"}, {"precision": "fp16"}, {"compile": True}):
+        with pytest.raises(ConfigError, match="--winograd .* needs --precision fp32 and --compile false"):
+            TrainConfig(winograd=True, **bad)
+    monkeypatch.setattr(dist, "dev", lambda: torch.device("meta"))
+    with pytest.raises(ConfigError, match="this run's network runs on meta: drop --winograd, or run on the CPU"):
+        make(tmp_path, "meta", model=Convs16(), winograd=True)
+    assert not (tmp_path / "meta" / "config.yaml").exists()  # refused before the run wrote anything
+
+
+def test_a_distillation_with_winograd_routes_the_student_not_the_teacher(tmp_path, monkeypatch):
+    applied = []
+    real = _WinogradGrad.apply
+    monkeypatch.setattr(_WinogradGrad, "apply", lambda x, *a: applied.append(tuple(x.shape)) or real(x, *a))
+    teacher, student = tiny_teacher(arch="unet"), tiny_teacher(seed=4, arch="unet")
+    loop = make_loop(tmp_path / "run", teacher=teacher, student=student, winograd=True)
+    assert any(type(m).__name__.startswith("Winograd") for m in loop.student.modules())
+    assert not any(type(m).__name__.startswith("Winograd") for m in loop.teacher.modules())
+    loss, _ = loop.loss_fn(loop.trainer.ddp_model, loop.next_batch())
+    loss.backward()
+    assert applied and all(s[0] == 16 for s in applied)  # the student's batch of 16, forward and backward

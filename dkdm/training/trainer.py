@@ -38,6 +38,7 @@ from dkdm.config import (
     to_dict,
 )
 from dkdm.models.checkpoints import save_safetensors
+from dkdm.models.winograd import check_winograd_run, use_winograd
 from dkdm.training import checkpoint as ckpt
 from dkdm.training.compile import FirstCallClock, compile_in_place, to_channels_last
 from dkdm.training.precision import Precision, growth_interval_from_rate
@@ -91,6 +92,22 @@ def parse_ema_rates(spec: str) -> list[str]:
     return rates
 
 
+class _AdamW(torch.optim.AdamW):
+    """torch's AdamW whose ``step`` tells autograd that the parameters changed in place.
+
+    The fused kernel writes the parameters without advancing their version counters (torch
+    2.13: ``p._version`` stays put), so a cache keyed on the version, such as the Winograd
+    layers' filter transforms (dkdm.models.winograd), would keep serving the old weights. One
+    ``increment_version`` call over the parameters after each step (metadata only: no kernel,
+    no host read) makes the counters true again.
+    """
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        torch.autograd.graph.increment_version([p for group in self.param_groups for p in group["params"]])
+        return out
+
+
 def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """The AdamW every trainer here steps: torch's fused kernel, on a CPU as on CUDA.
 
@@ -102,7 +119,7 @@ def make_adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float)
     float32 rounding, not bitwise: a run resumed from a checkpoint written before this change
     continues with it (the optimiser state's layout is unchanged).
     """
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return _AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 class Trainer:
@@ -158,6 +175,10 @@ class Trainer:
             self.model.float()
         if cfg.channels_last:  # before the optimiser and EMA copy the parameters: their state follows the order
             to_channels_last(self.model)
+        if cfg.winograd:  # parameters and state-dict keys unchanged: checkpoints are the direct network's
+            check_winograd_run("--winograd", self.device.type, cfg.compile)
+            routed = use_winograd(self.model, train=True)
+            logger.log(f"winograd: {routed} 3x3 convolution(s) by F(4x4,3x3), forward and backward, the others direct")
         self.param_names = [n for n, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
         self._param_data = [p.detach() for p in self.params]
