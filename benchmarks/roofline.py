@@ -208,6 +208,11 @@ def _winograd(m: torch.nn.Module) -> None:
         use_winograd(m)
 
 
+def _winograd_train(m: torch.nn.Module) -> None:
+    if winograd_eligible(m):
+        use_winograd(m, train=True)
+
+
 def _pointwise_torch(m: torch.nn.Module) -> None:
     if hasattr(m, "onednn_pointwise"):
         m.onednn_pointwise = False
@@ -216,7 +221,9 @@ def _pointwise_torch(m: torch.nn.Module) -> None:
 class Workload:
     """The teacher, the student, their DKDM loop and one diffusion, built once per run."""
 
-    def __init__(self, teacher: str, student: str, batch: int, steps: int, run_dir: str) -> None:
+    def __init__(
+        self, teacher: str, student: str, batch: int, steps: int, run_dir: str, winograd: bool = False
+    ) -> None:
         torch.manual_seed(0)
         self.tcfg, self.scfg = get_config(teacher), get_config(student)
         self.teacher, self.student = create_model(self.tcfg), create_model(self.scfg)
@@ -227,15 +234,14 @@ class Workload:
         self.batch = batch
         self.diffusion = create_diffusion(steps=steps, noise_schedule="cosine", learn_sigma=self.tcfg.learn_sigma)
         logger.configure(run_dir, format_strs=["log"])
-        train = TrainConfig(batch_size=batch, lr=1e-4, ema_rate="0.9999", log_interval=0, save_interval=0)
+        # winograd: the loop as --teacher_winograd --winograd builds it (the teacher's and the student's
+        # 3x3 convolutions by Winograd F(4x4,3x3), the student's forward and backward)
+        train = TrainConfig(
+            batch_size=batch, lr=1e-4, ema_rate="0.9999", log_interval=0, save_interval=0, winograd=winograd
+        )
+        distill = DistillConfig(rho=2.0 / steps, teacher_batch=batch, pool_cache_dir="", teacher_winograd=winograd)
         self.loop = DistillLoop(
-            self.teacher,
-            self.student,
-            self.diffusion,
-            self.diffusion,
-            train=train,
-            distill=DistillConfig(rho=2.0 / steps, teacher_batch=batch, pool_cache_dir=""),
-            run_dir=run_dir,
+            self.teacher, self.student, self.diffusion, self.diffusion, train=train, distill=distill, run_dir=run_dir
         )
         self.loop.pool.prepared = True  # the pool's contents do not change the step's cost
         self.x, self.t, self.kw = _inputs(self.tcfg, batch)
@@ -298,6 +304,14 @@ class Workload:
 
     def _student_variant_fwd_bwd(self, name: str, change) -> None:
         self._fwd_bwd(self._variant(name, "student", change))
+
+    def student_fwd_bwd_winograd(self) -> None:
+        """The student with its 3x3 convolutions by Winograd F(4x4,3x3), forward and backward
+        (``--winograd``). Its weights are marked changed first, as an optimiser step marks them,
+        so each call pays the filter transforms a training step pays."""
+        model = self._variant("winograd", "student", _winograd_train)
+        torch.autograd.graph.increment_version(list(model.parameters()))
+        self._fwd_bwd(model)
 
     def teacher_fwd_copy(self) -> None:
         """The control: an unchanged copy of the teacher, timed as a switch is."""
@@ -409,6 +423,7 @@ def run(a: argparse.Namespace) -> dict:
     out["flops"] = zoo_flops(a.flops_models)
     with tempfile.TemporaryDirectory(prefix="dkdm_roofline_") as run_dir:
         w = Workload(a.teacher, a.student, a.batch, a.diffusion_steps, run_dir)
+        w_wino = Workload(a.teacher, a.student, a.batch, a.diffusion_steps, os.path.join(run_dir, "winograd"), True)
         flops = w.flops()
         out["flops_per_call"] = {k: v for k, v in flops.items()}
         peaks = peak_kernels(a.matmul_n, *a.conv)
@@ -431,6 +446,9 @@ def run(a: argparse.Namespace) -> dict:
             "teacher_fwd_winograd": (w.teacher_fwd, w.teacher_fwd_winograd),
             "student_fwd_bwd_attention_bmm": (w.student_fwd_bwd, w.student_fwd_bwd_attention_bmm),
             "student_fwd_bwd_pointwise_torch": (w.student_fwd_bwd, w.student_fwd_bwd_pointwise_torch),
+            "student_fwd_bwd_winograd": (w.student_fwd_bwd, w.student_fwd_bwd_winograd),
+            # the whole step with both switches, each loop stepping its own optimiser
+            "dkdm_step_winograd": (w.dkdm_step, w_wino.dkdm_step),
         }
         attn = []
         for bh, n, d in attention_shapes(w.tcfg, a.batch):

@@ -113,14 +113,16 @@ def test_roofline_tiny(tmp_path):
         "teacher_winograd",
         "student_bmm",
         "student_pw",
+        "student_winograd",
     }
     assert max(variants.values()) < 1e-4 and variants["teacher_copy"] == 0.0  # the control is the same network
     assert variants["teacher_bmm"] > 0 and variants["teacher_winograd"] > 0  # the kernels did change
     for name in ("copy", "no_grad", "channels_last", "attention_bmm", "pointwise_torch", "winograd"):
         ratio = one["switches"][f"teacher_fwd_{name}_speedup_over_default"]
         assert ratio["n"] == 2 and ratio["median"] > 0  # one pair per round
-    for name in ("attention_bmm", "pointwise_torch"):
+    for name in ("attention_bmm", "pointwise_torch", "winograd"):
         assert one["switches"][f"student_fwd_bwd_{name}_speedup_over_default"]["median"] > 0
+    assert one["switches"]["dkdm_step_winograd_speedup_over_default"]["n"] == 2  # the whole step, both switches
     for part in ("teacher_fwd", "student_fwd_bwd"):
         assert math.isclose(sum(out["profile"][part]["share"].values()), 1.0, abs_tol=1e-3)
     assert out["profile"]["teacher_fwd"]["share"]["conv"] > 0.1  # a UNet's time is in its convolutions
