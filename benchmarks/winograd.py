@@ -25,6 +25,11 @@ from the float64 network: the number that decides whether the library should off
 forwards run in an order that rotates round by round, and their speed-ups (over NCHW, and the
 variant's over channels_last) are medians and [min, max] of the per-round ratios.
 
+``--train_shapes`` times training's layer (forward + backward, N x C x K x side) by the direct
+convolution in channels_last and by the library's training path (:class:`_WinogradGrad`, its
+filter transform inside the timing, as each optimiser step pays it), with the gradients'
+deviation from float64: by output tiles (N side^2 / 16), the rule behind ``MIN_TRAIN_TILES``.
+
     python benchmarks/winograd.py --out benchmarks/results/cpu-x86_64-2core_winograd.json
     python benchmarks/winograd.py --out benchmarks/results/cpu-epyc-avx2-2core_winograd.json
     python benchmarks/winograd.py --tiny     # seconds: the digits teacher, 2 rounds
@@ -46,7 +51,7 @@ import torch.nn.functional as F
 from dkdm.fileio import emit_json
 from dkdm.hostmem import describe_cpu
 from dkdm.models import create_model, get_config
-from dkdm.models.winograd import F4P, Winograd3x3, use_winograd, winograd_eligible
+from dkdm.models.winograd import F4P, MIN_TRAIN_TILES, Winograd3x3, _WinogradGrad, use_winograd, winograd_eligible
 from dkdm.training.compile import to_channels_last
 
 # Winograd matrices (Lavin & Gray 2016) for the interpolation points 0, +-1, (+-2,) infinity.
@@ -150,6 +155,49 @@ def probe_shape(shape, rounds: int, repeats: int, seed: int = 0) -> dict:
     for name in fns:
         if name != "direct":
             row[f"{name}_speedup"] = round(row["direct_ms"] / row[f"{name}_ms"], 3)
+    return row
+
+
+def probe_train_shape(shape, rounds: int, repeats: int, seed: int = 0) -> dict:
+    """One training layer, forward + backward: direct (channels_last) against :class:`_WinogradGrad`."""
+    n, c, k, side = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, side, side, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(k, c, 3, 3, generator=g) / (9 * c) ** 0.5).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(k, generator=g)
+    dy = torch.randn(n, k, side, side, generator=g).contiguous(memory_format=torch.channels_last)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+
+    def direct():
+        return torch.autograd.grad(F.conv2d(x, weight, bias, padding=1), leaves, dy)
+
+    def winograd():  # the filter transform each call, as after every optimiser step
+        return torch.autograd.grad(_WinogradGrad.apply(x, weight, bias, Winograd3x3(weight, bias)), leaves, dy)
+
+    ref = [t.double().detach().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(F.conv2d(*ref, padding=1), ref, dy.double())
+
+    def err(grads):  # each gradient's largest deviation relative to its largest entry
+        return max(float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(grads, want))
+
+    row = {
+        "N": n,
+        "C": c,
+        "K": k,
+        "side": side,
+        "tiles": n * side * side // 16,
+        "direct_grad_rel_err_vs_float64": err(direct()),
+        "winograd_grad_rel_err_vs_float64": err(winograd()),
+    }
+    times = {"direct": [], "winograd": []}
+    for r in range(rounds):  # the order alternates round by round
+        for name in ("direct", "winograd") if r % 2 == 0 else ("winograd", "direct"):
+            times[name].append(_mean_time(direct if name == "direct" else winograd, repeats))
+    for name, ts in times.items():
+        row[f"{name}_ms"] = round(1e3 * statistics.median(ts), 4)
+    ratios = [d / w for d, w in zip(times["direct"], times["winograd"])]
+    row["winograd_speedup"] = round(statistics.median(ratios), 3)
+    row["winograd_speedup_min_max"] = [round(min(ratios), 3), round(max(ratios), 3)]
     return row
 
 
@@ -263,6 +311,8 @@ def run(a: argparse.Namespace) -> dict:
         "network_3x3_conv_ms_best_of_direct_and_winograd": round(totals["best"], 3),
         "network_3x3_conv_ms_best_within_max_err": round(totals["best_accurate"], 3),
         "network_forward": network_forward(model, cfg, a) if a.network_variant else None,
+        "min_train_tiles": MIN_TRAIN_TILES,
+        "train_shapes": [probe_train_shape(s, a.rounds, a.repeats) for s in a.train_shapes],
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
     }
 
@@ -289,11 +339,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
         choices=["", *WINOGRAD],
         help="also time the whole forward with every divisible 3x3 convolution through it ('' skips)",
     )
+    p.add_argument(
+        "--train_shapes",
+        default="4x64x64x32,4x128x128x16,4x128x128x8,16x128x128x8,4x256x256x16,16x256x256x8,4x256x256x8,"
+        "64x256x256x4,16x256x256x4,4x256x256x4",
+        help="training layers to time forward + backward, NxCxKxside, comma-separated ('' skips)",
+    )
     p.add_argument("--tiny", action="store_true", help="the digits teacher, 2 rounds of 1 call (a test)")
     p.add_argument("--out", default="", help="also write the JSON here")
     a = p.parse_args(argv)
     if a.tiny:
-        a.model, a.batch, a.rounds, a.repeats = "digits-teacher", 2, 2, 1
+        a.model, a.batch, a.rounds, a.repeats, a.train_shapes = "digits-teacher", 2, 2, 1, "2x16x16x8"
+    a.train_shapes = [tuple(int(v) for v in t.split("x")) for t in a.train_shapes.split(",") if t]
     a.argv = argv
     return a
 

@@ -84,6 +84,11 @@ def test_winograd_probe_tiny_finds_every_3x3_convolution(tmp_path):
     for name in ("direct_channels_last", "F4p", "F4p_over_channels_last"):  # per-round ratios
         lo, hi = net[f"{name}_speedup_min_max"]
         assert 0 < lo <= net[f"{name}_speedup"] <= hi
+    (row,) = out["train_shapes"]  # the training layer: forward + backward, both paths near float64
+    assert (row["N"], row["C"], row["K"], row["side"], row["tiles"]) == (2, 16, 16, 8, 8)
+    assert 0 < row["direct_grad_rel_err_vs_float64"] < 1e-5 and 0 < row["winograd_grad_rel_err_vs_float64"] < 1e-5
+    lo, hi = row["winograd_speedup_min_max"]
+    assert row["direct_ms"] > 0 and row["winograd_ms"] > 0 and 0 < lo <= row["winograd_speedup"] <= hi
 
 
 @pytest.mark.slow

@@ -238,9 +238,11 @@ _CLASSES: dict[type, type] = {}
 
 MIN_CHANNELS = 16
 # Training: a layer call with fewer 4x4 output tiles (N H W / 16) than this keeps the direct
-# convolution. Below it the weight-sized work of the backward (the [36, C, K] weight gradient in
-# the transform space, 4x the weight) outweighs the products saved: one thread, 256 channels,
-# forward + backward, 1.37-1.78x faster than direct at 64-256 tiles, 0.73-0.82x at 16, 0.28x at 4.
+# convolution. Below it the weight-sized work (the filter transform each step, the [36, C, K]
+# weight gradient in the transform space: 4x the weight) outweighs the products saved. One thread
+# on the AVX2 EPYC, forward + backward against direct channels_last (benchmarks/winograd.py
+# --train_shapes, cpu-epyc-avx2-2core_winograd_train.json): 1.25-1.79x at 64-256 tiles,
+# 0.69-1.02x at 16, 0.41x at 4.
 MIN_TRAIN_TILES = 64
 
 
