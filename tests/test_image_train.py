@@ -136,3 +136,20 @@ def test_batch_the_world_size_does_not_divide(image_train, tmp_path, monkeypatch
     with pytest.raises(ValueError, match="batch size 7 cannot be split evenly over 2 processes"):
         image_train.main([*SMALL, "--batch_size", "7", "--max_steps", "1", "--log_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_winograd_reaches_the_trainer_and_is_recorded(image_train, tmp_path, monkeypatch):
+    """``--winograd``: the trained network's 3x3 layers take the training path (16 images of 8x8
+    are 64 output tiles per call), and config.yaml records the switch."""
+    from dkdm.models.winograd import _WinogradGrad
+
+    applied = []
+    real = _WinogradGrad.apply
+    monkeypatch.setattr(_WinogradGrad, "apply", lambda x, *a: applied.append(x.shape[0]) or real(x, *a))
+    run_dir = str(tmp_path / "run")
+    small = [a if a != "4" else "16" for a in SMALL]  # batch 16
+    image_train.main([*small, "--max_steps", "1", "--winograd", "true", "--log_dir", run_dir])
+    assert applied and set(applied) == {16}
+    assert load_yaml(os.path.join(run_dir, "config.yaml"))["train"]["winograd"] is True
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        assert "3x3 convolution(s) by F(4x4,3x3), forward and backward" in f.read()
