@@ -296,3 +296,22 @@ def test_the_detector_sees_every_kind_of_host_read(tmp_path):
     with SyncDetector(_host_resident(trainer.opt)) as det:
         trainer.run_step(loop.next_batch, loss_fn_with_a_read)
     assert "aten::_local_scalar_dense" in det.seen
+
+
+def test_winograd_steps_and_loops_never_wait_on_the_device(tmp_path, monkeypatch):
+    """``--teacher_winograd --winograd`` (CPU only, but the same rule): the Winograd forward, its
+    backward and the filter transforms' cache keys add no host read to a step or a sampling loop."""
+    from dkdm.models.winograd import Winograd3x3, _WinogradGrad, use_winograd
+
+    applied, inferred = [], []
+    real, real_call = _WinogradGrad.apply, Winograd3x3.__call__
+    monkeypatch.setattr(_WinogradGrad, "apply", lambda x, *a: applied.append(1) or real(x, *a))
+    monkeypatch.setattr(Winograd3x3, "__call__", lambda self, x: inferred.append(1) or real_call(self, x))
+    student = _unet(seed=3, num_channels=32, attention_resolutions="")
+    loop = _loop(tmp_path, _unet(), student, batch_size=16, teacher_winograd=True, winograd=True)
+    assert _steady_state_reads(loop) == [] and applied and inferred  # 16 images of 8x8: 64 tiles
+    model = _unet(image_size=8).eval()
+    assert use_winograd(model) > 0
+    d = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True, timestep_respacing="ddim5")
+    inferred.clear()
+    assert _sampling_reads(d, model, "ddim_sample_loop", "fp32") == [] and inferred
