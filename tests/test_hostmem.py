@@ -22,15 +22,17 @@ cfg = get_config("cifar10-14M", dropout=0.0)
 m = create_model(cfg).eval()
 x = torch.randn(2, 3, 32, 32)
 t = torch.tensor([3, 700])
+windows = []
 with torch.inference_mode():
     for _ in range(2):
         out = m(x, t)
-    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        out = m(x, t)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3
+    for _ in range(3):  # the quietest of three windows: a stray fault (another process, the kernel
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # moving pages) is not the allocator's
+        for _ in range(3):
+            out = m(x, t)
+        windows.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3)
 torch.save(out, sys.argv[1])
-print(faults)
+print(min(windows))
 """
 
 
