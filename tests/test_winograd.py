@@ -347,3 +347,4 @@ def test_a_distillation_with_winograd_routes_the_student_not_the_teacher(tmp_pat
     loss, _ = loop.loss_fn(loop.trainer.ddp_model, loop.next_batch())
     loss.backward()
     assert applied and all(s[0] == 16 for s in applied)  # the student's batch of 16, forward and backward
+    logger.reset()  # the loop's log.txt
