@@ -23,7 +23,9 @@ training and the call has :data:`MIN_TRAIN_TILES` output tiles; otherwise the la
 forward. The filter transform is done once per weight version, in float64, and redone whenever
 the weight changes in place (the trainers' fused AdamW advances the version counters itself:
 dkdm.training.trainer.make_adamw); weights made under ``inference_mode``, which keep no version
-counter, take the layer's own forward.
+counter, take the layer's own forward. A write the version counter does not see (through
+``.data``, or another fused optimiser's step) is not seen by the cache either: after one, call
+``torch.autograd.graph.increment_version`` on the weights.
 """
 
 from __future__ import annotations
