@@ -47,6 +47,16 @@ def _no_process_group_left():
         mod.cleanup()
 
 
+@pytest.fixture(autouse=True)
+def _default_logger():
+    """Each test starts with the stdout-only logger: one that ``logger.configure``-d a run directory
+    without stdout (the sync tests do) would otherwise swallow what a later test's script prints."""
+    yield
+    mod = sys.modules.get("dkdm.logger")
+    if mod is not None:
+        mod.reset()
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``):
