@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from dkdm.models import UNetModel, ViT
 from dkdm.models import layers as layers_module
+from dkdm.models import unet as unet_module
 from dkdm.models.layers import (
     avg_pool_nd,
     check_guidance,
@@ -340,6 +341,34 @@ def test_the_attention_blocks_switch_picks_the_kernel(monkeypatch):
     block.attention_impl = "flash"
     with pytest.raises(ValueError, match="auto, bmm or sdpa, got 'flash'"):
         block(x)
+
+
+@pytest.mark.parametrize("new_order", [False, True])
+@pytest.mark.parametrize("heads", [(4, -1), (1, 16)])
+def test_a_channels_last_input_takes_the_token_major_attention_with_the_same_maths(monkeypatch, new_order, heads):
+    block = AttentionBlock(64, num_heads=heads[0], num_head_channels=heads[1], use_new_attention_order=new_order)
+    block = _randomise(block).double()
+    block.norm = torch.nn.GroupNorm(32, 64).double()  # GroupNorm32 rounds to fp32, in each layout differently
+    x = torch.randn(2, 64, 4, 6, dtype=torch.float64, requires_grad=True)
+    nhwc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref = block(x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a 1x1 Conv1d ran on the channels_last input")
+
+    monkeypatch.setattr(type(block.qkv), "forward", refuse)
+    out = block(nhwc)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, [nhwc, *block.parameters()], g)
+    monkeypatch.undo()
+    want = torch.autograd.grad(ref, [x, *block.parameters()], g)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    block.attention_impl = "bmm"  # guided-diffusion's two products keep their channel-major layout
+    monkeypatch.setattr(unet_module, "qkv_attention_tokens", refuse)
+    torch.testing.assert_close(block(nhwc), ref, rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- refusals

@@ -218,6 +218,24 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool, impl: str = "
     return out.transpose(-1, -2).reshape(b, num_heads * ch, length)
 
 
+def qkv_attention_tokens(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
+    """:func:`qkv_attention` on a token-major ``[B, T, 3*C]`` qkv tensor (contiguous), giving ``[B, T, C]``.
+
+    The channel layouts (``legacy`` or not) and the maths are :func:`qkv_attention`'s; the heads
+    are strided views of ``qkv`` handed to ``scaled_dot_product_attention`` as they are (unit
+    stride along ch), so nothing is transposed before the kernel. This is the channels_last
+    UNet's attention (:class:`~dkdm.models.unet.AttentionBlock`).
+    """
+    b, length, width = qkv.shape
+    ch = width // (3 * num_heads)
+    if legacy:
+        q, k, v = qkv.view(b, length, num_heads, 3, ch).unbind(3)
+    else:
+        q, k, v = qkv.view(b, length, 3, num_heads, ch).unbind(2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).reshape(b, length, num_heads * ch)
+
+
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     """Fixed 2-D sine-cosine positions ``[grid_size**2, embed_dim]`` (MAE / DiT layout).
 

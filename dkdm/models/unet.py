@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import (
@@ -24,6 +25,7 @@ from .layers import (
     maybe_checkpoint,
     normalization,
     qkv_attention,
+    qkv_attention_tokens,
     timestep_embedding,
     upsample_nearest2x,
     zero_module,
@@ -208,9 +210,33 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
+        if self.attention_impl in ("auto", "sdpa") and x.dim() == 4 and _channels_last_only(x):
+            return self._forward_tokens(x)
         x = x.reshape(b, c, -1)
         h = qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy, self.attention_impl)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on a channels_last input, token-major: ``[B*T, C]`` is a view of it.
+
+        The norm runs on the 4-D tensor (torch's channels_last kernel), the two 1x1 projections
+        are matrix products over the tokens, and the result is channels_last again. Same maths
+        and parameters as the channel-major path; on the AVX2 EPYC it made the 14M's channels_last
+        forward at batch 4 1.04x faster (the 1x1 Conv1d over ``[B, C, T]`` views of a
+        channels_last tensor ran at a third of the matmul's speed at the qkv shape).
+        """
+        b, c, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(b, height * width, c)  # a view
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)
+        qkv = F.linear(h, self.qkv.weight.flatten(1), self.qkv.bias)
+        h = qkv_attention_tokens(qkv, self.num_heads, self.legacy)
+        out = tokens + F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return out.view(b, height, width, c).permute(0, 3, 1, 2)
+
+
+def _channels_last_only(x: torch.Tensor) -> bool:
+    """True for a 4-D tensor stored channels_last that is not also contiguous in NCHW order."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def check_unet_args(
