@@ -30,6 +30,7 @@ from dkdm.diffusion import create_diffusion
 from dkdm.distill.loop import DistillLoop
 from dkdm.models import create_model
 from dkdm.sampling import _Precision
+from dkdm.training.compile import to_channels_last
 
 T = 10
 
@@ -315,3 +316,19 @@ def test_winograd_steps_and_loops_never_wait_on_the_device(tmp_path, monkeypatch
     d = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True, timestep_respacing="ddim5")
     inferred.clear()
     assert _sampling_reads(d, model, "ddim_sample_loop", "fp32") == [] and inferred
+
+
+def test_channels_last_steps_and_loops_never_wait_on_the_device(tmp_path, monkeypatch):
+    """``--teacher_channels_last --channels_last``: the attention blocks' token-major path (its
+    norm, products over the tokens and strided heads) adds no host read to a step or a loop."""
+    from dkdm.models.unet import AttentionBlock
+
+    seen = []
+    real = AttentionBlock._forward_tokens
+    monkeypatch.setattr(AttentionBlock, "_forward_tokens", lambda self, x: seen.append(1) or real(self, x))
+    loop = _loop(tmp_path, _unet(), _unet(seed=3), teacher_channels_last=True, channels_last=True)
+    assert _steady_state_reads(loop) == [] and seen
+    model = to_channels_last(_unet(image_size=8).eval())
+    d = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True, timestep_respacing="5")
+    seen.clear()
+    assert _sampling_reads(d, model, "p_sample_loop", "fp32") == [] and seen
