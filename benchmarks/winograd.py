@@ -17,11 +17,17 @@ For every distinct stride-1 3x3 convolution shape in a network's forward (``--mo
 one's largest deviation from a float64 convolution; then the network's 3x3 convolution time
 summed over its layers (count x median) for the direct path, for the fastest variant per shape, and
 for the fastest whose deviation stays within ``--max_err`` (1e-5, the library's fp32 tolerance) or
-``--max_err_ratio`` (2) times the direct convolution's own. The weight transform is done once outside
-the timing (as inference could cache it), which favours Winograd. ``--network_variant`` (F4p) then
-times the whole forward with every divisible 3x3 convolution routed through that variant (F4p: the
-library's ``use_winograd``, which leaves layers under 16 channels direct; channels_last, as its output is) against the direct convolutions in NCHW and channels_last, with each one's deviation
-from the float64 network: the number that decides whether the library should offer it. The three
+``--max_err_ratio`` (2) times the direct convolution's own. The weight transform is done once
+outside the timing (as inference could cache it), which favours Winograd. Each probe cycles
+through distinct layers of its shape whose transformed filters add up to ``--cold_weights_mb``
+(64 MB, twice this CPU's L3), so each call reads its weights from memory as a network's layers do.
+With one layer, whose [36, C, K] filter stayed in cache, the 14M's 4x4-pixel layers at batch 4
+read 1.06-1.15x faster by Winograd; with the weights cold, 0.67-0.73x (the rule behind
+``MIN_TILES``). ``--network_variant`` (F4p) then times the whole forward with every divisible
+3x3 convolution routed through that variant (F4p: the library's ``use_winograd``, which leaves
+layers under 16 channels, and calls under ``MIN_TILES`` tiles, direct; channels_last, as its output
+is) against the direct convolutions in NCHW and channels_last, with each one's deviation from the
+float64 network: the number that decides whether the library should offer it. The three
 forwards run in an order that rotates round by round, and their speed-ups (over NCHW, and the
 variant's over channels_last) are medians and [min, max] of the per-round ratios.
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import statistics
@@ -115,11 +122,31 @@ def _mean_time(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def probe_shape(shape, rounds: int, repeats: int, seed: int = 0) -> dict:
+def _each(fn, items) -> None:
+    for item in items:  # each output freed before the next call, as in a network's forward
+        fn(item)
+
+
+def weight_copies(c: int, k: int, cold_weights_mb: float) -> int:
+    """How many distinct layers of one shape a probe cycles through so that their Winograd filters
+    ([36, C, K] fp32 each) add up to ``cold_weights_mb``: more than the last-level cache, so each
+    call reads its weights from memory, as every layer of a network does (a 14M UNet's transformed
+    filters are 171 MB at F(4,3)). 0: one layer, whose weights stay in cache between calls."""
+    if cold_weights_mb <= 0:
+        return 1
+    return max(1, min(MAX_WEIGHT_COPIES, math.ceil(cold_weights_mb * 2**20 / (36 * c * k * 4))))
+
+
+MAX_WEIGHT_COPIES = 128
+
+
+def probe_shape(shape, rounds: int, repeats: int, seed: int = 0, cold_weights_mb: float = 0.0) -> dict:
     n, c, k, h, w = shape
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=g)
-    weight = torch.randn(k, c, 3, 3, generator=g) / (9 * c) ** 0.5
+    copies = weight_copies(c, k, cold_weights_mb)
+    weights = [torch.randn(k, c, 3, 3, generator=g) / (9 * c) ** 0.5 for _ in range(copies)]
+    weight = weights[0]
     bias = torch.randn(k, generator=g)
     with torch.inference_mode():
         ref = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
@@ -130,26 +157,27 @@ def probe_shape(shape, rounds: int, repeats: int, seed: int = 0) -> dict:
             "H": h,
             "W": w,
             "GFLOP": round(2 * n * h * w * c * k * 9 / 1e9, 4),
+            "weight_copies": copies,
             "direct_max_abs_err_vs_float64": float((F.conv2d(x, weight, bias, padding=1).double() - ref).abs().max()),
         }
         xcl = x.contiguous(memory_format=torch.channels_last)
-        wcl = weight.contiguous(memory_format=torch.channels_last)
-        fns = {
-            "direct": lambda: F.conv2d(x, weight, bias, padding=1),
-            "direct_channels_last": lambda: F.conv2d(xcl, wcl, bias, padding=1),
+        wcls = [wt.contiguous(memory_format=torch.channels_last) for wt in weights]
+        fns = {  # each call of a timed function is one pass over the copies, keeping no output
+            "direct": lambda: _each(lambda wt: F.conv2d(x, wt, bias, padding=1), weights),
+            "direct_channels_last": lambda: _each(lambda wt: F.conv2d(xcl, wt, bias, padding=1), wcls),
         }
         for name, mats in WINOGRAD.items():
             m = len(mats["AT"])
             if h % m == 0 and w % m == 0:
-                wino = Winograd3x3(weight, bias, mats)
-                row[f"{name}_max_abs_err_vs_float64"] = float((wino(x).double() - ref).abs().max())
-                fns[name] = lambda wino=wino: wino(xcl)
+                winos = [Winograd3x3(wt, bias, mats) for wt in weights]
+                row[f"{name}_max_abs_err_vs_float64"] = float((winos[0](x).double() - ref).abs().max())
+                fns[name] = lambda winos=winos: _each(lambda wino: wino(xcl), winos)
         for fn in fns.values():  # warm-up
             fn()
         times = {name: [] for name in fns}
         for _ in range(rounds):  # interleaved, so load changes hit every variant alike
             for name, fn in fns.items():
-                times[name].append(_mean_time(fn, repeats))
+                times[name].append(_mean_time(fn, repeats) / copies)
     for name, ts in times.items():
         row[f"{name}_ms"] = round(1e3 * statistics.median(ts), 4)
     for name in fns:
@@ -284,7 +312,7 @@ def run(a: argparse.Namespace) -> dict:
     rows = []
     totals = {"direct": 0.0, "best": 0.0, "best_accurate": 0.0}
     for shape, count in sorted(shapes.items(), key=lambda kv: -kv[0][3]):
-        row = probe_shape(shape, a.rounds, a.repeats)
+        row = probe_shape(shape, a.rounds, a.repeats, cold_weights_mb=a.cold_weights_mb)
         row["layers"] = count
         variants = [v for v in WINOGRAD if f"{v}_ms" in row]
         limit = max(a.max_err, a.max_err_ratio * row["direct_max_abs_err_vs_float64"])
@@ -304,6 +332,7 @@ def run(a: argparse.Namespace) -> dict:
         "model": a.model,
         "batch": a.batch,
         "rounds": a.rounds,
+        "cold_weights_mb": a.cold_weights_mb,
         "shapes": rows,
         "max_err": a.max_err,
         "max_err_ratio": a.max_err_ratio,
@@ -324,6 +353,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--repeats", type=int, default=5, help="calls per timed round")
+    p.add_argument(
+        "--cold_weights_mb",
+        type=float,
+        default=64.0,
+        help="each shape's probe cycles through distinct layers whose Winograd filters add up to this "
+        "(beyond the last-level cache, as in a network); 0: one layer, its weights warm in cache",
+    )
     p.add_argument(
         "--max_err", type=float, default=1e-5, help="a variant further than this from float64 does not count as usable"
     )
@@ -350,6 +386,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.tiny:
         a.model, a.batch, a.rounds, a.repeats, a.train_shapes = "digits-teacher", 2, 2, 1, "2x16x16x8"
+        a.cold_weights_mb = min(a.cold_weights_mb, 1.0)
     a.train_shapes = [tuple(int(v) for v in t.split("x")) for t in a.train_shapes.split(",") if t]
     a.argv = argv
     return a

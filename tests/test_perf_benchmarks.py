@@ -59,6 +59,15 @@ def test_winograd_probe_computes_the_convolution_it_times(variant):
         wino.Winograd3x3(w, b, wino.WINOGRAD[variant])(x[:, :, :7])
 
 
+def test_winograd_probe_reads_its_weights_cold():
+    """Enough distinct layers that their [36, C, K] filters exceed the cache: 64 MB at 128 x 128."""
+    wino = _load("winograd")
+    assert wino.weight_copies(128, 128, 64.0) == 29  # 36 * 128 * 128 * 4 bytes = 2.25 MiB each
+    assert wino.weight_copies(128, 128, 0.0) == 1  # one layer, warm: the old probe
+    assert wino.weight_copies(3, 6, 64.0) == wino.MAX_WEIGHT_COPIES
+    assert wino.weight_copies(1024, 1024, 64.0) == 1
+
+
 def test_winograd_probe_tiny_finds_every_3x3_convolution(tmp_path):
     wino = _load("winograd")
     out = wino.main(["--tiny", "--out", str(tmp_path / "w.json")])
@@ -70,11 +79,14 @@ def test_winograd_probe_tiny_finds_every_3x3_convolution(tmp_path):
         if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3) and mod.stride == (1, 1)
     )
     assert sum(row["layers"] for row in out["shapes"]) == n3x3
-    for row in out["shapes"]:
+    assert out["cold_weights_mb"] == 1.0  # --tiny keeps the cold-weight cycle small
+    for row in out["shapes"]:  # each shape timed over distinct layers whose filters add up to 1 MB
+        assert row["weight_copies"] == wino.weight_copies(row["C"], row["K"], 1.0)
         assert row["direct_max_abs_err_vs_float64"] < 1e-5 and row["F2_max_abs_err_vs_float64"] < 1e-5
         assert row["direct_channels_last_ms"] > 0 and ("F4p_ms" in row) == (row["H"] % 4 == 0)
         assert row.get("F4p_max_abs_err_vs_float64", 0.0) < 1e-5  # the better-conditioned F(4,3)
         assert row["F2_ms"] > 0 and row["F2_speedup"] == round(row["direct_ms"] / row["F2_ms"], 3)
+    assert max(row["weight_copies"] for row in out["shapes"]) > 1
     best = out["network_3x3_conv_ms_best_of_direct_and_winograd"]
     assert 0 < best <= out["network_3x3_conv_ms_best_within_max_err"] <= out["network_3x3_conv_ms_direct"]
     net = out["network_forward"]
