@@ -302,6 +302,7 @@ def test_the_detector_sees_every_kind_of_host_read(tmp_path):
 def test_winograd_steps_and_loops_never_wait_on_the_device(tmp_path, monkeypatch):
     """``--teacher_winograd --winograd`` (CPU only, but the same rule): the Winograd forward, its
     backward and the filter transforms' cache keys add no host read to a step or a sampling loop."""
+    from dkdm.models import winograd
     from dkdm.models.winograd import Winograd3x3, _WinogradGrad, use_winograd
 
     applied, inferred = [], []
@@ -315,6 +316,7 @@ def test_winograd_steps_and_loops_never_wait_on_the_device(tmp_path, monkeypatch
     assert use_winograd(model) > 0
     d = create_diffusion(steps=T, noise_schedule="cosine", learn_sigma=True, timestep_respacing="ddim5")
     inferred.clear()
+    monkeypatch.setattr(winograd, "MIN_TILES", 1)  # the loop's 2 images of 8x8 (8 tiles) take the path too
     assert _sampling_reads(d, model, "ddim_sample_loop", "fp32") == [] and inferred
 
 

@@ -81,14 +81,20 @@ def test_a_routed_network_matches_the_direct_one_and_falls_back_where_it_must(mo
     assert type(wino.input_blocks[0][0]) is type(model.input_blocks[0][0])
     assert list(wino.state_dict()) == list(model.state_dict())
     calls = _calls(monkeypatch)
-    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 3])
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 3, 2])
     with torch.inference_mode():
         want, got = model(x, t), wino(x, t)
-    assert len(calls) == n3x3  # every 3x3 layer took the Winograd path
+    assert len(calls) == n3x3  # every 3x3 layer took the Winograd path: 4 images of 8x8, 16 tiles
     assert 0 < (got - want).abs().max() < 1e-5  # other products, same convolution
     with torch.no_grad():
         assert (wino(x, t) - want).abs().max() < 1e-5 and len(calls) == 2 * n3x3
     calls.clear()
+    with torch.inference_mode():  # 3 images: 12 tiles, under MIN_TILES, so the direct convolution, bit for bit
+        assert torch.equal(wino(x[:3], t[:3]), model(x[:3], t[:3])) and not calls
+        monkeypatch.setattr(winograd, "MIN_TILES", 12)  # the threshold is the one rule
+        assert (wino(x[:3], t[:3]) - model(x[:3], t[:3])).abs().max() < 1e-5 and len(calls) == n3x3
+    calls.clear()
+    x, t = x[:3], t[:3]
     # Autograd on (training, a gradient through a sampler): the layers' own forward, bit for bit.
     out = wino(x, t)
     assert not calls and torch.equal(out, model(x, t))

@@ -18,10 +18,10 @@ the float64 network (direct: 1.8e-6); its sampling loops and its training step f
 guided-diffusion's by the ratios in that README. On the AVX-512 EPYC, whose oneDNN direct kernels
 run 2.5x faster than MKL's ``bmm``, the 3x3 layers were no faster, so it is a switch, off by
 default. A layer takes the Winograd path when the input is fp32 on a CPU outside autocast and
-compilation and its sides are multiples of 4; with autograd on, only if it was switched for
-training and the call has :data:`MIN_TRAIN_TILES` output tiles; otherwise the layer's own
-forward. The filter transform is done once per weight version, in float64, and redone whenever
-the weight changes in place (the trainers' fused AdamW advances the version counters itself:
+compilation, its sides are multiples of 4 and the call has :data:`MIN_TILES` output tiles; with
+autograd on, only if it was switched for training and the call has :data:`MIN_TRAIN_TILES`;
+otherwise the layer's own forward. The filter transform is done once per weight version, in
+float64, and redone whenever the weight changes in place (the trainers' fused AdamW advances the version counters itself:
 dkdm.training.trainer.make_adamw); weights made under ``inference_mode``, which keep no version
 counter, take the layer's own forward. A write the version counter does not see (through
 ``.data``, or another fused optimiser's step) is not seen by the cache either: after one, call
@@ -212,12 +212,11 @@ class _WinogradConv:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._winograd_applies(x):
+            tiles = x.shape[0] * x.shape[2] * x.shape[3] // TILE**2
             if not torch.is_grad_enabled():
-                return self._winograd()(x)
-            if (
-                getattr(self, "_winograd_train", False)
-                and x.shape[0] * x.shape[2] * x.shape[3] >= MIN_TRAIN_TILES * TILE**2
-            ):
+                if tiles >= MIN_TILES:
+                    return self._winograd()(x)
+            elif getattr(self, "_winograd_train", False) and tiles >= MIN_TRAIN_TILES:
                 return _WinogradGrad.apply(x, self.weight, self.bias, self._winograd())
         return super().forward(x)
 
@@ -246,6 +245,13 @@ MIN_CHANNELS = 16
 # --train_shapes, cpu-epyc-avx2-2core_winograd_train.json): 1.25-1.79x at 64-256 tiles,
 # 0.69-1.02x at 16, 0.41x at 4.
 MIN_TRAIN_TILES = 64
+# Inference: a call with fewer output tiles than this keeps the direct convolution. Its transformed
+# filter is 4x the weight ([36, C, K]), read from memory by each call (a network's filters do not
+# stay in cache: the 14M's are 171 MB), and at a few tiles that read is the layer's time. One thread
+# on the AVX2 EPYC, cycling through enough layers that their weights come from memory
+# (benchmarks/winograd.py, cpu-epyc-avx2-2core_winograd.json), against direct channels_last:
+# 0.67-0.73x at 4 tiles, 1.20-1.32x at 16.
+MIN_TILES = 16
 
 
 def use_winograd(model: torch.nn.Module, min_channels: int = MIN_CHANNELS, train: bool = False) -> int:
