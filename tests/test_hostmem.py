@@ -89,5 +89,15 @@ def test_describe_cpu_names_the_model_and_widest_isa(tmp_path):
     plain = tmp_path / "plain"
     plain.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2\n")
     assert hostmem.describe_cpu(str(plain)) == "Some CPU"
+    # Family and model tell apart machines of one name and ISA (Zen 4 from another AVX-512 EPYC).
+    for flags, want in (
+        ("avx2 avx512f", "AMD EPYC (AVX-512; family 25 model 17)"),
+        ("sse2", "AMD EPYC (family 25 model 17)"),
+    ):
+        numbered = tmp_path / f"numbered_{len(flags)}"
+        numbered.write_text(
+            f"processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: {flags}\n"
+        )
+        assert hostmem.describe_cpu(str(numbered)) == want
     missing = hostmem.describe_cpu(str(tmp_path / "absent"))
     assert missing == (platform.processor() or platform.machine())

@@ -213,6 +213,8 @@ def test_the_comparison_figure_is_drawn_from_the_committed_results(tmp_path):
         "CPU (AVX-512), 2 threads"
     )
     assert plot.label({"device": "cpu", "threads": 1, "batch": 4, "cpu": "X"}).startswith("CPU, 1 thread")
+    zen4 = {"device": "cpu", "threads": 1, "batch": 4, "cpu": "AMD EPYC (AVX-512; family 25 model 17)"}
+    assert plot.label(zen4).startswith("CPU (AVX-512; family 25 model 17), 1 thread")
 
 
 def test_switch_pairs_alternate_their_order_and_divide_within_the_pair():
