@@ -20,8 +20,13 @@ KINDS = (("iddpm", "IDDPM loop"), ("ddim", "DDIM loop"), ("train", "training ste
 def label(result: dict) -> str:
     if result.get("device", "cpu") == "cpu":
         cpu = result.get("cpu", "")  # "AMD EPYC (AVX2)"; records from before it was kept have none
-        isa = cpu[cpu.rindex("(") + 1 : -1] if cpu.endswith(")") and "(" in cpu else ""
+        ident = cpu[cpu.rindex("(") + 1 : -1] if cpu.endswith(")") and "(" in cpu else ""
+        isa, _, model = ident.partition("; ")  # "AVX-512; family 25 model 17": the numbers on a line of their own
+        if isa.startswith("family "):  # no vector ISA flag, only the numbers
+            isa, model = "", isa
         device = f"CPU{f' ({isa})' if isa else ''}, {result['threads']} thread{'s' if result['threads'] > 1 else ''}"
+        if model:
+            device += f"\n{model}"
     else:  # the benchmark turns TF32 off on CUDA
         device = result["device"].replace("NVIDIA ", "") + ", fp32"
     parts = [device, f"batch {result['batch']}"]

@@ -214,7 +214,9 @@ def test_the_comparison_figure_is_drawn_from_the_committed_results(tmp_path):
     )
     assert plot.label({"device": "cpu", "threads": 1, "batch": 4, "cpu": "X"}).startswith("CPU, 1 thread")
     zen4 = {"device": "cpu", "threads": 1, "batch": 4, "cpu": "AMD EPYC (AVX-512; family 25 model 17)"}
-    assert plot.label(zen4).startswith("CPU (AVX-512; family 25 model 17), 1 thread")
+    assert plot.label(zen4).startswith("CPU (AVX-512), 1 thread\nfamily 25 model 17\nbatch 4")
+    numbers_only = {"device": "cpu", "threads": 1, "batch": 4, "cpu": "X (family 6 model 85)"}
+    assert plot.label(numbers_only).startswith("CPU, 1 thread\nfamily 6 model 85\nbatch 4")
 
 
 def test_switch_pairs_alternate_their_order_and_divide_within_the_pair():
