@@ -17,7 +17,7 @@ batch 4 1.1-1.25x faster than the direct convolutions in channels_last, its outp
 the float64 network (direct: 1.8e-6); its sampling loops and its training step faster than
 guided-diffusion's by the ratios in that README. On the AVX-512 EPYC, whose oneDNN direct kernels
 run 2.5x faster than MKL's ``bmm``, the 3x3 layers were no faster, and on a Zen 4 EPYC the 14M's
-forward 1.09x (its 32x32 layers 0.83-1.04x, the smaller ones up to 1.29x), so it is a switch, off
+forward 1.02x (its 32x32 layers 0.79-1.02x, the smaller ones up to 1.32x), so it is a switch, off
 by default. A layer takes the Winograd path when the input is fp32 on a CPU outside autocast and
 compilation, its sides are multiples of 4 and the call has :data:`MIN_TILES` output tiles; with
 autograd on, only if it was switched for training and the call has :data:`MIN_TRAIN_TILES`;
